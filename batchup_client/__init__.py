@@ -1,0 +1,136 @@
+"""batchup's mini-batch API, served by a ``batchup-server`` over ZeroMQ.
+
+>>> import batchup_client
+>>> client = batchup_client.connect()            # a private local server
+>>> train = client.source("demo")
+>>> for X, y in train.batch_iterator(batch_size=64, shuffle=np.random.RandomState(1)):
+...     pass
+
+``from batchup_client import data_source`` is a drop-in for ``batchup.data_source``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Any
+
+from . import data_source, sampling
+from .batch_map import batch_map_concat, batch_map_mean
+from .connection import Client as _ConnectionClient
+from .errors import (
+    BatchupError,
+    BatchupTimeout,
+    ClientClosed,
+    ConnectionLost,
+    InvalidArgumentError,
+    ProtocolViolation,
+    RemoteError,
+    RemoteException,
+    TooLargeError,
+    UnknownSourceError,
+    UnsupportedDtypeError,
+    VersionMismatchError,
+)
+from .local import LocalServer
+from .remote import RemoteDataSource
+
+__all__ = [
+    "BatchupError",
+    "BatchupTimeout",
+    "Client",
+    "ClientClosed",
+    "ConnectionLost",
+    "InvalidArgumentError",
+    "ProtocolViolation",
+    "RemoteDataSource",
+    "RemoteError",
+    "RemoteException",
+    "TooLargeError",
+    "UnknownSourceError",
+    "UnsupportedDtypeError",
+    "VersionMismatchError",
+    "batch_map_concat",
+    "batch_map_mean",
+    "connect",
+    "data_source",
+    "default_client",
+    "sampling",
+]
+
+
+class Client(_ConnectionClient):
+    """A connection to a batchup-server, with batchup-style sources."""
+
+    def source(
+        self,
+        name: str,
+        indices: Any = None,
+        repeats: int = 1,
+        include_indices: bool = False,
+        sampler: Any = None,
+        fields: list[str] | None = None,
+    ) -> RemoteDataSource:
+        """A named source of the server, as a batchup ``RandomAccessDataSource``."""
+        return RemoteDataSource(self, {"name": name}, indices, repeats, sampler, include_indices, fields)
+
+    def array_source(
+        self,
+        data: list[Any],
+        indices: Any = None,
+        repeats: int = 1,
+        include_indices: bool = False,
+        sampler: Any = None,
+    ) -> RemoteDataSource:
+        """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
+        if not isinstance(data, list) or not data:
+            raise TypeError(f"data should be a non-empty list of arrays, not {type(data).__name__}")
+        lengths = [len(d) for d in data]
+        if len(set(lengths)) > 1:
+            raise ValueError(f"Arrays have inconsistent length; lengths are {lengths}")
+        keys = self.ensure_arrays(data)
+        return RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
+
+
+def connect(
+    address: str | None = None,
+    *,
+    timeout: float = 10.0,
+    token: str = "",
+    workers: int | None = None,
+    server_timeout: float | None = None,
+) -> Client:
+    """Connect to the batchup-server at ``address`` (``tcp://host:port`` or ``ipc://path``).
+
+    With no address, start a private local server for this process (stopped when the
+    client closes or the process exits).
+    """
+    if address is None:
+        server = LocalServer(workers=workers)
+        try:
+            return Client(server.endpoint, timeout=timeout, token=token,
+                          server_timeout=server_timeout, on_close=server.stop)
+        except BaseException:
+            server.stop()
+            raise
+    return Client(address, timeout=timeout, token=token, server_timeout=server_timeout)
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client used by drop-in sources.
+
+    ``$BATCHUP_SERVER`` names a running server; otherwise a private local server starts
+    on first use. It is closed at interpreter exit.
+    """
+    global _default
+    with _default_lock:
+        if _default is None or _default.closed:
+            address = os.environ.get("BATCHUP_SERVER") or None
+            _default = connect(address)
+            atexit.register(_default.close)
+        return _default

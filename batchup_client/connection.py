@@ -1,0 +1,421 @@
+"""The client's socket code: control DEALER, data PULL, heartbeat thread.
+
+This is the only client module that touches ZeroMQ; every ``zmq.ZMQError`` is turned
+into a :mod:`batchup_client.errors` exception here. Stream logic (reordering, RNG
+parity, credits) lives in :mod:`batchup_client.streaming` and only calls the methods
+below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+import batchup_protocol as proto
+from batchup_protocol import ErrorCode
+from batchup_protocol.host import content_key, host_id
+
+from .errors import (
+    BatchupTimeout,
+    ClientClosed,
+    ConnectionLost,
+    ProtocolViolation,
+    remote_error,
+)
+from .streaming import Inbox
+
+__all__ = ["Client", "UPLOAD_CHUNK_BYTES"]
+
+log = logging.getLogger("batchup_client")
+
+UPLOAD_CHUNK_BYTES = 8 << 20
+POLL_SLICE_MS = 100
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """The local interface address the kernel would use to reach ``host``."""
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(infos[0][4])
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+class _Heartbeat(threading.Thread):
+    """Sends heartbeats on a socket of its own, so a busy training step never starves them."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, client_id: bytes, interval: float, timeout: float):
+        super().__init__(name="batchup-heartbeat", daemon=True)
+        self.ctx, self.address, self.client_id = ctx, address, client_id
+        self.interval, self.timeout = interval, timeout
+        self.stopped = threading.Event()
+        self.lost: str = ""
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.client_id + b"/heartbeat")
+        try:
+            sock.connect(self.address)
+            last_ok = time.monotonic()
+            while not self.stopped.is_set():
+                sock.send_multipart(proto.encode(proto.Heartbeat(self.client_id, time.time())))
+                deadline = time.monotonic() + self.interval
+                while not self.stopped.is_set() and (remaining := deadline - time.monotonic()) > 0:
+                    if not sock.poll(min(remaining, 0.1) * 1000):
+                        continue
+                    msg, _ = proto.decode(sock.recv_multipart(copy=False))
+                    if isinstance(msg, proto.Heartbeat):
+                        last_ok = time.monotonic()
+                    elif isinstance(msg, proto.Error) and msg.code == ErrorCode.UNKNOWN_CLIENT:
+                        self.lost = "the server reclaimed this client (it was silent too long)"
+                if time.monotonic() - last_ok > self.timeout:
+                    self.lost = f"the server stopped answering heartbeats for {self.timeout:g}s"
+        except (zmq.ZMQError, proto.ProtocolError) as exc:
+            if not self.stopped.is_set():
+                self.lost = f"heartbeat failed: {exc}"
+        finally:
+            sock.close(linger=0)
+
+
+class Client:
+    """A connection to a ``batchup-server``: use :func:`batchup_client.connect` to make one.
+
+    Holds a control DEALER socket, a data PULL socket it binds (the server and its
+    workers connect to it) and a heartbeat thread. Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        token: str = "",
+        server_timeout: float | None = None,
+        on_close: Callable[[], None] | None = None,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.client_id = secrets.token_bytes(16)
+        self._on_close = on_close
+        self._closed = False
+        self._request_id = 0
+        self._inboxes: dict[int, Inbox] = {}
+        self._replies: dict[int, tuple[Any, list[Any]]] = {}
+        self._next_stream = 0
+        self._private_dir = tempfile.mkdtemp(prefix="batchup-client-")
+        self._ctx = zmq.Context()
+        self._heartbeat: _Heartbeat | None = None
+        try:
+            self._control = self._ctx.socket(zmq.DEALER)
+            self._control.setsockopt(zmq.LINGER, 0)
+            self._control.setsockopt(zmq.ROUTING_ID, self.client_id)
+            self._control.connect(address)
+            self._data = self._ctx.socket(zmq.PULL)
+            self._data.setsockopt(zmq.LINGER, 0)
+            self.data_endpoint = self._bind_data(address)
+        except zmq.ZMQError as exc:
+            self._teardown()
+            raise ConnectionLost(f"cannot connect to {address!r}: {exc}") from exc
+        try:
+            welcome = self._handshake(token)
+        except BaseException:
+            self._teardown()
+            raise
+        self.server_id = welcome.server_id
+        self.sources: list[str] = list(welcome.sources)
+        self.welcome = welcome
+        self.same_host = (
+            welcome.host_id == host_id()
+            and bool(welcome.shm_dir)
+            and os.path.isdir(welcome.shm_dir)
+            and os.access(welcome.shm_dir, os.W_OK)
+        )
+        self._heartbeat = _Heartbeat(
+            self._ctx, address, self.client_id, welcome.heartbeat_interval,
+            server_timeout or max(5.0, 5 * welcome.heartbeat_interval),
+        )
+        self._heartbeat.start()
+        log.info(
+            "connected to %s (server %s, %s host)", address, self.server_id,
+            "same" if self.same_host else "remote",
+        )
+
+    # ------------------------------------------------------------------ setup and teardown
+    def _bind_data(self, address: str) -> str:
+        scheme = address.split("://", 1)[0]
+        if scheme == "ipc":
+            endpoint = f"ipc://{self._private_dir}/data"
+            self._data.bind(endpoint)
+            return endpoint
+        if scheme == "tcp":
+            parsed = urllib.parse.urlsplit(address.replace("tcp://", "http://", 1))
+            ip = _local_address_towards(parsed.hostname or "127.0.0.1", parsed.port or 5555)
+            port = self._data.bind_to_random_port(f"tcp://{ip}")
+            return f"tcp://{ip}:{port}"
+        raise ConnectionLost(f"address should start with tcp:// or ipc://, got {address!r}")
+
+    def _handshake(self, token: str) -> proto.Welcome:
+        hello = proto.Hello(
+            list(proto.PROTOCOL_VERSION), self.client_id, self.data_endpoint, host_id(), token, os.getpid()
+        )
+        self._send(hello)
+        try:
+            reply, _ = self._wait_reply(0, self.timeout, heartbeat=False)
+        except BatchupTimeout as exc:
+            raise ConnectionLost(
+                f"no batchup-server answered at {self.address} within {self.timeout:g}s; "
+                "is it running, and is the address right?"
+            ) from exc
+        if not isinstance(reply, proto.Welcome):
+            raise ProtocolViolation(f"expected welcome, got {reply.TYPE}")
+        return reply
+
+    def _teardown(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stopped.set()
+            self._heartbeat.join(2.0)
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Say goodbye, stop the heartbeat, close sockets. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._control.send_multipart(proto.encode(proto.Goodbye(self.client_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._teardown()
+        if self._on_close is not None:
+            self._on_close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<batchup_client.Client {self.address} server={self.server_id} {state}>"
+
+    # ------------------------------------------------------------------ plumbing
+    def _check(self) -> None:
+        if self._closed:
+            raise ClientClosed("this client was closed")
+        if self._heartbeat is not None and self._heartbeat.lost:
+            raise ConnectionLost(f"lost the server at {self.address}: {self._heartbeat.lost}")
+
+    def _send(self, msg: Any, arrays: Sequence[Any] = ()) -> None:
+        try:
+            self._control.send_multipart(proto.encode(msg, arrays), copy=False)
+        except zmq.ZMQError as exc:
+            raise ConnectionLost(f"cannot send to {self.address}: {exc}") from exc
+
+    def _decode(self, frames: list[Any]) -> tuple[Any, list[Any]]:
+        try:
+            return proto.decode(frames)
+        except proto.ProtocolError as exc:
+            raise ProtocolViolation(f"the server sent an invalid message: {exc}") from exc
+
+    def _wait_reply(self, request_id: int, timeout: float | None, heartbeat: bool = True) -> tuple[Any, list[Any]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if heartbeat:
+                self._check()
+            wait = POLL_SLICE_MS if deadline is None else min(POLL_SLICE_MS, max(0, deadline - time.monotonic()) * 1000)
+            try:
+                ready = self._control.poll(wait)
+                if not ready:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise BatchupTimeout(f"no answer from {self.address} within {timeout:g}s")
+                    continue
+                frames = self._control.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
+            msg, arrays = self._decode(frames)
+            if isinstance(msg, proto.Error) and msg.request_id in (request_id, 0):
+                raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
+            if getattr(msg, "request_id", 0) == request_id:
+                return msg, arrays
+            # a late answer to a request that timed out: drop it
+
+    def request(self, msg_factory: Callable[[int], Any], arrays: Sequence[Any] = (),
+                timeout: float | None = None) -> tuple[Any, list[Any]]:
+        """Send the request ``msg_factory(request_id)`` and wait for its answer."""
+        self._check()
+        self._request_id += 1
+        rid = self._request_id
+        self._send(msg_factory(rid), arrays)
+        return self._wait_reply(rid, self.timeout if timeout is None else timeout)
+
+    def _recv_data(self, timeout_ms: int) -> bool:
+        """File one message from the data socket into its inbox; False if none arrived."""
+        try:
+            if not self._data.poll(timeout_ms):
+                return False
+            frames = self._data.recv_multipart(copy=False)
+        except zmq.ZMQError as exc:
+            raise ConnectionLost(f"data connection failed: {exc}") from exc
+        msg, arrays = self._decode(frames)
+        if isinstance(msg, proto.GatherResult) or (isinstance(msg, proto.Error) and msg.stream_id == 0):
+            self._replies[msg.request_id] = (msg, arrays)
+            return True
+        stream_id = getattr(msg, "stream_id", None)
+        inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
+        if inbox is not None:
+            inbox.put(msg, arrays)
+        return True
+
+    # ------------------------------------------------------------------ streams
+    def open_stream(
+        self,
+        source: dict[str, Any],
+        plan: dict[str, Any],
+        plan_arrays: Sequence[Any],
+        batch_size: int,
+        include_indices: bool,
+        fields: list[str] | None,
+        credit_batches: int,
+        credit_bytes: int,
+    ) -> int:
+        """Open a stream; returns its id. Batches then arrive through :meth:`next_item`."""
+        self._next_stream += 1
+        sid = self._next_stream
+        self._inboxes[sid] = Inbox()
+        try:
+            self.request(
+                lambda rid: proto.OpenStream(
+                    rid, sid, source, plan, batch_size, include_indices, credit_batches,
+                    credit_bytes, fields,
+                ),
+                plan_arrays,
+            )
+        except BaseException:
+            self._inboxes.pop(sid, None)
+            raise
+        return sid
+
+    def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
+        """Wait for item ``seq`` of a stream (a Batch, an EndOfStream or an Error)."""
+        inbox = self._inboxes.get(stream_id)
+        if inbox is None:
+            raise ClientClosed(f"stream {stream_id} is closed")
+        while True:
+            item = inbox.take(seq)
+            if item is not None:
+                return item
+            self._check()
+            self._recv_data(POLL_SLICE_MS)
+
+    def send_credit(self, stream_id: int, batches: int, consumed: int) -> None:
+        self._check()
+        self._send(proto.Credit(stream_id, batches, consumed))
+
+    def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:
+        self._check()
+        inbox = self._inboxes[stream_id]
+        inbox.reset(generation, from_seq)
+        self._send(proto.Reseed(stream_id, from_seq, generation, rng))
+
+    def close_stream(self, stream_id: int) -> None:
+        """Release a stream's credits and buffers at once. Idempotent; quiet after close."""
+        if self._inboxes.pop(stream_id, None) is None or self._closed:
+            return
+        try:
+            self._control.send_multipart(proto.encode(proto.CloseStream(stream_id)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ one-off requests
+    def describe(self, source: dict[str, Any]) -> proto.SourceInfo:
+        reply, _ = self.request(lambda rid: proto.Describe(rid, source))
+        return reply  # type: ignore[no-any-return]
+
+    def gather(self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None) -> list[Any]:
+        """Rows ``indices`` (absolute) of each field of a source."""
+        self._check()
+        self._request_id += 1
+        rid = self._request_id
+        self._send(proto.Gather(rid, source, fields), [np.asarray(indices)])
+        # the answer to a gather comes from a worker, on the data socket
+        deadline = time.monotonic() + max(self.timeout, 60.0)
+        while rid not in self._replies:
+            self._check()
+            try:
+                if self._control.poll(0):
+                    msg, _ = self._decode(self._control.recv_multipart(copy=False))
+                    if isinstance(msg, proto.Error) and msg.request_id in (rid, 0):
+                        raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
+            except zmq.ZMQError as exc:
+                raise ConnectionLost(str(exc)) from exc
+            if not self._recv_data(POLL_SLICE_MS) and time.monotonic() > deadline:
+                raise BatchupTimeout(f"no answer to gather from {self.address}")
+        msg, arrays = self._replies.pop(rid)
+        if isinstance(msg, proto.Error):
+            raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
+        return arrays
+
+    def ensure_arrays(self, arrays: Sequence[np.ndarray[Any, Any]], keys: Sequence[str] | None = None) -> list[str]:
+        """Make sure the server holds these arrays; returns their content keys.
+
+        Arrays the server already has (same content) are not sent again. On the same
+        host they are written once into the server's shared-memory folder; otherwise
+        they are uploaded in chunks over the control socket.
+        """
+        wire = [np.ascontiguousarray(a) for a in arrays]
+        for a in wire:
+            proto.check_dtype(a.dtype)
+        keys = list(keys) if keys is not None else [content_key(a) for a in wire]
+        reply, _ = self.request(lambda rid: proto.HaveArrays(rid, list(keys)))
+        for arr, key, present in zip(wire, keys, reply.present):
+            if present:
+                continue
+            if self.same_host:
+                self._share(arr, key)
+            else:
+                self._upload(arr, key)
+        return keys
+
+    def _share(self, arr: np.ndarray[Any, Any], key: str) -> None:
+        name = key.replace(":", "-") + ".npy"
+        path = os.path.join(self.welcome.shm_dir, name)
+        tmp = path[: -len(".npy")] + f".{os.getpid()}.tmp.npy"
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, path)
+        self.request(lambda rid: proto.RegisterArray(rid, key, path))
+
+    def _upload(self, arr: np.ndarray[Any, Any], key: str) -> None:
+        flat = arr.reshape(-1).view(np.uint8)
+        total = flat.nbytes
+        offset = 0
+        while True:
+            chunk = flat[offset : offset + UPLOAD_CHUNK_BYTES]
+            self.request(
+                lambda rid: proto.UploadChunk(rid, key, arr.dtype.str, list(arr.shape), offset), [chunk],
+                timeout=max(self.timeout, 60.0),
+            )
+            offset += chunk.nbytes
+            if offset >= total:
+                return

@@ -1,0 +1,368 @@
+"""batchup 0.2.3's ``data_source`` API, served by a batchup-server.
+
+Change ``from batchup import data_source`` to ``from batchup_client import data_source``
+and a script runs unchanged: :class:`ArrayDataSource` hands its arrays to a server once
+(the embedded local server by default, or ``$BATCHUP_SERVER``) and streams batches
+from it. Batches, their dtypes and the caller's RNG state after each batch are
+batchup's. Sources the wire cannot carry (array-likes that are not ndarrays, object
+arrays, RNGs other than ``RandomState``) iterate in process, exactly as batchup does.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+import batchup_protocol as proto
+from batchup_protocol.plan import check_batch_size
+
+from . import sampling
+from .arrays import KeyCache
+from .batch_map import batch_map_concat, batch_map_mean, length_of_batch
+from .streaming import UnsupportedShuffle, iterate, resolve_shuffle
+
+__all__ = [
+    "AbstractDataSource",
+    "ArrayDataSource",
+    "CallableDataSource",
+    "IteratorDataSource",
+    "MapDataSource",
+    "RandomAccessDataSource",
+    "batch_map_concat",
+    "batch_map_mean",
+    "coerce_data_source",
+]
+
+log = logging.getLogger("batchup_client")
+
+_length_of_batch = length_of_batch
+
+
+def _trim_batch(batch: Any, length: int) -> Any:
+    if isinstance(batch, tuple):
+        return tuple(_trim_batch(b, length) for b in batch)
+    return batch[:length]
+
+
+def _is_array_like(x: Any) -> bool:
+    return hasattr(x, "__getitem__") and hasattr(x, "__len__")
+
+
+def plan_for(sampler: Any) -> tuple[dict[str, Any], list[Any]] | None:
+    """The wire description of a batchup sampler, or ``None`` if it cannot travel."""
+    name = type(sampler).__name__
+    if name == "StandardSampler":
+        return {"kind": "standard", "length": int(sampler.length), "repeats": int(sampler.repeats)}, []
+    indices = getattr(sampler, "indices", None)
+    if indices is not None and not (
+        isinstance(indices, np.ndarray) and indices.ndim == 1 and indices.dtype.kind in "iu"
+    ):
+        return None
+    if name == "SubsetSampler":
+        return {"kind": "subset", "repeats": int(sampler.repeats), "indices": 0}, [indices]
+    if name == "WeightedSampler":
+        return {"kind": "weighted", "weights": 0}, [np.asarray(sampler.weights, dtype=np.float64)]
+    if name == "WeightedSubsetSampler":
+        weights = np.asarray(sampler.sub_weights)
+        if weights.dtype.kind != "f":
+            return None
+        return {"kind": "weighted_subset", "weights": 0, "indices": 1}, [weights, indices]
+    return None
+
+
+class AbstractDataSource:
+    """A source of mini-batches (batchup's base class)."""
+
+    @property
+    def is_random_access(self) -> bool:
+        return False
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any]) -> MapDataSource:
+        return MapDataSource(self, fn)
+
+    def _n_batches(self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]) -> int | None:
+        if n_batches is None:
+            n = self.num_samples(**kwargs)
+            if n == np.inf:
+                raise ValueError(
+                    "Data set has infinite size or sampler will generate infinite samples but "
+                    "no n_batches limit specified"
+                )
+            if n is not None:
+                n_batches = sampling.num_batches(n, batch_size)
+        return n_batches
+
+    def batch_map_concat(
+        self, func: Callable[..., Any], batch_size: int, progress_iter_func: Any = None,
+        n_batches: int | None = None, prepend_args: tuple[Any, ...] | None = None, **kwargs: Any,
+    ) -> Any:
+        """``batch_map_concat`` over this source's batches (kwargs go to batch_iterator)."""
+        n_batches = self._n_batches(batch_size, n_batches, kwargs)
+        return batch_map_concat(
+            func, self.batch_iterator(batch_size, **kwargs), progress_iter_func, n_batches, prepend_args
+        )
+
+    def batch_map_mean(
+        self, func: Callable[..., Any], batch_size: int, progress_iter_func: Any = None,
+        sum_axis: Any = None, n_batches: int | None = None,
+        prepend_args: tuple[Any, ...] | None = None, **kwargs: Any,
+    ) -> Any:
+        """``batch_map_mean`` over this source's batches (kwargs go to batch_iterator)."""
+        n_batches = self._n_batches(batch_size, n_batches, kwargs)
+        return batch_map_mean(
+            func, self.batch_iterator(batch_size, **kwargs), progress_iter_func, sum_axis,
+            n_batches, prepend_args,
+        )
+
+    @staticmethod
+    def _get_shuffle_rng(shuffle: Any) -> Any:
+        if shuffle is False:
+            return None
+        if shuffle is True:
+            return np.random
+        return shuffle
+
+
+class RandomAccessDataSource(AbstractDataSource):
+    """A source whose samples can be fetched by index; batches come from ``sampler``."""
+
+    def __init__(
+        self, length: int, indices: Any = None, repeats: int = 1, sampler: Any = None,
+        include_indices: bool = False,
+    ):
+        self.include_indices = include_indices
+        if sampler is not None:
+            if repeats != 1:
+                raise ValueError("repeats should be 1 when sampler is provided")
+            if indices is not None:
+                raise ValueError("indices should be None when sampler is provided")
+            self.sampler = sampler
+        else:
+            if repeats == 0 or repeats < -1:
+                raise ValueError(f"Invalid number of repeats; should be >= 1 or -1, not {repeats}")
+            if indices is None:
+                self.sampler = sampling.StandardSampler(length, repeats)
+            else:
+                self.sampler = sampling.SubsetSampler(indices, repeats)
+
+    @property
+    def is_random_access(self) -> bool:
+        return True
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        return self.sampler.num_indices_generated()
+
+    def samples_by_indices_nomapping(self, indices: Any) -> Any:
+        raise NotImplementedError
+
+    def samples_by_indices(self, indices: Any) -> Any:
+        return self.samples_by_indices_nomapping(self.sampler.map_indices(indices))
+
+    def batch_indices_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        rng = self._get_shuffle_rng(shuffle)
+        if rng is not None:
+            return self.sampler.shuffled_indices_batch_iterator(batch_size, rng)  # type: ignore[no-any-return]
+        return self.sampler.in_order_indices_batch_iterator(batch_size)  # type: ignore[no-any-return]
+
+    def _local_batches(self, batch_size: int, shuffle: Any) -> Iterator[Any]:
+        for ndx in self.batch_indices_iterator(batch_size, shuffle=shuffle):
+            yield self.samples_by_indices_nomapping(ndx)
+
+    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self._local_batches(batch_size, shuffle)
+
+
+def stream_from(
+    client: Any, source: dict[str, Any], sampler: Any, batch_size: int, shuffle: Any,
+    include_indices: bool, fields: list[str] | None = None,
+) -> Iterator[Any] | None:
+    """A remote batch generator for ``sampler`` over ``source``; ``None`` if it cannot travel."""
+    plan = plan_for(sampler)
+    if plan is None:
+        return None
+    rng = resolve_shuffle(shuffle)
+    check_batch_size(batch_size)
+    if plan[0]["kind"].startswith("weighted") and rng is None:
+        raise NotImplementedError(f"In-order sampling not supported by {type(sampler).__name__}")
+    return iterate(  # type: ignore[no-any-return]
+        client, source, plan[0], plan[1], batch_size, rng=rng,
+        include_indices=include_indices, fields=fields,
+    )
+
+
+class ArrayDataSource(RandomAccessDataSource):
+    """Mini-batches of a list of equally long arrays, streamed by a batchup-server.
+
+    ``data`` must be a list (batchup's rule); batches are tuples of arrays
+    (``(indices, X, y)`` with ``include_indices=True``).
+    """
+
+    def __init__(
+        self, data: list[Any], indices: Any = None, repeats: int = 1, sampler: Any = None,
+        include_indices: bool = False,
+    ):
+        if not isinstance(data, list):
+            raise TypeError(f"data must be a list of array-like objects, not a {type(data)}")
+        length = len(data[0])
+        for i, d in enumerate(data[1:]):
+            if len(d) != length:
+                raise ValueError(
+                    f"Arrays have inconsistent length; array 0 has length {length}, while array "
+                    f"{i + 1} has length {len(d)}"
+                )
+        super().__init__(length, indices=indices, repeats=repeats, sampler=sampler,
+                         include_indices=include_indices)
+        self.data = data
+        self._keys = KeyCache()
+
+    def samples_by_indices_nomapping(self, indices: Any) -> Any:
+        batch = tuple([d[indices] for d in self.data])
+        if self.include_indices:
+            if isinstance(indices, slice):
+                indices = np.arange(indices.start, indices.stop, indices.step)
+            return (indices,) + batch
+        return batch
+
+    def _wire_ready(self) -> bool:
+        for d in self.data:
+            if not isinstance(d, np.ndarray) or d.ndim == 0:
+                return False
+            try:
+                proto.check_dtype(d.dtype)
+            except TypeError:
+                return False
+        return True
+
+    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        remote = None
+        if os.environ.get("BATCHUP_SERVER") != "inprocess" and self._wire_ready():
+            try:
+                resolve_shuffle(shuffle)
+                travels = plan_for(self.sampler) is not None
+            except UnsupportedShuffle:
+                travels = False
+            if travels:
+                from . import default_client
+
+                client = default_client()
+                keys = client.ensure_arrays(self.data, [self._keys.key(d) for d in self.data])
+                remote = stream_from(
+                    client, {"arrays": keys}, self.sampler, batch_size, shuffle, self.include_indices
+                )
+        if remote is None:
+            yield from self._local_batches(batch_size, shuffle)
+        else:
+            yield from remote
+
+
+class CallableDataSource(AbstractDataSource):
+    """Batches from ``batch_iterator_fn(batch_size, **kwargs)``; runs in this process."""
+
+    def __init__(self, batch_iterator_fn: Callable[..., Any], num_samples_fn: Any = None):
+        if num_samples_fn is not None and not callable(num_samples_fn) and not (
+            isinstance(num_samples_fn, int) and not isinstance(num_samples_fn, bool)
+        ) and not num_samples_fn == np.inf:
+            raise TypeError(
+                f"num_samples_fn should be None, a callable, an int, or np.inf, not {num_samples_fn}"
+            )
+        self.batch_iterator_fn = batch_iterator_fn
+        self.num_samples_fn = num_samples_fn
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        if self.num_samples_fn is None:
+            return None
+        if callable(self.num_samples_fn):
+            return self.num_samples_fn(**kwargs)
+        return self.num_samples_fn
+
+    def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        return self.batch_iterator_fn(batch_size, **kwargs)  # type: ignore[no-any-return]
+
+
+class IteratorDataSource(AbstractDataSource):
+    """Batches from an existing iterator; ``batch_iterator`` returns it as is."""
+
+    def __init__(self, batch_iter: Iterator[Any], n_samples: Any = None):
+        if n_samples is not None and not (
+            isinstance(n_samples, int) and not isinstance(n_samples, bool)
+        ) and not n_samples == np.inf:
+            raise TypeError(f"n_samples should be None, an int, or np.inf, not {n_samples}")
+        self.batch_iter = batch_iter
+        self.n_samples = n_samples
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        return self.n_samples
+
+    def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        return self.batch_iter
+
+
+class MapDataSource(AbstractDataSource):
+    """``fn(*batch)`` for every batch of ``source`` (runs in this process for now)."""
+
+    def __init__(self, source: AbstractDataSource, fn: Callable[..., Any]):
+        self.source = source
+        self.fn = fn
+        self._random_access = source.is_random_access
+
+    @property
+    def is_random_access(self) -> bool:
+        return self._random_access
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        return self.source.num_samples(**kwargs)
+
+    def samples_by_indices_nomapping(self, indices: Any) -> Any:
+        if not self._random_access:
+            raise TypeError("samples_by_indices_nomapping method not supported as one or more of the "
+                            "underlying data sources does not support random access")
+        return self.fn(*self.source.samples_by_indices_nomapping(indices))  # type: ignore[attr-defined]
+
+    def samples_by_indices(self, indices: Any) -> Any:
+        if not self._random_access:
+            raise TypeError("samples_by_indices method not supported as one or more of the "
+                            "underlying data sources does not support random access")
+        return self.fn(*self.source.samples_by_indices(indices))  # type: ignore[attr-defined]
+
+    def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        if not self._random_access:
+            raise TypeError("batch_indices_iterator method not supported as one or more of the "
+                            "underlying data sources does not support random access")
+        return self.source.batch_indices_iterator(batch_size, **kwargs)  # type: ignore[attr-defined, no-any-return]
+
+    def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        for batch in self.source.batch_iterator(batch_size, **kwargs):
+            yield self.fn(*batch)
+
+
+def coerce_data_source(x: Any) -> AbstractDataSource:
+    """A data source from ``x`` (a source, a sequence of arrays, an iterator or a callable)."""
+    if isinstance(x, AbstractDataSource):
+        return x
+    if isinstance(x, (list, tuple)):
+        items = list(x)
+        for item in items:
+            if not _is_array_like(item):
+                raise TypeError(
+                    "Cannot convert x to a data source; x is a sequence and one of the elements "
+                    f"is not an array-like object, rather a {type(item)}"
+                )
+        if len(items) == 0:
+            raise ValueError("Cannot convert x to a data source; x is an empty sequence")
+        return ArrayDataSource(items)
+    if isinstance(x, collections.abc.Iterator):
+        return IteratorDataSource(x)
+    if callable(x):
+        return CallableDataSource(x)
+    raise TypeError(f"Cannot convert x to a data source; can only handle iterators, callables, "
+                    f"non-empty sequences of array-like objects; cannot handle {type(x)}")

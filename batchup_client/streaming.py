@@ -1,0 +1,128 @@
+"""Stream logic on the client: reordering, RNG parity and credits. No sockets here.
+
+:func:`iterate` is the generator behind every remote ``batch_iterator``. It talks to a
+connection through five methods (``open_stream``, ``next_item``, ``send_credit``,
+``reseed``, ``close_stream``), so tests can drive it with a fake.
+
+RNG parity (PROTOCOL.md, "RNG parity"): the server plans batches from a *copy* of the
+caller's RNG state and reports the state after each batch that drew from it. When a
+batch reaches the user, the caller's RNG is compared with the state it should have
+before that batch: equal → it is set to the reported state (batchup's outcome);
+different (the user drew from it, or another iterator shares it) → the server replans
+from that batch with the caller's current state, and the speculative batches are void.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+import batchup_protocol as proto
+
+from .errors import remote_error
+
+__all__ = ["Inbox", "UnsupportedShuffle", "iterate", "resolve_shuffle"]
+
+
+class UnsupportedShuffle(TypeError, AttributeError):
+    """``shuffle`` is not None, a bool or a ``numpy.random.RandomState``.
+
+    Also an ``AttributeError``, which is what batchup raises for e.g. ``shuffle=1``.
+    """
+
+
+def resolve_shuffle(shuffle: Any) -> np.random.RandomState | None:
+    """batchup's ``_get_shuffle_rng``, restricted to RNGs whose state can travel."""
+    if shuffle is None or shuffle is False:
+        return None
+    if shuffle is True:
+        return np.random.mtrand._rand  # the global RNG behind np.random.*
+    if isinstance(shuffle, np.random.RandomState):
+        return shuffle
+    raise UnsupportedShuffle(
+        f"shuffle should be None, False, True or a numpy.random.RandomState, but got "
+        f"{type(shuffle).__name__} {shuffle!r:.60}"
+    )
+
+
+class Inbox:
+    """Items of one stream that arrived ahead of their turn, keyed by sequence number."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._items: dict[int, tuple[Any, list[Any]]] = {}
+
+    def put(self, msg: Any, arrays: list[Any]) -> None:
+        generation = getattr(msg, "generation", None)
+        if generation is not None and generation != self.generation:
+            return  # planned before a reseed: void
+        self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
+
+    def take(self, seq: int) -> tuple[Any, list[Any]] | None:
+        return self._items.pop(seq, None)
+
+    def reset(self, generation: int, from_seq: int) -> None:
+        self.generation = generation
+        for seq in [s for s in self._items if s >= from_seq]:
+            del self._items[seq]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Connection(Protocol):
+    def open_stream(self, source: dict[str, Any], plan: dict[str, Any], plan_arrays: Any,
+                    batch_size: int, include_indices: bool, fields: list[str] | None,
+                    credit_batches: int, credit_bytes: int) -> int: ...
+    def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
+    def send_credit(self, stream_id: int, batches: int, consumed: int) -> None: ...
+    def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
+    def close_stream(self, stream_id: int) -> None: ...
+
+
+def iterate(
+    conn: Connection,
+    source: dict[str, Any],
+    plan: dict[str, Any],
+    plan_arrays: list[Any],
+    batch_size: int,
+    *,
+    rng: np.random.RandomState | None,
+    include_indices: bool = False,
+    fields: list[str] | None = None,
+    prefetch: int = 8,
+    prefetch_bytes: int = 256 << 20,
+) -> Any:
+    """Yield a stream's batches (tuples of arrays) in order; see the module docstring."""
+    expected = rng.get_state() if rng is not None else None
+    if expected is not None:
+        plan = {**plan, "rng": proto.encode_rng_state(expected)}  # type: ignore[arg-type]
+    sid = conn.open_stream(
+        source, plan, plan_arrays, batch_size, include_indices, fields, prefetch, prefetch_bytes
+    )
+    grant_every = max(1, prefetch // 4)
+    consumed = granted = generation = 0
+    try:
+        while True:
+            msg, arrays = conn.next_item(sid, consumed)
+            if isinstance(msg, proto.Error):
+                raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
+            if msg.rng is not None and rng is not None:
+                current = rng.get_state()
+                if not proto.states_equal(current, expected):
+                    generation += 1
+                    conn.reseed(sid, consumed, generation, proto.encode_rng_state(current))  # type: ignore[arg-type]
+                    expected = current
+                    continue
+                expected = proto.decode_rng_state(msg.rng)
+                rng.set_state(expected)
+            if isinstance(msg, proto.EndOfStream):
+                return
+            consumed += 1
+            if consumed - granted >= grant_every:
+                conn.send_credit(sid, consumed - granted, consumed)
+                granted = consumed
+            yield tuple(arrays)
+    finally:
+        conn.close_stream(sid)

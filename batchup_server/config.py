@@ -1,0 +1,124 @@
+"""Server configuration: command-line options plus an optional TOML file of sources.
+
+Example ``server.toml``::
+
+    [server]
+    bind = "tcp://127.0.0.1:5555"
+    workers = 2
+
+    [sources.train]                        # .npy files, memory-mapped
+    npy = { X = "train_X.npy", y = "train_y.npy" }
+
+    [sources.test]                         # every array of an .npz (or `keys = [...]`)
+    npz = "test.npz"
+
+    [sources.big]                          # datasets inside an HDF5 file
+    hdf5 = "big.h5"
+    datasets = { X = "train/X", y = "train/y" }
+
+Relative paths are resolved against the TOML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from typing import Any
+
+from .sources import FieldSpec, SourceSpec
+
+__all__ = ["ConfigError", "ServerConfig", "load_config"]
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+class ConfigError(ValueError):
+    """The configuration file or an option is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server needs to run; each default is what ``--help`` shows."""
+
+    bind: str = DEFAULT_BIND
+    workers: int = 2
+    heartbeat_interval: float = 1.0  #: seconds between heartbeats each way
+    client_timeout: float = 30.0  #: a silent client's streams are reclaimed after this
+    max_message_bytes: int = 1 << 30  #: largest batch or upload chunk accepted/sent
+    max_credit_batches: int = 64  #: a client may not grant more batches in flight
+    token: str = ""  #: when set, a Hello must carry this token
+    parent_pid: int = 0  #: exit when this process dies (embedded servers)
+    sources: dict[str, SourceSpec] = dataclasses.field(default_factory=dict)
+    npz: dict[str, tuple[str, list[str] | None]] = dataclasses.field(default_factory=dict)
+    demo: bool = True  #: serve the built-in "demo" source
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers should be >= 1, but got workers={self.workers}")
+        if self.heartbeat_interval <= 0 or self.client_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "client_timeout should exceed heartbeat_interval > 0, but got "
+                f"heartbeat_interval={self.heartbeat_interval}, client_timeout={self.client_timeout}"
+            )
+        if "://" not in self.bind:
+            raise ConfigError(f"bind should be an endpoint like tcp://127.0.0.1:5555, got {self.bind!r}")
+
+
+def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str, Any]:
+    def path(p: Any) -> str:
+        if not isinstance(p, str):
+            raise ConfigError(f"sources.{name}: a path should be a string, got {p!r}")
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    kinds = [k for k in ("npy", "npz", "hdf5") if k in table]
+    if len(kinds) != 1:
+        raise ConfigError(f"sources.{name} should have exactly one of npy, npz, hdf5; got {kinds}")
+    kind = kinds[0]
+    if kind == "npy":
+        fields = table["npy"]
+        if not isinstance(fields, dict) or not fields:
+            raise ConfigError(f"sources.{name}.npy should map field names to .npy paths")
+        return "spec", SourceSpec(name, tuple(FieldSpec(k, "npy", path(v)) for k, v in fields.items()))
+    if kind == "npz":
+        keys = table.get("keys")
+        if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise ConfigError(f"sources.{name}.keys should be a list of array names")
+        return "npz", (path(table["npz"]), keys)
+    datasets = table.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise ConfigError(f"sources.{name}.datasets should map field names to HDF5 dataset paths")
+    h5 = path(table["hdf5"])
+    return "spec", SourceSpec(name, tuple(FieldSpec(k, "h5", h5, str(v)) for k, v in datasets.items()))
+
+
+def load_config(path: str | None, **overrides: Any) -> ServerConfig:
+    """Read ``path`` (TOML) and apply command-line ``overrides`` (``None`` = not given)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, SourceSpec] = {}
+    npz: dict[str, tuple[str, list[str] | None]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        base = os.path.dirname(os.path.abspath(path))
+        server = doc.get("server", {})
+        known = {f.name for f in dataclasses.fields(ServerConfig)} - {"sources", "npz"}
+        for key, value in server.items():
+            if key not in known:
+                raise ConfigError(f"[server] has unknown option {key!r}; known: {sorted(known)}")
+            values[key] = value
+        for name, table in doc.get("sources", {}).items():
+            if name == "demo":
+                raise ConfigError("the source name 'demo' is reserved for the built-in demo data")
+            kind, spec = _source_from_table(name, table, base)
+            if kind == "spec":
+                sources[name] = spec
+            else:
+                npz[name] = spec
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServerConfig(sources=sources, npz=npz, **values)

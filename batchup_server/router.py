@@ -1,0 +1,748 @@
+"""The server's socket code: the control ROUTER, the worker pipes and the data PUSHes.
+
+Everything else on the server is pure logic (streams, plans, sources, config); this
+module turns messages into calls on it and sends what comes out. ``zmq.ZMQError``
+never leaves this module.
+
+Sockets (PROTOCOL.md, "Sockets"):
+
+* control ROUTER bound at ``--bind``: Hello/Welcome, OpenStream, Credit, Reseed,
+  CloseStream, Describe, Gather, uploads, Heartbeat (from the client's heartbeat socket).
+* one PUSH per worker (ipc, bound here) carrying tasks; one PULL (ipc) for their results.
+* one PUSH per client, connected to the PULL the client bound; workers connect their
+  own PUSH to it, so batches go straight from worker to client.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+import traceback
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+import batchup_protocol as proto
+from batchup_protocol import ErrorCode
+from batchup_protocol.host import ContentHasher
+from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
+
+from .sources import FieldSpec, OpenedSource, SourceError, SourceSpec, open_source
+from .streams import CreditWindow, End, Stream, StreamError, Task
+
+__all__ = ["Router", "RequestError", "worker_main"]
+
+log = logging.getLogger("batchup_server")
+
+WORKER_DEPTH = 2  #: tasks queued per worker, so a worker never waits for the router
+POLL_MS = 100
+
+
+class RequestError(Exception):
+    """A client request cannot be served; becomes an :class:`Error` message."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass
+class SourceEntry:
+    spec: SourceSpec
+    length: int
+    fields: list[dict[str, Any]]
+    row_bytes: list[int]
+
+
+@dataclasses.dataclass
+class ClientState:
+    client_id: bytes
+    routing_id: bytes
+    data_endpoint: str
+    data: zmq.Socket[Any]
+    last_seen: float
+    streams: dict[int, StreamEntry] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StreamEntry:
+    client: ClientState
+    stream_id: int
+    stream: Stream
+    source: SourceSpec
+    fields: list[int]
+    include_indices: bool
+    failed: bool = False
+
+
+@dataclasses.dataclass
+class WorkerHandle:
+    index: int
+    endpoint: str
+    socket: zmq.Socket[Any]
+    process: Any
+    outstanding: dict[int, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+
+class Uploads:
+    """Arrays clients uploaded in chunks (or wrote into the shared folder), by content key."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.paths: dict[str, str] = {}
+        self._partial: dict[str, tuple[np.memmap[Any, Any], ContentHasher, int]] = {}
+
+    def register_file(self, key: str, path: str) -> None:
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != os.path.realpath(self.folder):
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not inside {self.folder}")
+        try:
+            arr = np.load(real, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}")
+        try:
+            proto.check_dtype(arr.dtype)
+        except proto.UnsupportedDtype as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+        del arr
+        self.paths[key] = real
+
+    def chunk(self, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
+        try:
+            dtype = proto.dtype_from_wire(msg.dtype)
+        except proto.UnsupportedDtype as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+        except proto.ProtocolError as exc:
+            raise RequestError(ErrorCode.MALFORMED, str(exc))
+        if any(d < 0 for d in msg.shape) or not msg.shape:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload shape {msg.shape} is invalid")
+        total = int(np.prod(msg.shape, dtype=np.int64)) * dtype.itemsize
+        raw = data.reshape(-1).view(np.uint8)
+        if msg.key in self.paths:
+            return
+        entry = self._partial.get(msg.key)
+        if entry is None:
+            if msg.offset != 0:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload of {msg.key} must start at 0")
+            path = os.path.join(self.folder, msg.key.replace(":", "-") + ".npy.part")
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(msg.shape))
+            entry = (mm, ContentHasher(dtype.str, msg.shape), 0)
+        mm, hasher, received = entry
+        if msg.offset != received or received + raw.nbytes > total:
+            self._partial.pop(msg.key, None)
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"upload chunk of {msg.key} at offset {msg.offset} with {raw.nbytes} bytes does not "
+                f"continue the {received} of {total} bytes received",
+            )
+        flat = mm.reshape(-1).view(np.uint8)
+        flat[received : received + raw.nbytes] = raw
+        hasher.update(memoryview(raw))
+        received += raw.nbytes
+        if received < total:
+            self._partial[msg.key] = (mm, hasher, received)
+            return
+        self._partial.pop(msg.key, None)
+        mm.flush()
+        part = str(mm.filename)
+        del mm, flat
+        if hasher.key() != msg.key:
+            os.unlink(part)
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"uploaded bytes do not match key {msg.key}")
+        final = part[: -len(".part")]
+        os.replace(part, final)
+        self.paths[msg.key] = final
+
+
+class Router:
+    """The server's main loop. Owns every server-side socket; see module docstring."""
+
+    def __init__(
+        self,
+        config: Any,
+        sources: dict[str, SourceSpec],
+        runtime_dir: str,
+        shm_dir: str,
+        server_id: str,
+        host: str,
+        spawn_worker: Callable[[int, str, str], Any],
+    ):
+        self.config = config
+        self.server_id = server_id
+        self.host = host
+        self.shm_dir = shm_dir
+        self.ctx = zmq.Context()
+        self.sources: dict[str, SourceEntry] = {}
+        for name, spec in sources.items():
+            self.sources[name] = self._describe(spec)
+        self.uploads = Uploads(shm_dir)
+        self.clients: dict[bytes, ClientState] = {}
+        self.stopping = False
+        self._spawn = spawn_worker
+        self._tasks = 0
+        self._rr: collections.deque[StreamEntry] = collections.deque()
+        self._gathers: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
+        try:
+            self.control = self._socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            self.control.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
+            self.control.bind(config.bind)
+            self.endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.results = self._socket(zmq.PULL)
+            results_endpoint = f"ipc://{runtime_dir}/results"
+            self.results.bind(results_endpoint)
+            self.workers: list[WorkerHandle] = []
+            for i in range(config.workers):
+                endpoint = f"ipc://{runtime_dir}/worker-{i}"
+                sock = self._socket(zmq.PUSH)
+                sock.bind(endpoint)
+                proc = spawn_worker(i, endpoint, results_endpoint)
+                self.workers.append(WorkerHandle(i, endpoint, sock, proc))
+            self._results_endpoint = results_endpoint
+            self.monitor = self.control.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            )
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"cannot bind {config.bind}: {exc}") from exc
+
+    # ------------------------------------------------------------------ setup
+    def _socket(self, kind: int) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    @staticmethod
+    def _describe(spec: SourceSpec) -> SourceEntry:
+        opened = open_source(spec)
+        try:
+            fields = opened.field_info()
+            row_bytes = [opened.row_bytes([i]) for i in range(len(fields))]
+            return SourceEntry(spec, opened.length, fields, row_bytes)
+        finally:
+            opened.close()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        next_check = 0.0
+        while not self.stopping:
+            try:
+                events = dict(poller.poll(POLL_MS))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            if self.control in events:
+                self._drain(self.control, self._on_control)
+            if self.results in events:
+                self._drain(self.results, self._on_result)
+            if self.monitor in events:
+                self._on_monitor()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + min(0.5, self.config.heartbeat_interval)
+                self._check_workers()
+                self._reap_clients(now)
+                if self.config.parent_pid and not _alive(self.config.parent_pid):
+                    log.info("parent process %d is gone; shutting down", self.config.parent_pid)
+                    self.stopping = True
+            self._schedule()
+
+    def _drain(self, sock: zmq.Socket[Any], handler: Callable[[list[Any]], None]) -> None:
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        try:
+            event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        log.warning(
+            "rejected a connection that does not speak ZMTP (event %s from %s)",
+            event.get("event"),
+            event.get("endpoint"),
+        )
+
+    # ------------------------------------------------------------------ control messages
+    def _on_control(self, frames: list[Any]) -> None:
+        routing_id, body = frames[0].bytes, frames[1:]
+        try:
+            msg, arrays = proto.decode(body, self._limits)
+        except proto.ProtocolError as exc:
+            code = ErrorCode.UNSUPPORTED_DTYPE if isinstance(exc, proto.UnsupportedDtype) else ErrorCode.MALFORMED
+            if isinstance(exc, proto.FrameTooLarge):
+                code = ErrorCode.TOO_LARGE
+            log.warning("malformed request from %s: %s", routing_id.hex(), exc)
+            self._reply(routing_id, proto.Error(code, f"malformed request: {exc}"))
+            return
+        request_id = getattr(msg, "request_id", 0)
+        try:
+            self._dispatch(routing_id, msg, arrays)
+        except RequestError as exc:
+            log.warning("request %s from %s failed: %s", msg.TYPE, routing_id.hex()[:8], exc)
+            self._reply(
+                routing_id,
+                proto.Error(exc.code, str(exc), request_id, getattr(msg, "stream_id", 0)),
+            )
+        except Exception as exc:  # a bug: report it, keep serving everyone else
+            log.exception("internal error handling %s", msg.TYPE)
+            self._reply(
+                routing_id,
+                proto.Error(
+                    ErrorCode.INTERNAL, f"internal server error: {exc!r}", request_id,
+                    getattr(msg, "stream_id", 0), -1, type(exc).__name__, traceback.format_exc(),
+                ),
+            )
+
+    def _reply(self, routing_id: bytes, msg: Any, arrays: list[Any] | tuple[Any, ...] = ()) -> None:
+        try:
+            self.control.send_multipart([routing_id, *proto.encode(msg, arrays)], copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("cannot reply to %s: %s", routing_id.hex()[:8], exc)
+
+    def _client(self, routing_id: bytes) -> ClientState:
+        client = self.clients.get(routing_id)
+        if client is None:
+            raise RequestError(
+                ErrorCode.UNKNOWN_CLIENT,
+                "unknown client: send hello first (or the server reclaimed this client "
+                "after it stayed silent longer than client_timeout)",
+            )
+        client.last_seen = time.monotonic()
+        return client
+
+    def _dispatch(self, routing_id: bytes, msg: Any, arrays: list[Any]) -> None:
+        if isinstance(msg, proto.Hello):
+            self._on_hello(routing_id, msg)
+        elif isinstance(msg, proto.Heartbeat):
+            client = self.clients.get(msg.client_id)
+            if client is None:
+                raise RequestError(ErrorCode.UNKNOWN_CLIENT, "unknown client; it was reclaimed")
+            client.last_seen = time.monotonic()
+            self._reply(routing_id, proto.Heartbeat(b"", time.time()))
+        elif isinstance(msg, proto.Goodbye):
+            if msg.client_id in self.clients:
+                self._drop_client(self.clients[msg.client_id], "said goodbye")
+        elif isinstance(msg, proto.OpenStream):
+            self._on_open(self._client(routing_id), msg, arrays)
+        elif isinstance(msg, proto.Credit):
+            self._stream(routing_id, msg.stream_id).stream.credit(msg.batches, msg.consumed)
+        elif isinstance(msg, proto.Reseed):
+            entry = self._stream(routing_id, msg.stream_id)
+            state = proto.decode_rng_state(msg.rng) if msg.rng is not None else None
+            entry.stream.reseed(msg.from_seq, msg.generation, state)
+            entry.failed = False
+        elif isinstance(msg, proto.CloseStream):
+            client = self._client(routing_id)
+            client.streams.pop(msg.stream_id, None)
+        elif isinstance(msg, proto.Describe):
+            self._client(routing_id)
+            entry = self._resolve(msg.source)
+            meta = {"name": entry.spec.name, **entry.spec.metadata}
+            self._reply(routing_id, proto.SourceInfo(msg.request_id, entry.length, entry.fields, meta))
+        elif isinstance(msg, proto.Gather):
+            self._on_gather(self._client(routing_id), msg, arrays)
+        elif isinstance(msg, proto.HaveArrays):
+            self._client(routing_id)
+            present = [k in self.uploads.paths for k in msg.keys]
+            self._reply(routing_id, proto.ArraysPresent(msg.request_id, present))
+        elif isinstance(msg, proto.RegisterArray):
+            self._client(routing_id)
+            self.uploads.register_file(msg.key, msg.path)
+            self._reply(routing_id, proto.Ack(msg.request_id))
+        elif isinstance(msg, proto.UploadChunk):
+            self._client(routing_id)
+            if len(arrays) != 1:
+                raise RequestError(ErrorCode.MALFORMED, "upload_chunk should carry exactly 1 array")
+            self.uploads.chunk(msg, arrays[0])
+            self._reply(routing_id, proto.Ack(msg.request_id))
+        else:
+            raise RequestError(ErrorCode.MALFORMED, f"{msg.TYPE} is not a request a server accepts")
+
+    def _stream(self, routing_id: bytes, stream_id: int) -> StreamEntry:
+        client = self._client(routing_id)
+        entry = client.streams.get(stream_id)
+        if entry is None:
+            raise RequestError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is not open")
+        return entry
+
+    def _on_hello(self, routing_id: bytes, msg: proto.Hello) -> None:
+        if len(msg.version) != 2 or not proto.is_compatible((msg.version[0], msg.version[1])):
+            raise RequestError(
+                ErrorCode.VERSION_MISMATCH,
+                f"protocol version mismatch: server speaks {proto.PROTOCOL_VERSION[0]}.x, "
+                f"client sent {msg.version}",
+            )
+        if self.config.token and msg.token != self.config.token:
+            raise RequestError(ErrorCode.UNAUTHORIZED, "wrong or missing token")
+        if routing_id != msg.client_id:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, "hello must come from the socket named client_id")
+        old = self.clients.get(routing_id)
+        if old is not None:
+            self._drop_client(old, "said hello again")
+        try:
+            data = self._socket(zmq.PUSH)
+            data.setsockopt(zmq.SNDHWM, 10000)
+            data.connect(msg.data_endpoint)
+        except zmq.ZMQError as exc:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"cannot connect to data endpoint {msg.data_endpoint!r}: {exc}"
+            )
+        self.clients[routing_id] = ClientState(routing_id, routing_id, msg.data_endpoint, data, time.monotonic())
+        log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
+        self._reply(
+            routing_id,
+            proto.Welcome(
+                list(proto.PROTOCOL_VERSION), self.server_id, self.host, self.shm_dir,
+                self.config.heartbeat_interval, self.config.client_timeout,
+                self.config.max_message_bytes, sorted(self.sources),
+            ),
+        )
+
+    def _resolve(self, source: dict[str, Any]) -> SourceEntry:
+        if "arrays" in source:
+            keys = source["arrays"]
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+                raise RequestError(ErrorCode.MALFORMED, "source.arrays should be a non-empty list of keys")
+            missing = [k for k in keys if k not in self.uploads.paths]
+            if missing:
+                raise RequestError(ErrorCode.UNKNOWN_SOURCE, f"no array uploaded with key(s) {missing}")
+            spec = SourceSpec(
+                "arrays", tuple(FieldSpec(str(i), "npy", self.uploads.paths[k]) for i, k in enumerate(keys))
+            )
+            try:
+                return self._describe(spec)
+            except SourceError as exc:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc))
+        name = source.get("name")
+        entry = self.sources.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise RequestError(
+                ErrorCode.UNKNOWN_SOURCE, f"unknown source {name!r}; this server has {sorted(self.sources)}"
+            )
+        return entry
+
+    def _select(self, entry: SourceEntry, names: list[str] | None) -> list[int]:
+        all_names = [f["name"] for f in entry.fields]
+        if names is None:
+            return list(range(len(all_names)))
+        missing = [n for n in names if n not in all_names]
+        if missing:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"source has no field(s) {missing}; it has {all_names}"
+            )
+        return [all_names.index(n) for n in names]
+
+    def _on_open(self, client: ClientState, msg: proto.OpenStream, arrays: list[Any]) -> None:
+        if msg.stream_id in client.streams:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
+        entry = self._resolve(msg.source)
+        fields = self._select(entry, msg.fields)
+        try:
+            batch_size = check_batch_size(msg.batch_size)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc))
+        row_bytes = sum(entry.row_bytes[i] for i in fields)
+        if batch_size * row_bytes > self.config.max_message_bytes:
+            raise RequestError(
+                ErrorCode.TOO_LARGE,
+                f"batch_size={batch_size} makes batches of {batch_size * row_bytes} bytes, above the "
+                f"server's max_message_bytes={self.config.max_message_bytes}",
+            )
+        if not 1 <= msg.credit_batches <= self.config.max_credit_batches:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"credit_batches should be in [1, {self.config.max_credit_batches}], got {msg.credit_batches}",
+            )
+        rng = None
+        rng_spec = msg.plan.get("rng")
+        if rng_spec is not None:
+            try:
+                state = proto.decode_rng_state(rng_spec)
+            except proto.ProtocolError as exc:
+                raise RequestError(ErrorCode.MALFORMED, str(exc))
+            rs = np.random.RandomState()
+            rs.set_state(state)
+            rng = CountingRNG(rs)
+        try:
+            plan = build_plan(msg.plan, batch_size, rng, arrays)
+            window = CreditWindow(msg.credit_batches, msg.credit_bytes)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}")
+        for arr in arrays:
+            if arr.size and (arr.min() < -entry.length or arr.max() >= entry.length) and arr.dtype.kind in "iu":
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"plan indices out of range for a source of length {entry.length}",
+                )
+        if msg.plan.get("kind") == "standard" and msg.plan.get("length") != entry.length:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"plan length {msg.plan.get('length')} differs from the source's length {entry.length}",
+            )
+        stream = StreamEntry(
+            client, msg.stream_id, Stream(plan, rng, window, row_bytes), entry.spec, fields, msg.include_indices
+        )
+        client.streams[msg.stream_id] = stream
+        self._rr.append(stream)
+        self._reply(client.routing_id, proto.StreamOpened(msg.request_id, msg.stream_id))
+
+    def _on_gather(self, client: ClientState, msg: proto.Gather, arrays: list[Any]) -> None:
+        entry = self._resolve(msg.source)
+        fields = self._select(entry, msg.fields)
+        if len(arrays) != 1 or arrays[0].ndim != 1 or arrays[0].dtype.kind not in "iu":
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, "gather should carry one 1-D integer index array")
+        idx = arrays[0]
+        if idx.size and (idx.min() < -entry.length or idx.max() >= entry.length):
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"indices out of range for length {entry.length}")
+        self._gathers.append((client, msg.request_id, entry.spec, fields, np.array(idx)))
+
+    # ------------------------------------------------------------------ scheduling
+    def _free_worker(self) -> WorkerHandle | None:
+        best = min(self.workers, key=lambda w: len(w.outstanding))
+        return best if len(best.outstanding) < WORKER_DEPTH else None
+
+    def _schedule(self) -> None:
+        while self._gathers:
+            worker = self._free_worker()
+            if worker is None:
+                return
+            client, request_id, spec, fields, idx = self._gathers.popleft()
+            if client.client_id in self.clients:
+                self._send_task(worker, client, 0, Task(request_id, 0, idx, None), spec, fields, False, True)
+        idle = 0
+        while self._rr and idle < len(self._rr):
+            entry = self._rr[0]
+            if entry.client.streams.get(entry.stream_id) is not entry:
+                self._rr.popleft()  # closed or reclaimed
+                continue
+            self._rr.rotate(-1)
+            if entry.failed or not entry.stream.can_produce():
+                idle += 1
+                continue
+            worker = self._free_worker()
+            if worker is None:
+                return
+            idle = 0
+            try:
+                item = entry.stream.produce()
+            except Exception as exc:
+                self._stream_error(entry, entry.stream.next_seq, exc)
+                continue
+            if isinstance(item, End):
+                msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng)
+                self._send_data(entry.client, proto.encode(msg))
+            else:
+                self._send_task(
+                    worker, entry.client, entry.stream_id, item, entry.source, entry.fields,
+                    entry.include_indices, False,
+                )
+
+    def _send_task(
+        self, worker: WorkerHandle, client: ClientState, stream_id: int, task: Task,
+        source: SourceSpec, fields: list[int], include_indices: bool, gather: bool,
+    ) -> None:
+        self._tasks += 1
+        header = {
+            "op": "task", "task": self._tasks, "endpoint": client.data_endpoint,
+            "stream": stream_id, "seq": task.seq, "gen": task.generation, "rng": task.rng,
+            "source": source.to_wire(), "fields": fields, "include_indices": include_indices,
+            "gather": gather, "index_dtype": task.indices.dtype.str,
+        }
+        try:
+            worker.socket.send_multipart(
+                [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices)],
+                copy=False,
+            )
+        except zmq.ZMQError as exc:
+            log.error("cannot send a task to worker %d: %s", worker.index, exc)
+            return
+        worker.outstanding[self._tasks] = (client, stream_id, task, source, fields, include_indices, gather)
+
+    def _send_data(self, client: ClientState, frames: list[Any]) -> None:
+        try:
+            client.data.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("cannot send to client %s: %s", client.client_id.hex()[:8], exc)
+
+    def _stream_error(self, entry: StreamEntry, seq: int, exc: BaseException) -> None:
+        entry.failed = True
+        err = proto.Error(
+            ErrorCode.REMOTE_EXCEPTION, str(exc), 0, entry.stream_id, seq, type(exc).__name__,
+            "".join(traceback.format_exception(exc)),
+        )
+        self._send_data(entry.client, proto.encode(err))
+
+    def _on_result(self, frames: list[Any]) -> None:
+        result = msgpack.unpackb(frames[0].bytes, raw=False)
+        worker = self.workers[result["worker"]]
+        info = worker.outstanding.pop(result["task"], None)
+        if info is None or result["ok"]:
+            return
+        client, stream_id, task = info[0], info[1], info[2]
+        entry = client.streams.get(stream_id)
+        if entry is not None and entry.stream.generation == task.generation:
+            entry.failed = True  # the worker already sent the Error to the client
+            log.warning("stream %d of client %s failed: %s", stream_id, client.client_id.hex()[:8], result["error"])
+
+    # ------------------------------------------------------------------ liveness
+    def _check_workers(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                continue
+            log.error("worker %d died (exit code %s); restarting it", worker.index, worker.process.exitcode)
+            worker.process.join(0)
+            worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
+            lost, worker.outstanding = worker.outstanding, {}
+            for client, stream_id, task, source, fields, include_indices, gather in lost.values():
+                if client.client_id not in self.clients:
+                    continue
+                target = self._free_worker() or worker
+                self._send_task(target, client, stream_id, task, source, fields, include_indices, gather)
+
+    def _reap_clients(self, now: float) -> None:
+        for client in list(self.clients.values()):
+            if now - client.last_seen > self.config.client_timeout:
+                self._drop_client(client, f"silent for more than {self.config.client_timeout:g}s")
+
+    def _drop_client(self, client: ClientState, why: str) -> None:
+        log.info(
+            "client %s %s: reclaiming %d stream(s)", client.client_id.hex()[:8], why, len(client.streams)
+        )
+        client.streams.clear()
+        self.clients.pop(client.routing_id, None)
+        client.data.close(linger=0)
+        forget = msgpack.packb({"op": "forget", "endpoint": client.data_endpoint})
+        for worker in self.workers:
+            try:
+                worker.socket.send(forget, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Stop workers (with a timeout, then kill) and close every socket. Idempotent."""
+        stop = msgpack.packb({"op": "stop"})
+        for worker in getattr(self, "workers", []):
+            try:
+                worker.socket.send(stop, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + 3.0
+        for worker in getattr(self, "workers", []):
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(1.0)
+        for client in list(self.clients.values()):
+            client.data.close(linger=0)
+        self.clients.clear()
+        self.ctx.destroy(linger=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return os.getppid() != 1 or pid == 1
+
+
+# ---------------------------------------------------------------------- worker process
+def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pid: int) -> None:
+    """A worker process: gather rows for tasks and send batches straight to clients."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = zmq.Context()
+    tasks = ctx.socket(zmq.PULL)
+    tasks.setsockopt(zmq.LINGER, 0)
+    tasks.connect(task_endpoint)
+    results = ctx.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 0)
+    results.connect(results_endpoint)
+    clients: dict[str, zmq.Socket[Any]] = {}
+    opened: dict[tuple[Any, ...], OpenedSource] = {}
+    try:
+        while True:
+            if not tasks.poll(500):
+                if os.getppid() != parent_pid:
+                    return  # the server died; do not linger
+                continue
+            frames = tasks.recv_multipart(copy=False)
+            header = msgpack.unpackb(frames[0].bytes, raw=False)
+            op = header["op"]
+            if op == "stop":
+                return
+            if op == "forget":
+                sock = clients.pop(header["endpoint"], None)
+                if sock is not None:
+                    sock.close(linger=0)
+                continue
+            ok, error = _run_task(header, frames, clients, opened, ctx)
+            results.send(msgpack.packb({"worker": index, "task": header["task"], "ok": ok, "error": error}))
+    finally:
+        for src in opened.values():
+            src.close()
+        ctx.destroy(linger=0)
+
+
+def _run_task(
+    header: dict[str, Any], frames: list[Any], clients: dict[str, zmq.Socket[Any]],
+    opened: dict[tuple[Any, ...], OpenedSource], ctx: zmq.Context[Any],
+) -> tuple[bool, str]:
+    endpoint = header["endpoint"]
+    sock = clients.get(endpoint)
+    if sock is None:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.connect(endpoint)
+        clients[endpoint] = sock
+    try:
+        spec = SourceSpec.from_wire(header["source"])
+        key = tuple((f.kind, f.path, f.dataset) for f in spec.fields)
+        source = opened.get(key)
+        if source is None:
+            source = opened[key] = open_source(spec)
+        indices = np.frombuffer(frames[1].buffer, dtype=np.dtype(header["index_dtype"]))
+        arrays = source.gather(indices, header["fields"])
+        if header["include_indices"]:
+            arrays = [indices, *arrays]
+        if header["gather"]:
+            out = proto.encode(proto.GatherResult(header["seq"]), arrays)
+        else:
+            out = proto.encode(proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays)
+        ok, error = True, ""
+    except Exception as exc:
+        err = proto.Error(
+            ErrorCode.REMOTE_EXCEPTION, str(exc), header["seq"] if header["gather"] else 0,
+            header["stream"], -1 if header["gather"] else header["seq"], type(exc).__name__,
+            "".join(traceback.format_exception(exc)),
+        )
+        out = proto.encode(err)
+        ok, error = False, f"{type(exc).__name__}: {exc}"
+    try:
+        sock.send_multipart(out, zmq.NOBLOCK, copy=False)
+    except zmq.ZMQError as exc:
+        return False, f"cannot send to {endpoint}: {exc}"
+    return ok, error
+

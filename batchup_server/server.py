@@ -1,0 +1,123 @@
+"""Server lifecycle: runtime folders, sources, workers, the router loop, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from batchup_protocol.host import host_id
+
+from .config import ConfigError, ServerConfig
+from .demo import write_demo_source
+from .router import Router, worker_main
+from .sources import FieldSpec, SourceSpec
+
+__all__ = ["serve"]
+
+log = logging.getLogger("batchup_server")
+SHM_ROOT = "/dev/shm"
+PREFIX = "batchup-"
+
+
+def _sweep_stale(root: str) -> None:
+    """Remove folders left by servers that were killed (their pid is gone)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX) :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            log.info("removed %s left by a server that died", os.path.join(root, name))
+        except (ValueError, PermissionError):
+            continue
+
+
+def _make_dirs() -> tuple[str, str]:
+    tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    runtime = tempfile.mkdtemp(prefix=tag + "-")
+    shm_root = SHM_ROOT if os.access(SHM_ROOT, os.W_OK) else runtime
+    if shm_root == SHM_ROOT:
+        _sweep_stale(SHM_ROOT)
+    shm = os.path.join(shm_root, tag if shm_root == SHM_ROOT else "shm")
+    os.makedirs(shm, mode=0o700)
+    return runtime, shm
+
+
+def _extract_npz(name: str, path: str, keys: list[str] | None, folder: str) -> SourceSpec:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"source {name!r}: cannot read {path}: {exc}") from exc
+    with archive:
+        names = keys if keys is not None else list(archive.files)
+        missing = [k for k in names if k not in archive.files]
+        if missing:
+            raise ConfigError(f"source {name!r}: {path} has no array(s) {missing}; it has {archive.files}")
+        fields = []
+        for key in names:
+            out = os.path.join(folder, f"npz-{name}-{key}.npy")
+            np.save(out, archive[key])
+            fields.append(FieldSpec(key, "npy", out))
+    return SourceSpec(name, tuple(fields))
+
+
+def _spawn_worker(index: int, task_endpoint: str, results_endpoint: str) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=worker_main,
+        args=(index, task_endpoint, results_endpoint, os.getpid()),
+        name=f"batchup-worker-{index}",
+        daemon=True,
+    )
+    proc.start()
+    return proc
+
+
+def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
+    """Run a server until SIGINT/SIGTERM (or its parent dies). Returns an exit code."""
+    runtime, shm = _make_dirs()
+    router: Router | None = None
+    try:
+        sources = dict(config.sources)
+        for name, (path, keys) in config.npz.items():
+            sources[name] = _extract_npz(name, path, keys, runtime)
+        if config.demo:
+            sources["demo"] = write_demo_source(runtime)
+        server_id = secrets.token_hex(8)
+        router = Router(config, sources, runtime, shm, server_id, host_id(), _spawn_worker)
+
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            assert router is not None
+            router.stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        log.info(
+            "serving %d source(s) %s on %s with %d worker(s)",
+            len(sources), sorted(sources), router.endpoint, config.workers,
+        )
+        print(f"batchup-server ready on {router.endpoint}", file=ready_file, flush=True)
+        router.run()
+        return 0
+    finally:
+        if router is not None:
+            router.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+        log.info("stopped; removed %s and %s", runtime, shm)

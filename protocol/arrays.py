@@ -1,0 +1,121 @@
+"""Arrays on the wire: a dtype allow-list with explicit byte order, and raw buffers.
+
+An array travels as ``[dtype_str, shape]`` in the message header plus one raw frame
+holding its C-ordered bytes. ``dtype_str`` is numpy's ``dtype.str`` (``'<f4'``,
+``'|u1'``, ``'>i8'``...), so byte order is always explicit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import FrameTooLarge, MalformedFrame, UnsupportedDtype
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "MAX_NDIM",
+    "array_from_buffer",
+    "as_wire_array",
+    "check_dtype",
+    "dtype_from_wire",
+    "spec_of",
+]
+
+#: kind + itemsize pairs accepted on the wire (byte order is separate).
+ALLOWED_DTYPES: frozenset[str] = frozenset(
+    ["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"]
+)
+MAX_NDIM = 32
+
+
+def check_dtype(dtype: np.dtype[Any]) -> str:
+    """Return the wire string of ``dtype`` or raise :class:`UnsupportedDtype`."""
+    code = f"{dtype.kind}{dtype.itemsize}"
+    if dtype.fields is not None or dtype.subdtype is not None or code not in ALLOWED_DTYPES:
+        raise UnsupportedDtype(
+            f"dtype {dtype} cannot travel on the wire; allowed are bool, signed and "
+            f"unsigned integers, float16/32/64 and complex64/128"
+        )
+    return dtype.str
+
+
+def dtype_from_wire(text: Any) -> np.dtype[Any]:
+    """Parse a wire dtype string, checking the allow-list and the byte-order mark."""
+    if not isinstance(text, str) or len(text) < 3 or text[0] not in "<>|":
+        raise MalformedFrame(f"dtype should be like '<f4' with explicit byte order, got {text!r}")
+    try:
+        dtype = np.dtype(text)
+    except TypeError as exc:
+        raise UnsupportedDtype(f"dtype {text!r} is not a numpy dtype") from exc
+    check_dtype(dtype)
+    if (text[0] == "|") != (dtype.itemsize == 1 or dtype.kind == "b"):
+        raise MalformedFrame(f"dtype {text!r} has a byte-order mark that does not fit its size")
+    return dtype
+
+
+def spec_of(array: np.ndarray[Any, Any]) -> list[Any]:
+    """The ``[dtype_str, shape]`` header entry of an array."""
+    return [check_dtype(array.dtype), list(array.shape)]
+
+
+def as_wire_array(array: Any) -> np.ndarray[Any, Any]:
+    """``array`` as a C-contiguous ndarray (copies only when it is not one)."""
+    arr = np.asarray(array)
+    check_dtype(arr.dtype)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+class _Writable:
+    """Exposes a receive buffer to numpy as writable memory, keeping its owner alive.
+
+    A received ZeroMQ frame is exclusively ours, but pyzmq hands it out as a read-only
+    memoryview; batchup users write into their batches, so the array must be writable.
+    """
+
+    __slots__ = ("__array_interface__", "owner")
+
+    def __init__(self, owner: Any, address: int, dtype: np.dtype[Any], shape: tuple[int, ...]):
+        self.owner = owner
+        self.__array_interface__ = {
+            "data": (address, False),
+            "typestr": dtype.str,
+            "shape": shape,
+            "version": 3,
+        }
+
+
+def array_from_buffer(
+    buffer: Any, spec: Any, max_bytes: int, owner: Any = None
+) -> np.ndarray[Any, Any]:
+    """Build the array described by ``spec`` over ``buffer`` without copying.
+
+    The result is writable. ``owner`` (e.g. the ZeroMQ frame) is kept alive as long as
+    the array is.
+    """
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
+        raise MalformedFrame(f"array spec should be [dtype, shape], got {spec!r:.80}")
+    dtype = dtype_from_wire(spec[0])
+    shape = spec[1]
+    if len(shape) > MAX_NDIM or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise MalformedFrame(f"array shape should be at most {MAX_NDIM} sizes >= 0, got {shape!r:.80}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise FrameTooLarge(f"array of {nbytes} bytes exceeds the limit of {max_bytes} bytes")
+    view = memoryview(buffer)
+    if view.nbytes != nbytes:
+        raise MalformedFrame(
+            f"array frame should hold {nbytes} bytes for {spec[0]} {tuple(shape)}, "
+            f"but holds {view.nbytes}"
+        )
+    if nbytes == 0 or not view.readonly:
+        return np.frombuffer(view, dtype=dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+    address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    holder = _Writable(owner if owner is not None else buffer, address, dtype, tuple(shape))
+    return np.asarray(holder)

@@ -1,0 +1,89 @@
+"""Multipart framing: ``[header, *array_frames]``.
+
+The header is a msgpack map (the message's fields, its ``type`` and, when arrays
+follow, ``arrays``: one ``[dtype_str, shape]`` per following frame). Array frames are
+raw C-ordered bytes, sent with ``copy=False`` and viewed with numpy on receipt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .arrays import array_from_buffer, as_wire_array, spec_of
+from .errors import FrameTooLarge, MalformedFrame
+from .messages import message_from_fields
+
+__all__ = ["Limits", "decode", "encode", "encode_header"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits applied when decoding (PROTOCOL.md, "Limits")."""
+
+    max_header_bytes: int = 1 << 20
+    max_array_bytes: int = 1 << 31
+    max_arrays: int = 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def encode_header(msg: Any, specs: Sequence[list[Any]] = ()) -> bytes:
+    """The msgpack header of ``msg`` (fields in declaration order, then ``arrays``)."""
+    fields: dict[str, Any] = {"type": msg.TYPE}
+    for f in dataclasses.fields(msg):
+        fields[f.name] = getattr(msg, f.name)
+    if specs:
+        fields["arrays"] = list(specs)
+    return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode(msg: Any, arrays: Sequence[Any] = ()) -> list[Any]:
+    """Frames for ``msg`` and its arrays; array frames are the arrays themselves (no copy)."""
+    wire = [as_wire_array(a) for a in arrays]
+    return [encode_header(msg, [spec_of(a) for a in wire]), *wire]
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def decode(
+    frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS
+) -> tuple[Any, list[np.ndarray[Any, Any]]]:
+    """Decode frames (``bytes`` or ``zmq.Frame``) into ``(message, arrays)``.
+
+    Raises :class:`MalformedFrame`, :class:`UnknownMessage`, :class:`FrameTooLarge`
+    or :class:`UnsupportedDtype` with a message naming what was wrong.
+    """
+    if not frames:
+        raise MalformedFrame("a message needs at least a header frame, got 0 frames")
+    header = memoryview(_buffer(frames[0]))
+    if header.nbytes > limits.max_header_bytes:
+        raise FrameTooLarge(
+            f"header of {header.nbytes} bytes exceeds the limit of {limits.max_header_bytes}"
+        )
+    try:
+        fields = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedFrame(f"header is not a msgpack map: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise MalformedFrame(f"header should be a msgpack map, got {type(fields).__name__}")
+    specs = fields.get("arrays", [])
+    if not isinstance(specs, list) or len(specs) > limits.max_arrays:
+        raise MalformedFrame(f"'arrays' should be a list of at most {limits.max_arrays} specs")
+    if len(specs) != len(frames) - 1:
+        raise MalformedFrame(
+            f"header announces {len(specs)} array frames but {len(frames) - 1} follow it"
+        )
+    msg = message_from_fields(fields)
+    arrays = [
+        array_from_buffer(_buffer(f), spec, limits.max_array_bytes, owner=f)
+        for spec, f in zip(specs, frames[1:])
+    ]
+    return msg, arrays

@@ -1,0 +1,345 @@
+"""Every message of the wire protocol, defined once.
+
+Each message is a frozen dataclass with a ``TYPE`` tag. On the wire a message is a
+msgpack map ``{"type": TYPE, <field>: <value>, ...}`` (see PROTOCOL.md); arrays that
+travel with a message are separate raw frames described by the header's ``arrays``
+entry (see :mod:`batchup_protocol.framing`). Fields are only ever appended, with
+defaults, so an older peer can skip what it does not know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from typing import Any, ClassVar, Union
+
+from .errors import MalformedFrame, UnknownMessage
+
+__all__ = [
+    "Ack",
+    "ArraysPresent",
+    "Batch",
+    "CloseStream",
+    "Credit",
+    "Describe",
+    "EndOfStream",
+    "Error",
+    "ErrorCode",
+    "Gather",
+    "GatherResult",
+    "Goodbye",
+    "HaveArrays",
+    "Heartbeat",
+    "Hello",
+    "MESSAGE_TYPES",
+    "Message",
+    "OpenStream",
+    "RegisterArray",
+    "Reseed",
+    "SourceInfo",
+    "StreamOpened",
+    "UploadChunk",
+    "Welcome",
+    "message_from_fields",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """Error codes carried by :class:`Error`; never renumbered."""
+
+    MALFORMED = 1  #: the request's frames could not be decoded
+    VERSION_MISMATCH = 2  #: incompatible protocol major version
+    UNKNOWN_SOURCE = 3  #: no source of that name / no array with that key
+    INVALID_ARGUMENT = 4  #: a field has an illegal value (batch size, repeats...)
+    UNSUPPORTED_DTYPE = 5  #: an array dtype outside the allow-list
+    TOO_LARGE = 6  #: a message or batch above the size limits
+    UNKNOWN_STREAM = 7  #: the stream id is not open for this client
+    UNKNOWN_CLIENT = 8  #: a request before Hello, or from a reclaimed client
+    REMOTE_EXCEPTION = 9  #: user/source code raised while preparing a batch
+    INTERNAL = 10  #: a bug or resource failure in the server
+    UNAUTHORIZED = 11  #: bad token / not allowed for this client
+    SHUTTING_DOWN = 12  #: the server is stopping
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """Client → server, first message on the control socket."""
+
+    TYPE: ClassVar[str] = "hello"
+    version: list[int]
+    client_id: bytes
+    data_endpoint: str
+    host_id: str = ""
+    token: str = ""
+    pid: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server → client, answer to :class:`Hello`."""
+
+    TYPE: ClassVar[str] = "welcome"
+    version: list[int]
+    server_id: str
+    host_id: str
+    shm_dir: str
+    heartbeat_interval: float
+    client_timeout: float
+    max_message_bytes: int
+    sources: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Describe:
+    """Client → server: length, fields and metadata of a source."""
+
+    TYPE: ClassVar[str] = "describe"
+    request_id: int
+    source: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """Server → client, answer to :class:`Describe`."""
+
+    TYPE: ClassVar[str] = "source_info"
+    request_id: int
+    length: int
+    fields: list[dict[str, Any]]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenStream:
+    """Client → server: start streaming batches of a plan (subset indices as array 0)."""
+
+    TYPE: ClassVar[str] = "open_stream"
+    request_id: int
+    stream_id: int
+    source: dict[str, Any]
+    plan: dict[str, Any]
+    batch_size: int
+    include_indices: bool
+    credit_batches: int
+    credit_bytes: int
+    fields: Union[list[str], None] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Server → client, answer to :class:`OpenStream`."""
+
+    TYPE: ClassVar[str] = "stream_opened"
+    request_id: int
+    stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credit:
+    """Client → server: ``batches`` more may be in flight; ``consumed`` batches are done."""
+
+    TYPE: ClassVar[str] = "credit"
+    stream_id: int
+    batches: int
+    consumed: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reseed:
+    """Client → server: replan from ``from_seq`` with the caller's current RNG state."""
+
+    TYPE: ClassVar[str] = "reseed"
+    stream_id: int
+    from_seq: int
+    generation: int
+    rng: Union[dict[str, Any], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CloseStream:
+    """Client → server: stop a stream and free its credits."""
+
+    TYPE: ClassVar[str] = "close_stream"
+    stream_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """Server → client data socket: one mini-batch; its arrays follow as raw frames."""
+
+    TYPE: ClassVar[str] = "batch"
+    stream_id: int
+    seq: int
+    generation: int
+    rng: Union[dict[str, Any], None] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Server → client data socket: the plan has ``seq`` batches and no more."""
+
+    TYPE: ClassVar[str] = "end_of_stream"
+    stream_id: int
+    seq: int
+    generation: int
+    rng: Union[dict[str, Any], None] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gather:
+    """Client → server: rows of a source by absolute index (indices as array 0)."""
+
+    TYPE: ClassVar[str] = "gather"
+    request_id: int
+    source: dict[str, Any]
+    fields: Union[list[str], None] = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatherResult:
+    """Server → client, answer to :class:`Gather`; one array per field."""
+
+    TYPE: ClassVar[str] = "gather_result"
+    request_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HaveArrays:
+    """Client → server: which of these content keys does the server already hold?"""
+
+    TYPE: ClassVar[str] = "have_arrays"
+    request_id: int
+    keys: list[str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArraysPresent:
+    """Server → client, answer to :class:`HaveArrays`."""
+
+    TYPE: ClassVar[str] = "arrays_present"
+    request_id: int
+    present: list[bool]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegisterArray:
+    """Client → server (same host): an ``.npy`` file the client wrote into ``shm_dir``."""
+
+    TYPE: ClassVar[str] = "register_array"
+    request_id: int
+    key: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UploadChunk:
+    """Client → server: bytes ``[offset, offset+len)`` of an array (chunk as array 0)."""
+
+    TYPE: ClassVar[str] = "upload_chunk"
+    request_id: int
+    key: str
+    dtype: str
+    shape: list[int]
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    """Server → client: the request succeeded and has nothing else to say."""
+
+    TYPE: ClassVar[str] = "ack"
+    request_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Error:
+    """Either direction: a request or a stream failed."""
+
+    TYPE: ClassVar[str] = "error"
+    code: int
+    message: str
+    request_id: int = 0
+    stream_id: int = 0
+    seq: int = -1
+    remote_type: str = ""
+    traceback: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Either direction on the heartbeat socket: I am alive."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    client_id: bytes
+    sent_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Client → server: reclaim everything this client holds now."""
+
+    TYPE: ClassVar[str] = "goodbye"
+    client_id: bytes
+
+
+Message = Union[
+    Hello, Welcome, Describe, SourceInfo, OpenStream, StreamOpened, Credit, Reseed,
+    CloseStream, Batch, EndOfStream, Gather, GatherResult, HaveArrays, ArraysPresent,
+    RegisterArray, UploadChunk, Ack, Error, Heartbeat, Goodbye,
+]  # fmt: skip
+
+MESSAGE_TYPES: dict[str, type[Any]] = {
+    cls.TYPE: cls for cls in typing.get_args(Message)
+}
+
+_HINTS: dict[type[Any], dict[str, Any]] = {
+    cls: typing.get_type_hints(cls) for cls in MESSAGE_TYPES.values()
+}
+
+
+def _check(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return any(_check(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        hint = origin
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    return isinstance(value, hint)
+
+
+def message_from_fields(fields: dict[str, Any]) -> Any:
+    """Build the message named by ``fields["type"]``, checking every field's type.
+
+    Unknown fields are skipped (a newer peer may have added them); a missing required
+    field or a value of the wrong type raises :class:`MalformedFrame` naming it.
+    """
+    name = fields.get("type")
+    if not isinstance(name, str):
+        raise MalformedFrame(f"header has no string 'type' field, got {name!r}")
+    cls = MESSAGE_TYPES.get(name)
+    if cls is None:
+        raise UnknownMessage(f"unknown message type {name!r}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fields:
+            value = fields[f.name]
+            if not _check(value, _HINTS[cls][f.name]):
+                raise MalformedFrame(
+                    f"{name}.{f.name} should be {_HINTS[cls][f.name]}, "
+                    f"but got {type(value).__name__} {value!r:.80}"
+                )
+            kwargs[f.name] = value
+        elif (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise MalformedFrame(f"{name} is missing required field {f.name!r}")
+    return cls(**kwargs)

@@ -1,0 +1,222 @@
+"""Index plans: batchup 0.2.3's samplers as checkpointable state machines.
+
+A stream's batches are a deterministic plan: batch ``seq`` → absolute indices. The
+plan draws from an RNG exactly as batchup's sampler generators do (same calls, same
+order, same laziness), so both the indices and the RNG state after every batch equal
+batchup's. Unlike a generator, a plan's position can be saved and restored, which is
+what lets the server prefetch from a copy of the caller's RNG and rewind when the
+caller touches its RNG between batches (see PROTOCOL.md, "RNG parity").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Protocol, Union
+
+import numpy as np
+
+__all__ = [
+    "CountingRNG",
+    "PlanState",
+    "SequencePlan",
+    "WeightedPlan",
+    "build_plan",
+    "check_batch_size",
+    "check_repeats",
+]
+
+IntArray = np.ndarray[Any, Any]
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """Validate a batch size (batchup itself loops forever on 0 with ``repeats != 1``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
+    return int(batch_size)
+
+
+def check_repeats(repeats: Any) -> int:
+    """batchup's check, with batchup's message."""
+    if repeats == 0 or repeats < -1:
+        raise ValueError(f"Invalid number of repeats; should be >= 1 or -1, not {repeats}")
+    return int(repeats)
+
+
+class RNG(Protocol):
+    def permutation(self, x: Any) -> Any: ...
+    def choice(self, a: Any, size: Any = ..., replace: bool = ..., p: Any = ...) -> Any: ...
+
+
+class CountingRNG:
+    """Wraps a ``RandomState`` and counts draws, so callers know when its state moved."""
+
+    __slots__ = ("draws", "rng")
+
+    def __init__(self, rng: np.random.RandomState):
+        self.rng = rng
+        self.draws = 0
+
+    def permutation(self, x: Any) -> Any:
+        self.draws += 1
+        return self.rng.permutation(x)
+
+    def choice(self, a: Any, size: Any = None, replace: bool = True, p: Any = None) -> Any:
+        self.draws += 1
+        return self.rng.choice(a, size=size, replace=replace, p=p)
+
+    def shuffle(self, x: Any) -> None:
+        self.draws += 1
+        self.rng.shuffle(x)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanState:
+    """A plan's position: restore it to replay from that batch on."""
+
+    order: Union[IntArray, None]
+    i: int
+    left: int
+    done: bool
+
+
+class SequencePlan:
+    """``StandardSampler`` (``indices is None``) or ``SubsetSampler``, in order or shuffled.
+
+    Mirrors batchup's generators: the first permutation is drawn at the first batch;
+    with ``repeats != 1`` batches span pass boundaries and a new permutation is drawn
+    as soon as a pass is used up (including the one discarded after the last pass).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        repeats: int = 1,
+        indices: Union[IntArray, None] = None,
+        rng: Union[RNG, None] = None,
+    ):
+        self.length = int(length) if indices is None else len(indices)
+        self.batch_size = check_batch_size(batch_size)
+        self.repeats = check_repeats(repeats)
+        if self.repeats == -1 and self.length == 0:
+            raise ValueError("an empty source with repeats=-1 yields no batch ever (batchup hangs)")
+        self.indices = indices
+        self.rng = rng
+        self._state = PlanState(None, 0, self.repeats, False)
+
+    def _pass_order(self) -> IntArray:
+        if self.rng is None:
+            return np.arange(self.length) if self.indices is None else self.indices
+        if self.indices is None:
+            return np.asarray(self.rng.permutation(self.length))
+        return np.asarray(self.rng.permutation(self.indices))
+
+    def get_state(self) -> PlanState:
+        return self._state
+
+    def set_state(self, state: PlanState) -> None:
+        self._state = state
+
+    def num_samples(self) -> float:
+        return np.inf if self.repeats == -1 else self.length * self.repeats
+
+    def next(self) -> Union[IntArray, None]:
+        """Indices of the next batch, or ``None`` when the plan is exhausted."""
+        st = self._state
+        if st.done:
+            return None
+        order, i, left = st.order, st.i, st.left
+        if order is None:
+            order = self._pass_order()
+        n, bs = self.length, self.batch_size
+        if self.repeats == 1:
+            if i >= n:
+                self._state = PlanState(order, i, left, True)
+                return None
+            self._state = PlanState(order, i + bs, left, False)
+            if self.rng is None and self.indices is None:
+                return np.arange(i, min(i + bs, n))
+            return order[i : i + bs]
+        if i + bs <= n:
+            self._state = PlanState(order, i + bs, left, False)
+            if self.rng is None and self.indices is None:
+                return np.arange(i, i + bs)
+            return order[i : i + bs]
+        out: IntArray = np.arange(0)
+        while len(out) < bs:
+            k = min(bs - len(out), n - i)
+            out = np.append(out, order[i : i + k], axis=0)
+            i += k
+            if i >= n:
+                order = self._pass_order()
+                i -= n
+                if left != -1:
+                    left -= 1
+                if left == 0:
+                    break
+        self._state = PlanState(order, i, left, left == 0)
+        return out if len(out) > 0 else None
+
+
+class WeightedPlan:
+    """``WeightedSampler`` / ``WeightedSubsetSampler``: one ``rng.choice`` per batch, forever."""
+
+    def __init__(
+        self,
+        weights: IntArray,
+        batch_size: int,
+        rng: Union[RNG, None],
+        indices: Union[IntArray, None] = None,
+        kind: str = "WeightedSampler",
+    ):
+        self.weights = weights
+        self.indices = indices
+        self.batch_size = check_batch_size(batch_size)
+        self.rng = rng
+        self.kind = kind
+
+    def get_state(self) -> PlanState:
+        return PlanState(None, 0, -1, False)
+
+    def set_state(self, state: PlanState) -> None:
+        pass
+
+    def num_samples(self) -> float:
+        return np.inf
+
+    def next(self) -> Union[IntArray, None]:
+        if self.rng is None:
+            raise NotImplementedError(f"In-order sampling not supported by {self.kind}")
+        size = (self.batch_size,)
+        if self.indices is None:
+            return np.asarray(self.rng.choice(len(self.weights), size=size, p=self.weights))
+        return np.asarray(self.rng.choice(self.indices, size=size, p=self.weights))
+
+
+Plan = Union[SequencePlan, WeightedPlan]
+
+
+def build_plan(
+    spec: dict[str, Any], batch_size: int, rng: Union[RNG, None], arrays: list[IntArray]
+) -> Plan:
+    """The plan described by an ``OpenStream.plan`` map (arrays: its attached frames).
+
+    ``spec["kind"]`` is ``"standard"`` (``length``, ``repeats``), ``"subset"``
+    (``repeats``; indices in ``arrays[spec["indices"]]``), ``"weighted"`` (weights in
+    ``arrays[spec["weights"]]``) or ``"weighted_subset"`` (both).
+    """
+    kind = spec.get("kind")
+    if kind == "standard":
+        return SequencePlan(int(spec["length"]), batch_size, int(spec.get("repeats", 1)), None, rng)
+    if kind == "subset":
+        return SequencePlan(0, batch_size, int(spec.get("repeats", 1)), arrays[spec["indices"]], rng)
+    if kind == "weighted":
+        return WeightedPlan(arrays[spec["weights"]], batch_size, rng)
+    if kind == "weighted_subset":
+        return WeightedPlan(
+            arrays[spec["weights"]], batch_size, rng, arrays[spec["indices"]], "WeightedSubsetSampler"
+        )
+    raise ValueError(f"plan kind should be standard, subset, weighted or weighted_subset, got {kind!r}")
