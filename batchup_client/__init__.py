@@ -100,21 +100,24 @@ def connect(
     token: str = "",
     workers: int | None = None,
     server_timeout: float | None = None,
+    share_memory: bool | None = None,
 ) -> Client:
     """Connect to the batchup-server at ``address`` (``tcp://host:port`` or ``ipc://path``).
 
     With no address, start a private local server for this process (stopped when the
-    client closes or the process exits).
+    client closes or the process exits). ``share_memory=False`` forces chunked uploads of
+    client arrays even when the server shares this host.
     """
     if address is None:
         server = LocalServer(workers=workers)
         try:
-            return Client(server.endpoint, timeout=timeout, token=token,
-                          server_timeout=server_timeout, on_close=server.stop)
+            return Client(server.endpoint, timeout=timeout, token=token, server_timeout=server_timeout,
+                          on_close=server.stop, share_memory=share_memory)
         except BaseException:
             server.stop()
             raise
-    return Client(address, timeout=timeout, token=token, server_timeout=server_timeout)
+    return Client(address, timeout=timeout, token=token, server_timeout=server_timeout,
+                  share_memory=share_memory)
 
 
 _default: Client | None = None

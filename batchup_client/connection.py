@@ -25,13 +25,15 @@ import zmq
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
-from batchup_protocol.host import content_key, host_id
+from batchup_protocol.host import content_key, host_id, sweep_stale
 
 from .errors import (
     BatchupTimeout,
     ClientClosed,
     ConnectionLost,
+    InvalidArgumentError,
     ProtocolViolation,
+    UnsupportedDtypeError,
     remote_error,
 )
 from .streaming import Inbox
@@ -108,7 +110,10 @@ class Client:
         token: str = "",
         server_timeout: float | None = None,
         on_close: Callable[[], None] | None = None,
+        share_memory: bool | None = None,
     ):
+        if not isinstance(address, str) or address.split("://", 1)[0] not in ("tcp", "ipc"):
+            raise ValueError(f"address should start with tcp:// or ipc://, got {address!r}")
         self.address = address
         self.timeout = timeout
         self.client_id = secrets.token_bytes(16)
@@ -118,7 +123,10 @@ class Client:
         self._inboxes: dict[int, Inbox] = {}
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
         self._next_stream = 0
-        self._private_dir = tempfile.mkdtemp(prefix="batchup-client-")
+        self._stats = {"arrays_shared": 0, "arrays_uploaded": 0, "arrays_reused": 0,
+                       "bytes_shared": 0, "bytes_uploaded": 0, "streams_opened": 0}
+        sweep_stale(tempfile.gettempdir(), "batchup-client-")
+        self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
         self._ctx = zmq.Context()
         self._heartbeat: _Heartbeat | None = None
         try:
@@ -140,7 +148,7 @@ class Client:
         self.server_id = welcome.server_id
         self.sources: list[str] = list(welcome.sources)
         self.welcome = welcome
-        self.same_host = (
+        self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
             and bool(welcome.shm_dir)
             and os.path.isdir(welcome.shm_dir)
@@ -152,8 +160,8 @@ class Client:
         )
         self._heartbeat.start()
         log.info(
-            "connected to %s (server %s, %s host)", address, self.server_id,
-            "same" if self.same_host else "remote",
+            "connected to %s (server %s); client arrays go by %s", address, self.server_id,
+            "shared-memory file" if self.same_host else "chunked upload",
         )
 
     # ------------------------------------------------------------------ setup and teardown
@@ -205,6 +213,18 @@ class Client:
         self._teardown()
         if self._on_close is not None:
             self._on_close()
+
+    def info(self) -> dict[str, Any]:
+        """How this client talks to its server, and what it has sent so far."""
+        return {
+            "address": self.address,
+            "server_id": self.server_id,
+            "data_endpoint": self.data_endpoint,
+            "transport": self.address.split("://", 1)[0],
+            "array_transfer": "shared-memory file" if self.same_host else "chunked upload",
+            "open_streams": len(self._inboxes),
+            **self._stats,
+        }
 
     @property
     def closed(self) -> bool:
@@ -315,6 +335,7 @@ class Client:
         except BaseException:
             self._inboxes.pop(sid, None)
             raise
+        self._stats["streams_opened"] += 1
         return sid
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
@@ -328,6 +349,16 @@ class Client:
                 return item
             self._check()
             self._recv_data(POLL_SLICE_MS)
+
+    def poll_data(self, timeout: float) -> bool:
+        """Receive one pending data message (waiting up to ``timeout`` s); False if none came."""
+        self._check()
+        return self._recv_data(int(timeout * 1000))
+
+    def buffered(self, stream_id: int) -> int:
+        """Batches of a stream received but not yet consumed (bounded by its credit)."""
+        inbox = self._inboxes.get(stream_id)
+        return 0 if inbox is None else len(inbox)
 
     def send_credit(self, stream_id: int, batches: int, consumed: int) -> None:
         self._check()
@@ -385,12 +416,18 @@ class Client:
         they are uploaded in chunks over the control socket.
         """
         wire = [np.ascontiguousarray(a) for a in arrays]
-        for a in wire:
-            proto.check_dtype(a.dtype)
+        for i, a in enumerate(wire):
+            try:
+                proto.check_dtype(a.dtype)
+            except proto.UnsupportedDtype as exc:
+                raise UnsupportedDtypeError(ErrorCode.UNSUPPORTED_DTYPE, f"array {i}: {exc}") from exc
+            if a.ndim == 0:
+                raise InvalidArgumentError(ErrorCode.INVALID_ARGUMENT, f"array {i} is 0-dimensional")
         keys = list(keys) if keys is not None else [content_key(a) for a in wire]
         reply, _ = self.request(lambda rid: proto.HaveArrays(rid, list(keys)))
         for arr, key, present in zip(wire, keys, reply.present):
             if present:
+                self._stats["arrays_reused"] += 1
                 continue
             if self.same_host:
                 self._share(arr, key)
@@ -405,6 +442,8 @@ class Client:
         np.save(tmp, arr, allow_pickle=False)
         os.replace(tmp, path)
         self.request(lambda rid: proto.RegisterArray(rid, key, path))
+        self._stats["arrays_shared"] += 1
+        self._stats["bytes_shared"] += arr.nbytes
 
     def _upload(self, arr: np.ndarray[Any, Any], key: str) -> None:
         flat = arr.reshape(-1).view(np.uint8)
@@ -418,4 +457,6 @@ class Client:
             )
             offset += chunk.nbytes
             if offset >= total:
+                self._stats["arrays_uploaded"] += 1
+                self._stats["bytes_uploaded"] += total
                 return

@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+from batchup_protocol.host import sweep_stale
+
 from .errors import ConnectionLost
 
 __all__ = ["LocalServer"]
@@ -24,7 +26,8 @@ class LocalServer:
     """Start ``python -m batchup_server`` privately and wait until it is ready."""
 
     def __init__(self, workers: int | None = None, startup_timeout: float = 60.0):
-        self.folder = tempfile.mkdtemp(prefix="batchup-local-")
+        sweep_stale(tempfile.gettempdir(), "batchup-local-")
+        self.folder = tempfile.mkdtemp(prefix=f"batchup-local-{os.getpid()}-")
         self.endpoint = f"ipc://{self.folder}/control"
         n = workers if workers is not None else min(2, os.cpu_count() or 1)
         cmd = [

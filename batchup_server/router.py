@@ -288,7 +288,7 @@ class Router:
             code = ErrorCode.UNSUPPORTED_DTYPE if isinstance(exc, proto.UnsupportedDtype) else ErrorCode.MALFORMED
             if isinstance(exc, proto.FrameTooLarge):
                 code = ErrorCode.TOO_LARGE
-            log.warning("malformed request from %s: %s", routing_id.hex(), exc)
+            log.warning("malformed request from %s: %s", routing_id.hex()[:16], exc)
             self._reply(routing_id, proto.Error(code, f"malformed request: {exc}"))
             return
         request_id = getattr(msg, "request_id", 0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from batchup_protocol.host import host_id
+from batchup_protocol.host import host_id, sweep_stale
 
 from .config import ConfigError, ServerConfig
 from .demo import write_demo_source
@@ -28,31 +28,13 @@ SHM_ROOT = "/dev/shm"
 PREFIX = "batchup-"
 
 
-def _sweep_stale(root: str) -> None:
-    """Remove folders left by servers that were killed (their pid is gone)."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(PREFIX):
-            continue
-        try:
-            pid = int(name[len(PREFIX) :].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            log.info("removed %s left by a server that died", os.path.join(root, name))
-        except (ValueError, PermissionError):
-            continue
-
-
 def _make_dirs() -> tuple[str, str]:
     tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     runtime = tempfile.mkdtemp(prefix=tag + "-")
     shm_root = SHM_ROOT if os.access(SHM_ROOT, os.W_OK) else runtime
-    if shm_root == SHM_ROOT:
-        _sweep_stale(SHM_ROOT)
+    for root in {shm_root, tempfile.gettempdir()}:
+        for path in sweep_stale(root, PREFIX):
+            log.info("removed %s left by a process that died", path)
     shm = os.path.join(shm_root, tag if shm_root == SHM_ROOT else "shm")
     os.makedirs(shm, mode=0o700)
     return runtime, shm

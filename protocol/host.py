@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ContentHasher", "content_key", "host_id"]
+__all__ = ["ContentHasher", "content_key", "host_id", "sweep_stale"]
 
 
 def host_id() -> str:
@@ -40,3 +40,35 @@ def content_key(array: np.ndarray[Any, Any]) -> str:
     hasher = ContentHasher(arr.dtype.str, arr.shape)
     hasher.update(memoryview(arr.reshape(-1).view(np.uint8)))
     return hasher.key()
+
+
+def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
+    """Remove ``root/<prefix>...-<pid>-...`` folders whose owning process is gone.
+
+    Servers and clients name their private folders with their pid, so folders left by a
+    killed process are recognised and removed by the next one to start. Returns what
+    was removed.
+    """
+    import os
+    import shutil
+
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pids = [p for p in name[len(prefix) :].split("-") if p.isdigit()]
+        if not pids:
+            continue
+        try:
+            os.kill(int(pids[0]), 0)
+        except ProcessLookupError:
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (PermissionError, OverflowError):
+            continue
+    return removed

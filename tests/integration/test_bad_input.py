@@ -1,0 +1,221 @@
+"""Bad input gets a typed error naming what was wrong; the server keeps serving others."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import batchup_client
+import batchup_protocol as proto
+from batchup_protocol import ErrorCode
+
+pytestmark = pytest.mark.integration
+
+
+class RawPeer:
+    """A hand-driven DEALER, for sending what the client library never would."""
+
+    def __init__(self, endpoint: str):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.client_id = secrets.token_bytes(16)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.client_id)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.data = self.ctx.socket(zmq.PULL)
+        self.data.setsockopt(zmq.LINGER, 0)
+        port = self.data.bind_to_random_port("tcp://127.0.0.1")
+        self.data_endpoint = f"tcp://127.0.0.1:{port}"
+
+    def send_raw(self, frames):
+        self.sock.send_multipart(frames)
+
+    def send(self, msg, arrays=()):
+        self.sock.send_multipart(proto.encode(msg, arrays))
+
+    def recv(self):
+        assert self.sock.poll(10000), "no answer from the server"
+        return proto.decode(self.sock.recv_multipart())[0]
+
+    def hello(self, version=None):
+        self.send(proto.Hello(list(version or proto.PROTOCOL_VERSION), self.client_id, self.data_endpoint))
+        return self.recv()
+
+    def close(self):
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def peer(server):
+    p = RawPeer(server.endpoint)
+    yield p
+    p.close()
+
+
+def assert_still_serving(server):
+    with batchup_client.connect(server.endpoint) as client:
+        assert len(list(client.source("demo").batch_iterator(batch_size=6000))) == 2
+
+
+def test_garbage_bytes_on_the_port(server):
+    with socket.create_connection(("127.0.0.1", int(server.endpoint.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" + bytes(range(256)) * 4)
+    server.wait_for_log("malformed request|rejected a connection")
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize(
+    "frames, text",
+    [
+        ([b"\xc1\xc1not msgpack"], "header is not a msgpack map"),
+        ([msgpack.packb([1, 2, 3])], "header should be a msgpack map"),
+        ([msgpack.packb({"type": "launch_missiles"})], "unknown message type"),
+        ([msgpack.packb({"type": "hello", "version": [1, 0]})], "missing required field 'client_id'"),
+        ([msgpack.packb({"type": "credit", "stream_id": "x", "batches": 1, "consumed": 0})], "credit.stream_id"),
+        ([msgpack.packb({"type": "ack", "request_id": 1, "arrays": [["<f4", [2]]]})], "announces 1 array"),
+    ],
+)
+def test_malformed_frames_get_a_malformed_error(server, peer, frames, text):
+    peer.send_raw(frames)
+    reply = peer.recv()
+    assert isinstance(reply, proto.Error) and reply.code == ErrorCode.MALFORMED
+    assert text in reply.message
+    server.wait_for_log("malformed request")
+    assert_still_serving(server)
+
+
+def test_wrong_protocol_version(server, peer):
+    reply = peer.hello(version=(99, 0))
+    assert isinstance(reply, proto.Error) and reply.code == ErrorCode.VERSION_MISMATCH
+    assert "99" in reply.message
+
+
+def test_client_raises_version_mismatch(server, monkeypatch):
+    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (7, 3))
+    with pytest.raises(batchup_client.VersionMismatchError, match="version mismatch"):
+        batchup_client.connect(server.endpoint)
+    monkeypatch.undo()
+    assert_still_serving(server)
+
+
+def test_request_before_hello(server, peer):
+    peer.send(proto.Describe(1, {"name": "demo"}))
+    reply = peer.recv()
+    assert reply.code == ErrorCode.UNKNOWN_CLIENT and "send hello first" in reply.message
+
+
+def test_unknown_source_names_the_known_ones(server):
+    with batchup_client.connect(server.endpoint) as client:
+        with pytest.raises(batchup_client.UnknownSourceError, match=r"unknown source 'nope'.*\['demo'\]"):
+            client.source("nope")
+        with pytest.raises(LookupError):
+            client.source("nope")
+        assert len(list(client.source("demo").batch_iterator(batch_size=6000))) == 2
+
+
+def test_bad_batch_sizes(server):
+    with batchup_client.connect(server.endpoint) as client:
+        src = client.source("demo")
+        for bad in (0, -5):
+            it = src.batch_iterator(batch_size=bad)
+            with pytest.raises(ValueError, match=f"batch_size should be a positive integer, but got batch_size={bad}"):
+                next(it)
+        with pytest.raises(TypeError, match="batch_size"):
+            next(src.batch_iterator(batch_size=2.5))
+        with pytest.raises(batchup_client.TooLargeError, match="max_message_bytes"):
+            next(src.batch_iterator(batch_size=10**9))
+        assert len(list(src.batch_iterator(batch_size=6000))) == 2
+
+
+def test_raw_open_stream_argument_errors(server, peer):
+    assert isinstance(peer.hello(), proto.Welcome)
+    plan = {"kind": "standard", "length": 12000, "repeats": 1}
+    cases = [
+        (dict(batch_size=-1), ErrorCode.INVALID_ARGUMENT, "batch_size"),
+        (dict(batch_size=10**12), ErrorCode.TOO_LARGE, "max_message_bytes"),
+        (dict(credit_batches=0), ErrorCode.INVALID_ARGUMENT, "credit_batches"),
+        (dict(plan={"kind": "standard", "length": 5, "repeats": 1}), ErrorCode.INVALID_ARGUMENT, "length"),
+        (dict(plan={"kind": "standard", "length": 12000, "repeats": 0}), ErrorCode.INVALID_ARGUMENT, "repeats"),
+        (dict(plan={"kind": "spiral"}), ErrorCode.INVALID_ARGUMENT, "plan kind"),
+        (dict(fields=["Z"]), ErrorCode.INVALID_ARGUMENT, "no field"),
+        (dict(source={"name": "nope"}), ErrorCode.UNKNOWN_SOURCE, "unknown source"),
+        (dict(source={"arrays": ["sha256:00"]}), ErrorCode.UNKNOWN_SOURCE, "no array"),
+    ]
+    for i, (override, code, text) in enumerate(cases):
+        args = dict(request_id=i + 1, stream_id=i + 1, source={"name": "demo"}, plan=plan, batch_size=10,
+                    include_indices=False, credit_batches=4, credit_bytes=1 << 20)
+        args.update(override)
+        peer.send(proto.OpenStream(**args))
+        reply = peer.recv()
+        assert isinstance(reply, proto.Error), override
+        assert reply.code == code and text in reply.message and reply.request_id == i + 1, (override, reply)
+    peer.send(proto.OpenStream(99, 99, {"name": "demo"}, {"kind": "subset", "repeats": 1, "indices": 0}, 10,
+                               False, 4, 1 << 20), [np.array([5, 12000])])
+    reply = peer.recv()
+    assert reply.code == ErrorCode.INVALID_ARGUMENT and "out of range" in reply.message
+    peer.send(proto.Credit(12345, 1, 0))
+    assert peer.recv().code == ErrorCode.UNKNOWN_STREAM
+    assert_still_serving(server)
+
+
+def test_unsupported_dtypes_are_refused(server, peer):
+    with batchup_client.connect(server.endpoint) as client:
+        with pytest.raises(batchup_client.UnsupportedDtypeError, match="cannot travel"):
+            client.array_source([np.array([object(), 1, "x"], dtype=object)])
+        with pytest.raises(TypeError):
+            client.array_source([np.array(["a", "b"])])
+    assert isinstance(peer.hello(), proto.Welcome)
+    header = msgpack.packb({"type": "upload_chunk", "request_id": 3, "key": "k", "dtype": "|O8",
+                            "shape": [1], "offset": 0, "arrays": [["|u1", [8]]]})
+    peer.send_raw([header, b"\0" * 8])
+    reply = peer.recv()
+    assert reply.code == ErrorCode.UNSUPPORTED_DTYPE
+    peer.send(proto.UploadChunk(4, "k", "<U3", [1], 0), [np.zeros(12, np.uint8)])
+    assert peer.recv().code in (ErrorCode.UNSUPPORTED_DTYPE, ErrorCode.MALFORMED)
+
+
+def test_mismatched_array_lengths(server, peer):
+    with batchup_client.connect(server.endpoint) as client:
+        with pytest.raises(ValueError, match="inconsistent length"):
+            client.array_source([np.zeros(5), np.zeros(4)])
+        k1, k2 = client.ensure_arrays([np.zeros(5), np.ones(4)])
+    assert isinstance(peer.hello(), proto.Welcome)
+    peer.send(proto.Describe(1, {"arrays": [k1, k2]}))
+    reply = peer.recv()
+    assert reply.code == ErrorCode.INVALID_ARGUMENT and "different lengths" in reply.message
+
+
+def test_corrupt_upload_is_rejected_and_loses_nothing(server, peer):
+    assert isinstance(peer.hello(), proto.Welcome)
+    data = np.arange(10, dtype=np.int64)
+    key = proto.host.content_key(data)
+    peer.send(proto.UploadChunk(1, key, data.dtype.str, [10], 0), [data.view(np.uint8)[:40]])
+    assert isinstance(peer.recv(), proto.Ack)
+    peer.send(proto.UploadChunk(2, key, data.dtype.str, [10], 0), [data.view(np.uint8)[40:]])
+    assert "does not continue" in peer.recv().message  # out-of-order chunk
+    bad = data.copy()
+    bad[3] = 99
+    peer.send(proto.UploadChunk(3, key, data.dtype.str, [10], 0), [bad.view(np.uint8)])
+    reply = peer.recv()
+    assert reply.code == ErrorCode.INVALID_ARGUMENT and "do not match" in reply.message
+    peer.send(proto.HaveArrays(4, [key]))
+    assert peer.recv().present == [False]
+    with batchup_client.connect(server.endpoint, share_memory=False) as client:
+        (got,) = client.array_source([data]).samples_by_indices(np.arange(10))
+        np.testing.assert_array_equal(got, data)
+
+
+def test_wrong_token(tmp_path):
+    from tests.servers import RunningServer
+
+    with RunningServer("--token", "s3cret", "--workers", "1") as srv:
+        with pytest.raises(batchup_client.RemoteError, match="token") as info:
+            batchup_client.connect(srv.endpoint)
+        assert info.value.code == ErrorCode.UNAUTHORIZED
+        with batchup_client.connect(srv.endpoint, token="s3cret") as client:
+            assert client.sources == ["demo"]

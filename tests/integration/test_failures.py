@@ -1,0 +1,174 @@
+"""Failures: a vanished client, a dead server, a crashed worker, an error in a source."""
+
+from __future__ import annotations
+
+import glob
+import tempfile
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import batchup_client
+from batchup_protocol.host import sweep_stale
+from batchup_server.demo import make_demo_arrays
+from tests.servers import RunningServer, children_of, pid_alive, wait_until, worker_pids
+
+pytestmark = pytest.mark.integration
+
+CLIENT_SCRIPT = """
+import sys, batchup_client
+client = batchup_client.connect(sys.argv[1])
+it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+next(it)
+print("streaming", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_vanished_client_is_reclaimed_after_the_timeout():
+    with RunningServer("--client-timeout", "1", "--heartbeat-interval", "0.2", "--workers", "1") as srv:
+        proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, srv.endpoint],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "streaming"
+            proc.kill()  # no goodbye, no close: it just disappears
+            proc.wait(10)
+            line = srv.wait_for_log(r"silent for more than 1s: reclaiming 1 stream", timeout=10)
+            assert "client" in line
+            leftover = glob.glob(f"/tmp/batchup-client-{proc.pid}-*")
+            assert leftover  # SIGKILL ran no cleanup; the next client sweeps it
+            batchup_client.connect(srv.endpoint).close()
+            assert not any(os.path.exists(p) for p in leftover)
+        finally:
+            proc.kill()
+            proc.wait(10)
+            proc.stdin.close()
+            proc.stdout.close()
+
+
+def test_busy_client_is_kept_alive_by_heartbeats():
+    with RunningServer("--client-timeout", "1", "--heartbeat-interval", "0.2", "--workers", "1") as srv:
+        with batchup_client.connect(srv.endpoint) as client:
+            it = client.source("demo").batch_iterator(batch_size=1000)
+            next(it)
+            time.sleep(2.5)  # noqa: sleep-ok (a long training step longer than client_timeout)
+            assert sum(1 for _ in it) == 11
+        assert not any("reclaiming" in line and "silent" in line for line in srv.lines)
+
+
+def test_dead_server_gives_a_clear_error_not_a_hang():
+    srv = RunningServer("--heartbeat-interval", "0.2", "--workers", "1")
+    client = batchup_client.connect(srv.endpoint, server_timeout=1.5)
+    try:
+        it = client.source("demo", repeats=-1).batch_iterator(batch_size=6000)
+        next(it)
+        srv.kill()
+        start = time.monotonic()
+        with pytest.raises(batchup_client.ConnectionLost, match="stopped answering heartbeats"):
+            for _ in range(100000):
+                next(it)
+        assert time.monotonic() - start < 10
+        with pytest.raises(batchup_client.ConnectionLost):
+            client.source("demo")
+    finally:
+        client.close()
+    with pytest.raises(batchup_client.ClientClosed):
+        client.source("demo")
+
+
+def test_connect_to_nothing_fails_clearly():
+    with pytest.raises(batchup_client.ConnectionLost, match="no batchup-server answered"):
+        batchup_client.connect("tcp://127.0.0.1:9", timeout=0.5)
+    with pytest.raises(ValueError, match="tcp:// or ipc://"):
+        batchup_client.connect("http://example:1", timeout=0.5)
+
+
+def test_crashed_worker_batches_are_recomputed_exactly_once():
+    X, y = make_demo_arrays()
+    with RunningServer("--workers", "2") as srv:
+        wait_until(lambda: len(worker_pids(srv.pid)) == 2, what="two workers")
+        with batchup_client.connect(srv.endpoint) as client:
+            src = client.source("demo", repeats=4)
+            it = src.batch_iterator(batch_size=50, shuffle=np.random.RandomState(8))
+            got = [next(it) for _ in range(5)]
+            victim = worker_pids(srv.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            got += list(it)
+            srv.wait_for_log("worker [01] died")
+            wait_until(lambda: len(worker_pids(srv.pid)) == 2 and victim not in worker_pids(srv.pid), what="restart")
+    ref = batchup_client.data_source.RandomAccessDataSource(len(X), repeats=4)
+    want = list(ref.batch_indices_iterator(50, shuffle=np.random.RandomState(8)))
+    assert len(got) == len(want)
+    for (bx, by), idx in zip(got, want):
+        np.testing.assert_array_equal(bx, X[idx])
+        np.testing.assert_array_equal(by, y[idx])
+
+
+def test_error_in_a_source_reaches_next_and_the_server_keeps_serving(tmp_path):
+    X = np.arange(200, dtype=np.float32).reshape(100, 2)
+    np.save(tmp_path / "X.npy", X)
+    (tmp_path / "s.toml").write_text('[sources.fragile]\nnpy = { X = "X.npy" }\n')
+    with RunningServer("--config", str(tmp_path / "s.toml"), "--workers", "1") as srv:
+        (tmp_path / "X.npy").write_bytes(b"this is no longer an npy file")
+        with batchup_client.connect(srv.endpoint) as client:
+            it = client.source("fragile").batch_iterator(batch_size=10)
+            with pytest.raises(batchup_client.RemoteException) as info:
+                next(it)
+            assert info.value.remote_type and "Traceback" in info.value.remote_traceback
+            assert "fragile" in str(info.value) or "X.npy" in str(info.value)
+            assert len(list(client.source("demo").batch_iterator(batch_size=6000))) == 2
+
+
+def test_sigterm_and_sigint_shut_down_cleanly(tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        srv = RunningServer("--workers", "2")
+        wait_until(lambda: len(worker_pids(srv.pid)) == 2, what="two workers")
+        workers = worker_pids(srv.pid)
+        with batchup_client.connect(srv.endpoint) as client:
+            it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+            next(it)
+            assert srv.stop(sig) == 0
+        assert not any(pid_alive(w) for w in workers), "workers were not reaped"
+        assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"batchup-{srv.pid}-")]
+        assert any("stopped; removed" in line for line in srv.lines)
+        # the port is free again
+        port = srv.endpoint.rsplit(":", 1)[1]
+        with RunningServer("--bind", f"tcp://127.0.0.1:{port}", "--workers", "1"):
+            pass
+
+
+def test_embedded_server_dies_with_its_parent():
+    script = "import batchup_client, sys\nc = batchup_client.connect()\nprint(c.address, flush=True)\nsys.stdin.read()\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("ipc://")
+        servers = children_of(proc.pid)
+        assert len(servers) == 1
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not pid_alive(servers[0]), what="the embedded server to exit")
+        # the killed client could not clean its private folders; the next one to start does
+        removed = sweep_stale(tempfile.gettempdir())
+        assert any(f"batchup-local-{proc.pid}-" in p for p in removed)
+        assert any(f"batchup-client-{proc.pid}-" in p for p in removed)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_killed_server_leaves_nothing_for_the_next_one():
+    srv = RunningServer("--workers", "1")
+    srv.kill(sweep=False)  # SIGKILL: no cleanup ran
+    leftover = [p for p in os.listdir("/dev/shm") if p.startswith(f"batchup-{srv.pid}-")]
+    assert leftover
+    with RunningServer("--workers", "1"):
+        assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"batchup-{srv.pid}-")]
+    assert not glob.glob(f"/tmp/batchup-{srv.pid}-*")

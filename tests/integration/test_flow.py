@@ -1,0 +1,64 @@
+"""Credit-based flow control, observed from a real client against a real server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchup_client
+
+pytestmark = pytest.mark.integration
+
+DEMO_PLAN = {"kind": "standard", "length": 12000, "repeats": -1}
+ROW_BYTES = 64 * 4 + 4  # demo X float32[64] + y int32
+
+
+def drain(client):
+    """Receive the first message (workers may still be starting), then until 0.5 s of quiet."""
+    assert client.poll_data(15), "nothing arrived"
+    received = 1
+    while client.poll_data(0.5):
+        received += 1
+    return received
+
+
+def test_server_never_sends_beyond_granted_batches(server):
+    with batchup_client.connect(server.endpoint) as client:
+        sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 4, 1 << 30)
+        drain(client)
+        assert client.buffered(sid) == 4
+        client.send_credit(sid, 3, 0)  # three more, none consumed
+        drain(client)
+        assert client.buffered(sid) == 7
+        client.close_stream(sid)
+
+
+def test_byte_budget_bounds_batches_in_flight(server):
+    with batchup_client.connect(server.endpoint) as client:
+        budget = 64 * ROW_BYTES * 2  # room for two batches of 64
+        sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 32, budget)
+        drain(client)
+        assert client.buffered(sid) == 2
+        # one batch larger than the whole budget still flows, one at a time
+        big = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 4096, False, None, 8, 1000)
+        drain(client)
+        assert client.buffered(big) == 1
+
+
+def test_stalled_stream_does_not_slow_the_others(server):
+    with batchup_client.connect(server.endpoint) as client:
+        stalled = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 512, False, None, 2, 1 << 30)
+        it = client.source("demo", repeats=3).batch_iterator(batch_size=100, shuffle=np.random.RandomState(0))
+        assert sum(1 for _ in it) == 360
+        assert client.buffered(stalled) == 2
+    with batchup_client.connect(server.endpoint) as other:  # and other clients keep flowing
+        assert sum(1 for _ in other.source("demo").batch_iterator(batch_size=100)) == 120
+
+
+def test_consuming_returns_credit(server):
+    with batchup_client.connect(server.endpoint) as client:
+        it = client.source("demo", repeats=-1).batch_iterator(batch_size=10)
+        for _ in range(500):  # far more batches than the window: credits come back
+            next(it)
+        it.close()
+        assert client.info()["open_streams"] == 0  # closing the iterator released the stream
