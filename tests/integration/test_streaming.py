@@ -196,3 +196,26 @@ def test_ipc_endpoint(tmp_path):
         with batchup_client.connect(srv.endpoint) as client:
             assert client.info()["transport"] == "ipc"
             assert len(list(client.source("demo").batch_iterator(batch_size=4000))) == 3
+
+
+def test_ping_answers_when_a_server_runs(server):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "batchup_server", "ping", server.endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "answered" in out.stdout
+
+
+def test_examples_train_loss_goes_down(server):
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "examples/train.py", "--server", server.endpoint, "--epochs", "3"],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    losses = [float(x) for x in re.findall(r"train loss ([0-9.]+)", out.stdout)]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert "batches/s received" in out.stdout

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Write the protocol's golden vectors: one ``protocol/golden/<type>.bin`` per message type.
+
+Each file is a msgpack array of ``bin`` objects, one per frame, holding the frames
+exactly as :func:`batchup_protocol.encode` produces them (the header frame, then each
+array's raw C-ordered bytes). See PROTOCOL.md, "Golden vectors".
+
+Golden vectors are committed bytes. Tests decode and re-encode them and never
+regenerate them; this script refuses to overwrite an existing file unless given
+``--force``, which is only right when the protocol changed on purpose (a version bump,
+see PROTOCOL.md, "Versioning and evolution").
+
+Every value below is fixed: no randomness (the RNG states come from seeded legacy
+``RandomState``s, whose streams numpy guarantees), no clock, no host names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import batchup_protocol as proto
+import msgpack
+import numpy as np
+from batchup_protocol import ErrorCode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "protocol", "golden")
+
+CLIENT_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
+KEY_F4 = "sha256:d7200fb4c7bc4ec9f494392509a0204c5d5490873ed03fdc626728da47804ae1"  # arange(4) '<f4'
+KEY_I8 = "sha256:541ac2fc4545d75d46d8bd325129c660807b7135edfb3c84eb6de9992860fc6f"  # arange(4) '<i8'
+SHM_DIR = "/dev/shm/batchup-5e1f0c2a9b3d4e6f"
+
+
+def _rng_state(seed: int, permute: int = 0) -> dict[str, Any]:
+    """The wire RNG state of ``RandomState(seed)`` after ``permutation(permute)`` (if > 0)."""
+    rs = np.random.RandomState(seed)
+    if permute:
+        rs.permutation(permute)
+    return proto.encode_rng_state(rs.get_state())  # type: ignore[arg-type]
+
+
+def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
+    """One representative ``(message, arrays)`` per message type, keyed by type tag."""
+    msgs: list[tuple[Any, list[np.ndarray[Any, Any]]]] = [
+        (
+            proto.Hello(
+                [1, 0], CLIENT_ID, "tcp://10.0.0.2:40123",
+                "trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a", "s3cret", 4242,
+            ),
+            [],
+        ),
+        (
+            proto.Welcome(
+                [1, 0], "5e1f0c2a9b3d4e6f", "data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
+                SHM_DIR, 1.0, 30.0, 1 << 30, ["demo", "mnist"],
+            ),
+            [],
+        ),
+        (proto.Describe(1, {"name": "mnist"}), []),
+        (
+            proto.SourceInfo(
+                1, 60000,
+                [
+                    {"name": "X", "dtype": "|u1", "shape": [28, 28]},
+                    {"name": "y", "dtype": "<i8", "shape": []},
+                ],
+                {"name": "mnist", "split": "train"},
+            ),
+            [],
+        ),
+        (
+            proto.OpenStream(
+                2, 1, {"name": "mnist"},
+                {"kind": "subset", "repeats": 1, "indices": 0, "rng": _rng_state(12345)},
+                4, True, 8, 1 << 28, ["X", "y"],
+            ),
+            [np.array([5, 3, 9, 0, 7, 1, 8, 2], dtype="<i4")],
+        ),
+        (proto.StreamOpened(2, 1), []),
+        (proto.Credit(1, 2, 2), []),
+        (proto.Reseed(1, 2, 1, _rng_state(7)), []),
+        (proto.CloseStream(1), []),
+        (
+            proto.Batch(1, 0, 0, _rng_state(12345, permute=8)),
+            [
+                (np.arange(24) / 4).astype(">f4").reshape(4, 2, 3),
+                np.array([3, 1, 4, 1], dtype="<i8"),
+            ],
+        ),
+        (proto.EndOfStream(1, 2, 0), []),
+        (proto.Gather(3, {"name": "mnist"}, ["y"]), [np.array([0, 59999, 17], dtype="<i8")]),
+        (proto.GatherResult(3), [np.array([5, 9, 2], dtype="<i8")]),
+        (proto.HaveArrays(4, [KEY_F4, KEY_I8]), []),
+        (proto.ArraysPresent(4, [True, False]), []),
+        (
+            proto.RegisterArray(
+                5, KEY_F4, SHM_DIR + "/" + KEY_F4.replace(":", "-") + ".npy"
+            ),
+            [],
+        ),
+        (
+            proto.UploadChunk(6, KEY_I8, "<i8", [4], 0),
+            [np.arange(4, dtype="<i8").view(np.uint8)],
+        ),
+        (proto.Ack(6), []),
+        (
+            proto.Error(
+                int(ErrorCode.REMOTE_EXCEPTION), "division by zero", 0, 1, 5, "ZeroDivisionError",
+                "Traceback (most recent call last):\n"
+                '  File "augment.py", line 3, in augment\n'
+                "ZeroDivisionError: division by zero\n",
+            ),
+            [],
+        ),
+        (proto.Heartbeat(CLIENT_ID, 1700000000.25), []),
+        (proto.Goodbye(CLIENT_ID), []),
+    ]
+    out = {msg.TYPE: (msg, arrays) for msg, arrays in msgs}
+    missing = sorted(set(proto.MESSAGE_TYPES) - set(out))
+    if missing:
+        raise SystemExit(f"no golden message for type(s) {missing}; add one above")
+    return out
+
+
+def frame_bytes(frame: Any) -> bytes:
+    """The bytes of one frame as it travels (arrays: their raw C-ordered buffer)."""
+    if isinstance(frame, np.ndarray):
+        return np.ascontiguousarray(frame).tobytes()
+    return bytes(frame)
+
+
+def golden_file(msg: Any, arrays: list[np.ndarray[Any, Any]]) -> bytes:
+    """The content of a ``.bin`` file: a msgpack array of one ``bin`` per frame."""
+    frames = [frame_bytes(f) for f in proto.encode(msg, arrays)]
+    return msgpack.packb(frames, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder to write into (default: %(default)s)")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="overwrite existing files (only when the protocol changed on purpose)",
+    )
+    args = parser.parse_args(argv)
+    messages = golden_messages()
+    targets = {name: os.path.join(args.out, f"{name}.bin") for name in sorted(messages)}
+    existing = [p for p in targets.values() if os.path.exists(p)]
+    if existing and not args.force:
+        print(
+            f"refusing to overwrite {len(existing)} existing golden vector(s) in {args.out} "
+            "(golden vectors are committed bytes; pass --force only for a deliberate "
+            "protocol change):\n  " + "\n  ".join(existing),
+            file=sys.stderr,
+        )
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    for name, path in targets.items():
+        msg, arrays = messages[name]
+        data = golden_file(msg, arrays)
+        with open(path, "wb") as f:
+            f.write(data)
+        print(f"wrote {path} ({len(data)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

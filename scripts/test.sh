@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install batchup-service with its test and benchmark dependencies into ./.venv and run
+# the whole test suite (unit, parity against batchup 0.2.3, integration with real
+# server processes). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,166 @@
+"""The client's stream logic (reorder, RNG parity, credits) against a fake connection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchup_protocol as proto
+from batchup_client.errors import RemoteException
+from batchup_client.streaming import Inbox, UnsupportedShuffle, iterate, resolve_shuffle
+from batchup_protocol.plan import CountingRNG, build_plan
+from batchup_server.streams import CreditWindow, End, Stream
+
+
+class FakeServer:
+    """Runs a real server-side Stream in process and delivers its items out of order."""
+
+    def __init__(self, shuffle_delivery=True):
+        self.credits = []
+        self.reseeds = []
+        self.closed = []
+        self.inbox = Inbox()
+        self.shuffle_delivery = shuffle_delivery
+
+    def open_stream(self, source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes):
+        rng = None
+        if plan.get("rng") is not None:
+            rs = np.random.RandomState()
+            rs.set_state(proto.decode_rng_state(plan["rng"]))
+            rng = CountingRNG(rs)
+        self.stream = Stream(build_plan(plan, batch_size, rng, list(plan_arrays)), rng,
+                             CreditWindow(credit_batches, credit_bytes), 8)
+        return 1
+
+    def _pump(self):
+        produced = []
+        while self.stream.can_produce():
+            item = self.stream.produce()
+            if isinstance(item, End):
+                produced.append(proto.EndOfStream(1, item.seq, item.generation, item.rng))
+                break
+            produced.append(proto.Batch(1, item.seq, item.generation, item.rng))
+            self.payload = getattr(self, "payload", {})
+            self.payload[(item.seq, item.generation)] = item.indices
+        if self.shuffle_delivery:
+            produced.reverse()  # arrive out of order
+        for msg in produced:
+            arrays = [self.payload[(msg.seq, msg.generation)]] if isinstance(msg, proto.Batch) else []
+            self.inbox.put(msg, arrays)
+
+    def next_item(self, stream_id, seq):
+        for _ in range(3):
+            item = self.inbox.take(seq)
+            if item is not None:
+                return item
+            self._pump()
+        raise AssertionError(f"batch {seq} never came")
+
+    def send_credit(self, stream_id, batches, consumed):
+        self.credits.append((batches, consumed))
+        self.stream.credit(batches, consumed)
+
+    def reseed(self, stream_id, from_seq, generation, rng):
+        self.reseeds.append(from_seq)
+        self.inbox.reset(generation, from_seq)
+        self.stream.reseed(from_seq, generation, proto.decode_rng_state(rng))
+
+    def close_stream(self, stream_id):
+        self.closed.append(stream_id)
+
+
+def ref_batches(n, bs, repeats, rng, count=None, between=None):
+    from batchup_client.sampling import StandardSampler
+
+    it = StandardSampler(n, repeats).shuffled_indices_batch_iterator(bs, rng)
+    out = []
+    for i, b in enumerate(it):
+        out.append(b)
+        if between:
+            between(rng, i)
+        if count and len(out) == count:
+            break
+    return out
+
+
+def run(n, bs, repeats, rng, prefetch=4, count=None, between=None):
+    fake = FakeServer()
+    plan = {"kind": "standard", "length": n, "repeats": repeats}
+    out = []
+    gen = iterate(fake, {"name": "x"}, plan, [], bs, rng=rng, prefetch=prefetch)
+    for i, (b,) in enumerate(gen):
+        out.append(b)
+        if between:
+            between(rng, i)
+        if count and len(out) == count:
+            gen.close()
+            break
+    return out, fake
+
+
+def test_batches_and_rng_match_batchup_with_out_of_order_delivery():
+    got, fake = run(23, 5, 3, np.random.RandomState(7), prefetch=4)
+    r = np.random.RandomState(7)
+    want = ref_batches(23, 5, 3, r)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert fake.closed == [1]
+    assert all(b >= 1 for b, _ in fake.credits)
+
+
+def test_caller_drawing_between_batches_triggers_a_replan_with_batchups_result():
+    def between(rng, i):
+        if i % 2 == 0:
+            rng.uniform()
+
+    r1, r2 = np.random.RandomState(3), np.random.RandomState(3)
+    got, fake = run(7, 3, 5, r1, prefetch=8, between=between)
+    want = ref_batches(7, 3, 5, r2, between=between)
+    assert len(got) == len(want) and fake.reseeds
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert proto.states_equal(r1.get_state(), r2.get_state())
+
+
+def test_abandoned_iterator_leaves_the_rng_where_batchup_would():
+    r1, r2 = np.random.RandomState(11), np.random.RandomState(11)
+    run(10, 4, -1, r1, prefetch=16, count=7)
+    ref_batches(10, 4, -1, r2, count=7)
+    assert proto.states_equal(r1.get_state(), r2.get_state())
+
+
+def test_remote_error_surfaces_from_next():
+    class Failing(FakeServer):
+        def next_item(self, stream_id, seq):
+            return proto.Error(9, "disk on fire", 0, 1, seq, "OSError", "Traceback ..."), []
+
+    gen = iterate(Failing(), {"name": "x"}, {"kind": "standard", "length": 5}, [], 2, rng=None)
+    with pytest.raises(RemoteException, match="OSError: disk on fire") as info:
+        next(gen)
+    assert info.value.remote_traceback == "Traceback ..."
+
+
+def test_inbox_drops_stale_generations_and_duplicates():
+    box = Inbox()
+    box.put(proto.Batch(1, 0, 0), ["a"])
+    box.put(proto.Batch(1, 0, 0), ["dup"])
+    box.put(proto.Batch(1, 1, 0), ["b"])
+    box.reset(1, 1)
+    box.put(proto.Batch(1, 2, 0), ["stale"])
+    box.put(proto.Batch(1, 1, 1), ["new"])
+    assert box.take(0)[1] == ["a"] and box.take(1)[1] == ["new"] and box.take(2) is None
+
+
+def test_resolve_shuffle():
+    assert resolve_shuffle(None) is None and resolve_shuffle(False) is None
+    assert resolve_shuffle(True) is np.random.mtrand._rand
+    rs = np.random.RandomState(0)
+    assert resolve_shuffle(rs) is rs
+    for bad in (1, np.True_, "yes"):
+        with pytest.raises(AttributeError):
+            resolve_shuffle(bad)
+        with pytest.raises(TypeError, match="shuffle should be"):
+            resolve_shuffle(bad)
+    with pytest.raises(UnsupportedShuffle):
+        resolve_shuffle(np.random.default_rng(0))

@@ -1,0 +1,132 @@
+"""Configuration parsing and the command line (``--help``, bad arguments)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from batchup_client.arrays import FULL_HASH_BYTES, KeyCache
+from batchup_protocol.host import content_key
+from batchup_server.config import ConfigError, ServerConfig, load_config
+from batchup_server.sources import FieldSpec, SourceError, SourceSpec, open_source
+
+
+def write(tmp_path, text):
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_sources_and_options_from_toml(tmp_path):
+    path = write(tmp_path, '[server]\nworkers = 3\n[sources.a]\nnpy = { X = "x.npy" }\n'
+                           '[sources.b]\nnpz = "d/b.npz"\n[sources.c]\nhdf5 = "c.h5"\ndatasets = { X = "g/X" }\n')
+    cfg = load_config(path, workers=None, bind="tcp://127.0.0.1:7")
+    assert cfg.workers == 3 and cfg.bind == "tcp://127.0.0.1:7"
+    assert cfg.sources["a"].fields[0] == FieldSpec("X", "npy", str(tmp_path / "x.npy"))
+    assert cfg.npz["b"] == (str(tmp_path / "d" / "b.npz"), None)
+    assert cfg.sources["c"].fields[0] == FieldSpec("X", "h5", str(tmp_path / "c.h5"), "g/X")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[server\n", "not valid TOML"),
+        ("[server]\nfrobnicate = 1\n", "unknown option 'frobnicate'"),
+        ("[server]\nworkers = 0\n", "workers should be >= 1"),
+        ('[sources.x]\nnpy = "a.npy"\n', "should map field names"),
+        ('[sources.x]\nnpy = { X = "a" }\nnpz = "b"\n', "exactly one of npy, npz, hdf5"),
+        ('[sources.x]\nhdf5 = "a.h5"\n', "datasets should map"),
+        ('[sources.demo]\nnpy = { X = "a" }\n', "reserved"),
+        ('[server]\nbind = "localhost"\n', "bind should be an endpoint"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "nope.toml"))
+
+
+def test_heartbeat_must_be_shorter_than_timeout():
+    with pytest.raises(ConfigError, match="client_timeout should exceed"):
+        ServerConfig(heartbeat_interval=5, client_timeout=5)
+
+
+def test_sources_check_lengths_and_files(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(5))
+    np.save(tmp_path / "b.npy", np.zeros(4))
+    spec = SourceSpec("s", (FieldSpec("a", "npy", str(tmp_path / "a.npy")), FieldSpec("b", "npy", str(tmp_path / "b.npy"))))
+    with pytest.raises(SourceError, match="different lengths"):
+        open_source(spec)
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source(SourceSpec("s", (FieldSpec("a", "npy", str(tmp_path / "zz.npy")),)))
+    np.save(tmp_path / "o.npy", np.array([{}, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(SourceError):
+        open_source(SourceSpec("s", (FieldSpec("a", "npy", str(tmp_path / "o.npy")),)))
+
+
+def test_h5_gather_handles_unsorted_and_repeated_indices(tmp_path):
+    import h5py
+
+    X = np.arange(40, dtype=np.float32).reshape(20, 2)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["X"] = X
+    src = open_source(SourceSpec("s", (FieldSpec("X", "h5", str(tmp_path / "d.h5"), "X"),)))
+    try:
+        idx = np.array([7, 3, 7, 19, 0])
+        np.testing.assert_array_equal(src.gather(idx, [0])[0], X[idx])
+        with pytest.raises(IndexError):
+            src.gather(np.array([20]), [0])
+    finally:
+        src.close()
+
+
+def test_key_cache_rehashes_small_arrays_and_notices_big_changes():
+    cache = KeyCache()
+    small = np.arange(10)
+    k1 = cache.key(small)
+    small[3] = 99
+    assert cache.key(small) != k1 == content_key(np.arange(10))
+    big = np.zeros(FULL_HASH_BYTES // 8 + 1024)
+    k2 = cache.key(big)
+    assert cache.key(big) == k2
+    big[:] = 1.0
+    assert cache.key(big) == content_key(big) != k2
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "batchup_server", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_help_explains_every_option():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for option in ("--bind", "--config", "--workers", "--client-timeout", "--heartbeat-interval",
+                   "--max-message-bytes", "--token", "--no-demo", "--log-level", "ping", "SIGTERM"):
+        assert option in out.stdout, option
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--workers", "zero"], 2, "invalid int value"),
+        (["--workers", "0"], 2, "workers should be >= 1"),
+        (["--config", "/nonexistent.toml"], 2, "cannot read config file"),
+        (["--bind", "tcp://256.1.1.1:1"], 1, "cannot bind"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(args, code, text):
+    out = run_cli(*args)
+    assert out.returncode == code
+    assert text in out.stderr
+
+
+def test_ping_fails_when_nobody_answers():
+    out = run_cli("ping", "tcp://127.0.0.1:9", "--timeout", "0.5")
+    assert out.returncode == 1 and "no batchup-server answered" in out.stderr
