@@ -1,0 +1,241 @@
+"""Golden vectors: committed bytes that the codec must decode and re-encode unchanged.
+
+Each ``protocol/golden/<type>.bin`` is a msgpack array of ``bin`` objects, one per
+frame (PROTOCOL.md, "Golden vectors"). The expected messages are spelled out here, on
+purpose independently of ``scripts/make_golden_vectors.py``. A failure here means the
+wire format changed: fix the code, or make a deliberate, versioned protocol change.
+Never regenerate the vectors to make this pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import batchup_protocol as proto
+import msgpack
+import numpy as np
+import pytest
+from batchup_protocol.host import content_key
+
+GOLDEN = Path(proto.__file__).resolve().parent / "golden"
+
+CLIENT_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
+KEY_F4 = "sha256:d7200fb4c7bc4ec9f494392509a0204c5d5490873ed03fdc626728da47804ae1"
+KEY_I8 = "sha256:541ac2fc4545d75d46d8bd325129c660807b7135edfb3c84eb6de9992860fc6f"
+SHM_DIR = "/dev/shm/batchup-5e1f0c2a9b3d4e6f"
+
+
+def rng_state(seed: int, permute: int = 0) -> dict[str, Any]:
+    """The RNG map spelled out field by field (not via encode_rng_state)."""
+    rs = np.random.RandomState(seed)
+    if permute:
+        rs.permutation(permute)
+    _kind, key, pos, has_gauss, gauss = rs.get_state()
+    return {
+        "kind": "MT19937",
+        "key": np.asarray(key, dtype="<u4").tobytes(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
+    "hello": (
+        proto.Hello(
+            version=[1, 0],
+            client_id=CLIENT_ID,
+            data_endpoint="tcp://10.0.0.2:40123",
+            host_id="trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a",
+            token="s3cret",
+            pid=4242,
+        ),
+        [],
+    ),
+    "welcome": (
+        proto.Welcome(
+            version=[1, 0],
+            server_id="5e1f0c2a9b3d4e6f",
+            host_id="data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
+            shm_dir=SHM_DIR,
+            heartbeat_interval=1.0,
+            client_timeout=30.0,
+            max_message_bytes=1073741824,
+            sources=["demo", "mnist"],
+        ),
+        [],
+    ),
+    "describe": (proto.Describe(request_id=1, source={"name": "mnist"}), []),
+    "source_info": (
+        proto.SourceInfo(
+            request_id=1,
+            length=60000,
+            fields=[
+                {"name": "X", "dtype": "|u1", "shape": [28, 28]},
+                {"name": "y", "dtype": "<i8", "shape": []},
+            ],
+            metadata={"name": "mnist", "split": "train"},
+        ),
+        [],
+    ),
+    "open_stream": (
+        proto.OpenStream(
+            request_id=2,
+            stream_id=1,
+            source={"name": "mnist"},
+            plan={"kind": "subset", "repeats": 1, "indices": 0, "rng": rng_state(12345)},
+            batch_size=4,
+            include_indices=True,
+            credit_batches=8,
+            credit_bytes=268435456,
+            fields=["X", "y"],
+        ),
+        [np.array([5, 3, 9, 0, 7, 1, 8, 2], dtype="<i4")],
+    ),
+    "stream_opened": (proto.StreamOpened(request_id=2, stream_id=1), []),
+    "credit": (proto.Credit(stream_id=1, batches=2, consumed=2), []),
+    "reseed": (proto.Reseed(stream_id=1, from_seq=2, generation=1, rng=rng_state(7)), []),
+    "close_stream": (proto.CloseStream(stream_id=1), []),
+    "batch": (
+        proto.Batch(stream_id=1, seq=0, generation=0, rng=rng_state(12345, permute=8)),
+        [
+            np.array(
+                [[[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]],
+                 [[1.5, 1.75, 2.0], [2.25, 2.5, 2.75]],
+                 [[3.0, 3.25, 3.5], [3.75, 4.0, 4.25]],
+                 [[4.5, 4.75, 5.0], [5.25, 5.5, 5.75]]],
+                dtype=">f4",
+            ),
+            np.array([3, 1, 4, 1], dtype="<i8"),
+        ],
+    ),
+    "end_of_stream": (proto.EndOfStream(stream_id=1, seq=2, generation=0, rng=None), []),
+    "gather": (
+        proto.Gather(request_id=3, source={"name": "mnist"}, fields=["y"]),
+        [np.array([0, 59999, 17], dtype="<i8")],
+    ),
+    "gather_result": (proto.GatherResult(request_id=3), [np.array([5, 9, 2], dtype="<i8")]),
+    "have_arrays": (proto.HaveArrays(request_id=4, keys=[KEY_F4, KEY_I8]), []),
+    "arrays_present": (proto.ArraysPresent(request_id=4, present=[True, False]), []),
+    "register_array": (
+        proto.RegisterArray(
+            request_id=5,
+            key=KEY_F4,
+            path=SHM_DIR + "/sha256-d7200fb4c7bc4ec9f494392509a0204c5d5490873ed03fdc626728da47804ae1.npy",
+        ),
+        [],
+    ),
+    "upload_chunk": (
+        proto.UploadChunk(request_id=6, key=KEY_I8, dtype="<i8", shape=[4], offset=0),
+        [np.array([0] * 8 + [1] + [0] * 7 + [2] + [0] * 7 + [3] + [0] * 7, dtype="|u1")],
+    ),
+    "ack": (proto.Ack(request_id=6), []),
+    "error": (
+        proto.Error(
+            code=9,
+            message="division by zero",
+            request_id=0,
+            stream_id=1,
+            seq=5,
+            remote_type="ZeroDivisionError",
+            traceback=(
+                "Traceback (most recent call last):\n"
+                '  File "augment.py", line 3, in augment\n'
+                "ZeroDivisionError: division by zero\n"
+            ),
+        ),
+        [],
+    ),
+    "heartbeat": (proto.Heartbeat(client_id=CLIENT_ID, sent_at=1700000000.25), []),
+    "goodbye": (proto.Goodbye(client_id=CLIENT_ID), []),
+}
+
+GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
+
+
+def read_frames(name: str) -> list[bytes]:
+    data = (GOLDEN / f"{name}.bin").read_bytes()
+    frames = msgpack.unpackb(data, raw=False)
+    assert isinstance(frames, list) and all(isinstance(f, bytes) for f in frames)
+    return frames
+
+
+def frame_bytes(frame: Any) -> bytes:
+    if isinstance(frame, np.ndarray):
+        return np.ascontiguousarray(frame).tobytes()
+    return bytes(frame)
+
+
+def assert_arrays_equal(got: list[Any], expected: list[np.ndarray[Any, Any]]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert isinstance(g, np.ndarray)
+        assert g.dtype.str == e.dtype.str
+        assert g.shape == e.shape
+        np.testing.assert_array_equal(g, e)
+
+
+def test_every_message_type_has_a_golden_file() -> None:
+    missing = sorted(set(proto.MESSAGE_TYPES) - set(GOLDEN_FILES))
+    assert not missing, f"message type(s) without a golden vector: {missing}"
+
+
+def test_every_golden_file_is_expected_here() -> None:
+    assert sorted(EXPECTED) == GOLDEN_FILES
+    assert set(EXPECTED) == set(proto.MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_golden_decodes_to_expected(name: str) -> None:
+    expected_msg, expected_arrays = EXPECTED[name]
+    msg, arrays = proto.decode(read_frames(name))
+    assert type(msg) is type(expected_msg)
+    assert msg.TYPE == name
+    assert msg == expected_msg
+    assert_arrays_equal(arrays, expected_arrays)
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_golden_reencodes_to_identical_bytes(name: str) -> None:
+    frames = read_frames(name)
+    msg, arrays = proto.decode(frames)
+    again = [frame_bytes(f) for f in proto.encode(msg, arrays)]
+    assert again == frames
+    data = (GOLDEN / f"{name}.bin").read_bytes()
+    assert msgpack.packb(again, use_bin_type=True) == data
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_expected_message_encodes_to_golden_bytes(name: str) -> None:
+    msg, arrays = EXPECTED[name]
+    assert [frame_bytes(f) for f in proto.encode(msg, arrays)] == read_frames(name)
+
+
+def test_golden_header_field_order() -> None:
+    """type first, then fields in declaration order, then arrays."""
+    header = msgpack.unpackb(read_frames("open_stream")[0], raw=False)
+    assert list(header) == [
+        "type", "request_id", "stream_id", "source", "plan", "batch_size",
+        "include_indices", "credit_batches", "credit_bytes", "fields", "arrays",
+    ]
+    assert header["arrays"] == [["<i4", [8]]]
+    assert list(msgpack.unpackb(read_frames("ack")[0], raw=False)) == ["type", "request_id"]
+
+
+def test_golden_content_keys_match_their_arrays() -> None:
+    assert content_key(np.arange(4, dtype="<f4")) == KEY_F4
+    assert content_key(np.arange(4, dtype="<i8")) == KEY_I8
+    chunk = EXPECTED["upload_chunk"][1][0]
+    assert chunk.tobytes() == np.arange(4, dtype="<i8").tobytes()
+
+
+def test_golden_rng_states_are_valid() -> None:
+    for name in ("batch", "reseed"):
+        msg, _ = proto.decode(read_frames(name))
+        rs = np.random.RandomState()
+        rs.set_state(proto.decode_rng_state(msg.rng))
+    msg, _ = proto.decode(read_frames("open_stream"))
+    state = proto.decode_rng_state(msg.plan["rng"])
+    assert proto.states_equal(state, np.random.RandomState(12345).get_state())
+
