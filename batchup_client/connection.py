@@ -8,6 +8,7 @@ below.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from .errors import (
     InvalidArgumentError,
     ProtocolViolation,
     UnsupportedDtypeError,
+    VersionMismatchError,
     remote_error,
 )
 from .streaming import Inbox
@@ -70,7 +72,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.client_id + b"/heartbeat")
+        sock.setsockopt(zmq.ROUTING_ID, self.client_id + proto.HEARTBEAT_SUFFIX)
         try:
             sock.connect(self.address)
             last_ok = time.monotonic()
@@ -192,6 +194,12 @@ class Client:
             ) from exc
         if not isinstance(reply, proto.Welcome):
             raise ProtocolViolation(f"expected welcome, got {reply.TYPE}")
+        if len(reply.version) != 2 or not proto.is_compatible((reply.version[0], reply.version[1])):
+            raise VersionMismatchError(
+                ErrorCode.VERSION_MISMATCH,
+                f"protocol version mismatch: client speaks {proto.PROTOCOL_VERSION[0]}.x, "
+                f"server answered {reply.version}",
+            )
         return reply
 
     def _teardown(self) -> None:
@@ -348,7 +356,23 @@ class Client:
             if item is not None:
                 return item
             self._check()
+            self._drain_control()
             self._recv_data(POLL_SLICE_MS)
+
+    def _drain_control(self) -> None:
+        """While streaming, errors about streams (a refused Credit...) come on the control socket."""
+        try:
+            while self._control.poll(0):
+                msg, arrays = self._decode(self._control.recv_multipart(copy=False))
+                if not isinstance(msg, proto.Error):
+                    continue  # a late answer to a request that timed out
+                inbox = self._inboxes.get(msg.stream_id)
+                if inbox is not None:
+                    inbox.put(dataclasses.replace(msg, seq=-1), arrays)
+                elif msg.request_id == 0:
+                    raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
+        except zmq.ZMQError as exc:
+            raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
 
     def poll_data(self, timeout: float) -> bool:
         """Receive one pending data message (waiting up to ``timeout`` s); False if none came."""
@@ -448,9 +472,10 @@ class Client:
     def _upload(self, arr: np.ndarray[Any, Any], key: str) -> None:
         flat = arr.reshape(-1).view(np.uint8)
         total = flat.nbytes
+        step = max(1, min(UPLOAD_CHUNK_BYTES, self.welcome.max_message_bytes // 2))
         offset = 0
         while True:
-            chunk = flat[offset : offset + UPLOAD_CHUNK_BYTES]
+            chunk = flat[offset : offset + step]
             self.request(
                 lambda rid: proto.UploadChunk(rid, key, arr.dtype.str, list(arr.shape), offset), [chunk],
                 timeout=max(self.timeout, 60.0),

@@ -54,7 +54,12 @@ class RemoteDataSource(RandomAccessDataSource):
             indices = np.arange(*indices.indices(self.length))
         idx = np.asarray(indices)
         if idx.dtype.kind not in "iu" or idx.ndim != 1:
-            raise TypeError(f"indices should be a 1-D integer array, got {idx.dtype} with shape {idx.shape}")
+            raise IndexError(
+                f"indices should be a 1-D integer array (as numpy indexing), got {idx.dtype} with shape {idx.shape}"
+            )
+        if idx.size and (idx.min() < -self.length or idx.max() >= self.length):
+            bad = idx[(idx < -self.length) | (idx >= self.length)][0]
+            raise IndexError(f"index {bad} is out of bounds for axis 0 with size {self.length}")
         batch = tuple(self.client.gather(self.source_ref, idx, self.fields))
         if self.include_indices:
             return (indices,) + batch

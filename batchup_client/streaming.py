@@ -52,15 +52,21 @@ class Inbox:
     def __init__(self) -> None:
         self.generation = 0
         self._items: dict[int, tuple[Any, list[Any]]] = {}
+        self._failure: tuple[Any, list[Any]] | None = None
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
-        generation = getattr(msg, "generation", None)
-        if generation is not None and generation != self.generation:
+        generation = getattr(msg, "generation", -1)
+        if generation not in (-1, self.generation):
             return  # planned before a reseed: void
+        if isinstance(msg, proto.Error) and msg.seq < 0:
+            self._failure = self._failure or (msg, arrays)  # the whole stream failed
+            return
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
     def take(self, seq: int) -> tuple[Any, list[Any]] | None:
-        return self._items.pop(seq, None)
+        """Item ``seq`` if it arrived; else the stream's failure, if it has one."""
+        item = self._items.pop(seq, None)
+        return item if item is not None else self._failure
 
     def reset(self, generation: int, from_seq: int) -> None:
         self.generation = generation

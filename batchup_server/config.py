@@ -47,6 +47,7 @@ class ServerConfig:
     client_timeout: float = 30.0  #: a silent client's streams are reclaimed after this
     max_message_bytes: int = 1 << 30  #: largest batch or upload chunk accepted/sent
     max_credit_batches: int = 64  #: a client may not grant more batches in flight
+    max_upload_bytes: int = 16 << 30  #: largest client array accepted
     token: str = ""  #: when set, a Hello must carry this token
     parent_pid: int = 0  #: exit when this process dies (embedded servers)
     sources: dict[str, SourceSpec] = dataclasses.field(default_factory=dict)

@@ -29,26 +29,19 @@ import zmq
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
-from batchup_protocol.host import ContentHasher
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
+from .errors import RequestError
 from .sources import FieldSpec, OpenedSource, SourceError, SourceSpec, open_source
 from .streams import CreditWindow, End, Stream, StreamError, Task
+from .uploads import Uploads
 
-__all__ = ["Router", "RequestError", "worker_main"]
+__all__ = ["Router", "worker_main"]
 
 log = logging.getLogger("batchup_server")
 
-WORKER_DEPTH = 2  #: tasks queued per worker, so a worker never waits for the router
+WORKER_DEPTH = 4  #: tasks queued per worker, so a worker never waits for the router
 POLL_MS = 100
-
-
-class RequestError(Exception):
-    """A client request cannot be served; becomes an :class:`Error` message."""
-
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -89,76 +82,6 @@ class WorkerHandle:
     outstanding: dict[int, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
 
-class Uploads:
-    """Arrays clients uploaded in chunks (or wrote into the shared folder), by content key."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.paths: dict[str, str] = {}
-        self._partial: dict[str, tuple[np.memmap[Any, Any], ContentHasher, int]] = {}
-
-    def register_file(self, key: str, path: str) -> None:
-        real = os.path.realpath(path)
-        if os.path.dirname(real) != os.path.realpath(self.folder):
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not inside {self.folder}")
-        try:
-            arr = np.load(real, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}")
-        try:
-            proto.check_dtype(arr.dtype)
-        except proto.UnsupportedDtype as exc:
-            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
-        del arr
-        self.paths[key] = real
-
-    def chunk(self, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
-        try:
-            dtype = proto.dtype_from_wire(msg.dtype)
-        except proto.UnsupportedDtype as exc:
-            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
-        except proto.ProtocolError as exc:
-            raise RequestError(ErrorCode.MALFORMED, str(exc))
-        if any(d < 0 for d in msg.shape) or not msg.shape:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload shape {msg.shape} is invalid")
-        total = int(np.prod(msg.shape, dtype=np.int64)) * dtype.itemsize
-        raw = data.reshape(-1).view(np.uint8)
-        if msg.key in self.paths:
-            return
-        entry = self._partial.get(msg.key)
-        if entry is None:
-            if msg.offset != 0:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload of {msg.key} must start at 0")
-            path = os.path.join(self.folder, msg.key.replace(":", "-") + ".npy.part")
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(msg.shape))
-            entry = (mm, ContentHasher(dtype.str, msg.shape), 0)
-        mm, hasher, received = entry
-        if msg.offset != received or received + raw.nbytes > total:
-            self._partial.pop(msg.key, None)
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"upload chunk of {msg.key} at offset {msg.offset} with {raw.nbytes} bytes does not "
-                f"continue the {received} of {total} bytes received",
-            )
-        flat = mm.reshape(-1).view(np.uint8)
-        flat[received : received + raw.nbytes] = raw
-        hasher.update(memoryview(raw))
-        received += raw.nbytes
-        if received < total:
-            self._partial[msg.key] = (mm, hasher, received)
-            return
-        self._partial.pop(msg.key, None)
-        mm.flush()
-        part = str(mm.filename)
-        del mm, flat
-        if hasher.key() != msg.key:
-            os.unlink(part)
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"uploaded bytes do not match key {msg.key}")
-        final = part[: -len(".part")]
-        os.replace(part, final)
-        self.paths[msg.key] = final
-
-
 class Router:
     """The server's main loop. Owns every server-side socket; see module docstring."""
 
@@ -180,7 +103,7 @@ class Router:
         self.sources: dict[str, SourceEntry] = {}
         for name, spec in sources.items():
             self.sources[name] = self._describe(spec)
-        self.uploads = Uploads(shm_dir)
+        self.uploads = Uploads(shm_dir, config.max_upload_bytes)
         self.clients: dict[bytes, ClientState] = {}
         self.stopping = False
         self._spawn = spawn_worker
@@ -284,9 +207,11 @@ class Router:
         routing_id, body = frames[0].bytes, frames[1:]
         try:
             msg, arrays = proto.decode(body, self._limits)
-        except proto.ProtocolError as exc:
-            code = ErrorCode.UNSUPPORTED_DTYPE if isinstance(exc, proto.UnsupportedDtype) else ErrorCode.MALFORMED
-            if isinstance(exc, proto.FrameTooLarge):
+        except Exception as exc:  # whatever the bytes, the server keeps serving
+            code = ErrorCode.MALFORMED
+            if isinstance(exc, proto.UnsupportedDtype):
+                code = ErrorCode.UNSUPPORTED_DTYPE
+            elif isinstance(exc, proto.FrameTooLarge):
                 code = ErrorCode.TOO_LARGE
             log.warning("malformed request from %s: %s", routing_id.hex()[:16], exc)
             self._reply(routing_id, proto.Error(code, f"malformed request: {exc}"))
@@ -294,12 +219,12 @@ class Router:
         request_id = getattr(msg, "request_id", 0)
         try:
             self._dispatch(routing_id, msg, arrays)
-        except RequestError as exc:
+        except (RequestError, StreamError, proto.ProtocolError) as exc:
+            code = getattr(exc, "code", None)
+            if code is None:
+                code = ErrorCode.MALFORMED if isinstance(exc, proto.ProtocolError) else ErrorCode.INVALID_ARGUMENT
             log.warning("request %s from %s failed: %s", msg.TYPE, routing_id.hex()[:8], exc)
-            self._reply(
-                routing_id,
-                proto.Error(exc.code, str(exc), request_id, getattr(msg, "stream_id", 0)),
-            )
+            self._reply(routing_id, proto.Error(code, str(exc), request_id, getattr(msg, "stream_id", 0)))
         except Exception as exc:  # a bug: report it, keep serving everyone else
             log.exception("internal error handling %s", msg.TYPE)
             self._reply(
@@ -332,12 +257,14 @@ class Router:
             self._on_hello(routing_id, msg)
         elif isinstance(msg, proto.Heartbeat):
             client = self.clients.get(msg.client_id)
+            if routing_id not in (msg.client_id, msg.client_id + proto.HEARTBEAT_SUFFIX):
+                raise RequestError(ErrorCode.UNAUTHORIZED, "heartbeats must come from the client's own sockets")
             if client is None:
                 raise RequestError(ErrorCode.UNKNOWN_CLIENT, "unknown client; it was reclaimed")
             client.last_seen = time.monotonic()
             self._reply(routing_id, proto.Heartbeat(b"", time.time()))
         elif isinstance(msg, proto.Goodbye):
-            if msg.client_id in self.clients:
+            if msg.client_id in self.clients and routing_id in (msg.client_id, msg.client_id + proto.HEARTBEAT_SUFFIX):
                 self._drop_client(self.clients[msg.client_id], "said goodbye")
         elif isinstance(msg, proto.OpenStream):
             self._on_open(self._client(routing_id), msg, arrays)
@@ -345,8 +272,9 @@ class Router:
             self._stream(routing_id, msg.stream_id).stream.credit(msg.batches, msg.consumed)
         elif isinstance(msg, proto.Reseed):
             entry = self._stream(routing_id, msg.stream_id)
-            state = proto.decode_rng_state(msg.rng) if msg.rng is not None else None
-            entry.stream.reseed(msg.from_seq, msg.generation, state)
+            if msg.rng is None:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, "reseed needs the caller's rng state")
+            entry.stream.reseed(msg.from_seq, msg.generation, proto.decode_rng_state(msg.rng))
             entry.failed = False
         elif isinstance(msg, proto.CloseStream):
             client = self._client(routing_id)
@@ -370,7 +298,7 @@ class Router:
             self._client(routing_id)
             if len(arrays) != 1:
                 raise RequestError(ErrorCode.MALFORMED, "upload_chunk should carry exactly 1 array")
-            self.uploads.chunk(msg, arrays[0])
+            self.uploads.chunk(routing_id, msg, arrays[0])
             self._reply(routing_id, proto.Ack(msg.request_id))
         else:
             raise RequestError(ErrorCode.MALFORMED, f"{msg.TYPE} is not a request a server accepts")
@@ -450,6 +378,8 @@ class Router:
         return [all_names.index(n) for n in names]
 
     def _on_open(self, client: ClientState, msg: proto.OpenStream, arrays: list[Any]) -> None:
+        if msg.stream_id < 1:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream_id should be >= 1, got {msg.stream_id}")
         if msg.stream_id in client.streams:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
         entry = self._resolve(msg.source)
@@ -458,7 +388,7 @@ class Router:
             batch_size = check_batch_size(msg.batch_size)
         except (TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc))
-        row_bytes = sum(entry.row_bytes[i] for i in fields)
+        row_bytes = sum(entry.row_bytes[i] for i in fields) + (8 if msg.include_indices else 0)
         if batch_size * row_bytes > self.config.max_message_bytes:
             raise RequestError(
                 ErrorCode.TOO_LARGE,
@@ -585,7 +515,7 @@ class Router:
         entry.failed = True
         err = proto.Error(
             ErrorCode.REMOTE_EXCEPTION, str(exc), 0, entry.stream_id, seq, type(exc).__name__,
-            "".join(traceback.format_exception(exc)),
+            "".join(traceback.format_exception(exc)), entry.stream.generation,
         )
         self._send_data(entry.client, proto.encode(err))
 
@@ -627,6 +557,7 @@ class Router:
         )
         client.streams.clear()
         self.clients.pop(client.routing_id, None)
+        self.uploads.forget_owner(client.routing_id)
         client.data.close(linger=0)
         forget = msgpack.packb({"op": "forget", "endpoint": client.data_endpoint})
         for worker in self.workers:
@@ -638,6 +569,12 @@ class Router:
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
         """Stop workers (with a timeout, then kill) and close every socket. Idempotent."""
+        for client in list(self.clients.values()):
+            for stream_id in client.streams:
+                notice = proto.Error(ErrorCode.SHUTTING_DOWN, "the server is shutting down", 0, stream_id)
+                self._send_data(client, proto.encode(notice))
+            client.data.close(linger=500)  # let the notices out
+        self.clients.clear()
         stop = msgpack.packb({"op": "stop"})
         for worker in getattr(self, "workers", []):
             try:
@@ -650,9 +587,6 @@ class Router:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(1.0)
-        for client in list(self.clients.values()):
-            client.data.close(linger=0)
-        self.clients.clear()
         self.ctx.destroy(linger=0)
 
 
@@ -736,7 +670,7 @@ def _run_task(
         err = proto.Error(
             ErrorCode.REMOTE_EXCEPTION, str(exc), header["seq"] if header["gather"] else 0,
             header["stream"], -1 if header["gather"] else header["seq"], type(exc).__name__,
-            "".join(traceback.format_exception(exc)),
+            "".join(traceback.format_exception(exc)), -1 if header["gather"] else header["gen"],
         )
         out = proto.encode(err)
         ok, error = False, f"{type(exc).__name__}: {exc}"

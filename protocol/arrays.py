@@ -44,11 +44,11 @@ def check_dtype(dtype: np.dtype[Any]) -> str:
 
 def dtype_from_wire(text: Any) -> np.dtype[Any]:
     """Parse a wire dtype string, checking the allow-list and the byte-order mark."""
-    if not isinstance(text, str) or len(text) < 3 or text[0] not in "<>|":
-        raise MalformedFrame(f"dtype should be like '<f4' with explicit byte order, got {text!r}")
+    if not isinstance(text, str) or len(text) < 2 or len(text) > 16 or text[0] not in "<>|":
+        raise MalformedFrame(f"dtype should be like '<f4' with explicit byte order, got {text!r:.40}")
     try:
         dtype = np.dtype(text)
-    except TypeError as exc:
+    except Exception as exc:  # numpy raises TypeError, ValueError or SyntaxError
         raise UnsupportedDtype(f"dtype {text!r} is not a numpy dtype") from exc
     check_dtype(dtype)
     if (text[0] == "|") != (dtype.itemsize == 1 or dtype.kind == "b"):
@@ -73,8 +73,9 @@ def as_wire_array(array: Any) -> np.ndarray[Any, Any]:
 class _Writable:
     """Exposes a receive buffer to numpy as writable memory, keeping its owner alive.
 
-    A received ZeroMQ frame is exclusively ours, but pyzmq hands it out as a read-only
-    memoryview; batchup users write into their batches, so the array must be writable.
+    A received ZeroMQ frame is exclusively ours, but some pyzmq versions hand it out as
+    a read-only memoryview; batchup users write into their batches, so the array must
+    be writable. Only used for owners with a ``buffer`` attribute (``zmq.Frame``).
     """
 
     __slots__ = ("__array_interface__", "owner")
@@ -95,7 +96,7 @@ def array_from_buffer(
     """Build the array described by ``spec`` over ``buffer`` without copying.
 
     The result is writable. ``owner`` (e.g. the ZeroMQ frame) is kept alive as long as
-    the array is.
+    the array is. Read-only buffers not owned by a ZeroMQ frame (``bytes``) are copied.
     """
     if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], list)):
         raise MalformedFrame(f"array spec should be [dtype, shape], got {spec!r:.80}")
@@ -114,8 +115,12 @@ def array_from_buffer(
             f"array frame should hold {nbytes} bytes for {spec[0]} {tuple(shape)}, "
             f"but holds {view.nbytes}"
         )
-    if nbytes == 0 or not view.readonly:
-        return np.frombuffer(view, dtype=dtype).reshape(shape) if nbytes else np.empty(shape, dtype)
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    if not view.readonly:
+        return np.frombuffer(view, dtype=dtype).reshape(shape)
+    if owner is None or not hasattr(owner, "buffer"):
+        # an immutable object (bytes): the caller's batch must be writable, so copy
+        return np.frombuffer(view, dtype=dtype).reshape(shape).copy()
     address = np.frombuffer(view, dtype=np.uint8).ctypes.data
-    holder = _Writable(owner if owner is not None else buffer, address, dtype, tuple(shape))
-    return np.asarray(holder)
+    return np.asarray(_Writable(owner, address, dtype, tuple(shape)))

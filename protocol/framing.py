@@ -75,8 +75,10 @@ def decode(
     if not isinstance(fields, dict):
         raise MalformedFrame(f"header should be a msgpack map, got {type(fields).__name__}")
     specs = fields.get("arrays", [])
-    if not isinstance(specs, list) or len(specs) > limits.max_arrays:
-        raise MalformedFrame(f"'arrays' should be a list of at most {limits.max_arrays} specs")
+    if not isinstance(specs, list):
+        raise MalformedFrame(f"'arrays' should be a list of [dtype, shape] specs, got {specs!r:.60}")
+    if len(specs) > limits.max_arrays:
+        raise FrameTooLarge(f"{len(specs)} arrays exceed the limit of {limits.max_arrays}")
     if len(specs) != len(frames) - 1:
         raise MalformedFrame(
             f"header announces {len(specs)} array frames but {len(frames) - 1} follow it"

@@ -29,6 +29,7 @@ __all__ = [
     "Gather",
     "GatherResult",
     "Goodbye",
+    "HEARTBEAT_SUFFIX",
     "HaveArrays",
     "Heartbeat",
     "Hello",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 
+#: a client's heartbeat socket has routing id ``client_id + HEARTBEAT_SUFFIX``
+HEARTBEAT_SUFFIX = b"/heartbeat"
+
+
 class ErrorCode(enum.IntEnum):
     """Error codes carried by :class:`Error`; never renumbered."""
 
@@ -59,7 +64,7 @@ class ErrorCode(enum.IntEnum):
     REMOTE_EXCEPTION = 9  #: user/source code raised while preparing a batch
     INTERNAL = 10  #: a bug or resource failure in the server
     UNAUTHORIZED = 11  #: bad token / not allowed for this client
-    SHUTTING_DOWN = 12  #: the server is stopping
+    SHUTTING_DOWN = 12  #: the server is stopping; open streams end with this error
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -264,6 +269,7 @@ class Error:
     seq: int = -1
     remote_type: str = ""
     traceback: str = ""
+    generation: int = -1  #: plan generation of a batch error; -1: not tied to one
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

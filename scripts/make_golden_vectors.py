@@ -113,6 +113,7 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
                 "Traceback (most recent call last):\n"
                 '  File "augment.py", line 3, in augment\n'
                 "ZeroDivisionError: division by zero\n",
+                2,
             ),
             [],
         ),

@@ -219,3 +219,11 @@ def test_wrong_token(tmp_path):
         assert info.value.code == ErrorCode.UNAUTHORIZED
         with batchup_client.connect(srv.endpoint, token="s3cret") as client:
             assert client.sources == ["demo"]
+
+
+def test_heartbeat_or_goodbye_for_another_client_is_refused(server, peer):
+    with batchup_client.connect(server.endpoint) as victim:
+        peer.send(proto.Heartbeat(victim.client_id, 0.0))
+        assert peer.recv().code == ErrorCode.UNAUTHORIZED
+        peer.send(proto.Goodbye(victim.client_id))  # ignored: not the victim's socket
+        assert len(list(victim.source("demo").batch_iterator(batch_size=6000))) == 2

@@ -172,3 +172,41 @@ def test_killed_server_leaves_nothing_for_the_next_one():
     with RunningServer("--workers", "1"):
         assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"batchup-{srv.pid}-")]
     assert not glob.glob(f"/tmp/batchup-{srv.pid}-*")
+
+
+def test_stopping_server_ends_open_streams_with_shutting_down():
+    srv = RunningServer("--workers", "1")
+    with batchup_client.connect(srv.endpoint, server_timeout=60) as client:
+        it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+        next(it)
+        assert srv.stop() == 0
+        start = time.monotonic()
+        with pytest.raises(batchup_client.RemoteError, match="shutting down") as info:
+            for _ in range(100000):
+                next(it)
+        assert info.value.code == batchup_client.errors.ErrorCode.SHUTTING_DOWN
+        assert time.monotonic() - start < 10  # not the 60 s heartbeat timeout
+
+
+def test_refused_credit_fails_the_stream_instead_of_hanging(server):
+    with batchup_client.connect(server.endpoint) as client:
+        sid = client.open_stream({"name": "demo"}, {"kind": "standard", "length": 12000, "repeats": -1},
+                                 [], 64, False, None, 2, 1 << 30)
+        client.next_item(sid, 0)
+        client.send_credit(sid, 1, 999)  # claims more consumed than ever sent
+        with pytest.raises(batchup_client.InvalidArgumentError, match="consumed"):
+            for seq in range(1, 100):
+                msg, _ = client.next_item(sid, seq)
+                if isinstance(msg, batchup_client.errors.proto.Error):
+                    raise batchup_client.errors.remote_error(msg.code, msg.message)
+
+
+def test_remote_samples_by_indices_errors_match_numpy(server):
+    with batchup_client.connect(server.endpoint) as client:
+        src = client.source("demo")
+        with pytest.raises(IndexError, match="out of bounds"):
+            src.samples_by_indices(np.array([12000]))
+        with pytest.raises(IndexError):
+            src.samples_by_indices(np.array([1.5]))
+        with pytest.raises(IndexError):
+            client.array_source([])

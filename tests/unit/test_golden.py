@@ -144,6 +144,7 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
                 '  File "augment.py", line 3, in augment\n'
                 "ZeroDivisionError: division by zero\n"
             ),
+            generation=2,
         ),
         [],
     ),

@@ -321,7 +321,7 @@ def test_arrays_entry_not_a_list_is_malformed(arrays_value: Any) -> None:
 
 def test_too_many_arrays_is_rejected() -> None:
     arrays = [np.zeros(1, dtype="|u1")] * 3
-    with pytest.raises(ProtocolError, match="at most 2"):
+    with pytest.raises(proto.FrameTooLarge, match="3 arrays exceed the limit of 2"):
         proto.decode(wire(proto.encode(proto.Ack(1), arrays)), Limits(max_arrays=2))
     assert len(roundtrip(arrays, Limits(max_arrays=3))) == 3
 
@@ -614,3 +614,17 @@ def test_msgpack_ext_types_are_not_field_values() -> None:
     packed = msgpack.packb({"type": "describe", "request_id": 1, "source": msgpack.ExtType(1, b"x")})
     with pytest.raises(MalformedFrame, match="describe.source"):
         proto.decode([packed])
+
+
+@pytest.mark.parametrize("text", ["<i4,(", "<i4,[", "|O", "<U3", "|V8"])
+def test_hostile_dtype_strings_raise_protocol_errors(text: str) -> None:
+    with pytest.raises(ProtocolError):
+        proto.dtype_from_wire(text)
+
+
+def test_arrays_decoded_from_bytes_are_writable_copies() -> None:
+    frames = [bytes(f) for f in proto.encode(proto.Ack(1), [np.arange(4, dtype="<i4")])]
+    original = frames[1]
+    _, (arr,) = proto.decode(frames)
+    arr[:] = 7
+    assert frames[1] == original == np.arange(4, dtype="<i4").tobytes()

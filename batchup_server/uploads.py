@@ -1,0 +1,127 @@
+"""Client arrays held by the server, by content key: chunked uploads and shared files.
+
+Pure file handling, no sockets. An upload is written into a ``.part`` file as its chunks
+arrive in order, hashed on the way, and renamed to its final name only when the bytes
+match the announced content key; a rejected or abandoned upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+import numpy as np
+
+import batchup_protocol as proto
+from batchup_protocol import ErrorCode
+from batchup_protocol.host import ContentHasher
+
+from .errors import RequestError
+
+__all__ = ["Uploads"]
+
+
+class _Partial:
+    def __init__(self, path: str, mm: np.memmap[Any, Any], hasher: ContentHasher, total: int):
+        self.path, self.mm, self.hasher, self.total = path, mm, hasher, total
+        self.received = 0
+
+
+class Uploads:
+    """Arrays clients uploaded in chunks (or wrote into the shared folder), by content key."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.paths: dict[str, str] = {}
+        self._partial: dict[tuple[bytes, str], _Partial] = {}
+
+    def register_file(self, key: str, path: str) -> None:
+        """Adopt an ``.npy`` file a same-host client wrote into the (0700) shared folder."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != os.path.realpath(self.folder):
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not inside {self.folder}")
+        try:
+            arr = np.load(real, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}")
+        try:
+            proto.check_dtype(arr.dtype)
+        except proto.UnsupportedDtype as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+        finally:
+            del arr
+        self.paths[key] = real
+
+    def _begin(self, owner: bytes, msg: proto.UploadChunk) -> _Partial:
+        try:
+            dtype = proto.dtype_from_wire(msg.dtype)
+        except proto.UnsupportedDtype as exc:
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+        except proto.ProtocolError as exc:
+            raise RequestError(ErrorCode.MALFORMED, str(exc))
+        if not msg.shape or len(msg.shape) > proto.arrays.MAX_NDIM or any(d < 0 for d in msg.shape):
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload shape {msg.shape} is invalid")
+        total = int(np.prod(msg.shape, dtype=np.float64)) * dtype.itemsize
+        if total > self.max_bytes:
+            raise RequestError(
+                ErrorCode.TOO_LARGE, f"upload of {total} bytes exceeds the server's limit of {self.max_bytes}"
+            )
+        if msg.offset != 0:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload of {msg.key} must start at offset 0")
+        name = f"{msg.key.replace(':', '-')}.{secrets.token_hex(4)}.npy.part"
+        path = os.path.join(self.folder, name)
+        try:
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(msg.shape))
+        except (OSError, ValueError) as exc:
+            if os.path.exists(path):
+                os.unlink(path)
+            raise RequestError(ErrorCode.TOO_LARGE, f"cannot store an upload of {total} bytes: {exc}")
+        return _Partial(path, mm, ContentHasher(dtype.str, msg.shape), total)
+
+    def _abort(self, owner: bytes, key: str) -> None:
+        part = self._partial.pop((owner, key), None)
+        if part is not None:
+            del part.mm
+            if os.path.exists(part.path):
+                os.unlink(part.path)
+
+    def chunk(self, owner: bytes, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
+        """Add one chunk of ``owner``'s upload; the last one verifies and publishes it."""
+        if msg.key in self.paths:
+            return
+        part = self._partial.get((owner, msg.key))
+        if part is None:
+            part = self._begin(owner, msg)
+            self._partial[(owner, msg.key)] = part
+        raw = data.reshape(-1).view(np.uint8)
+        if msg.offset != part.received or part.received + raw.nbytes > part.total:
+            received, total = part.received, part.total
+            self._abort(owner, msg.key)
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"upload chunk of {msg.key} at offset {msg.offset} with {raw.nbytes} bytes does not "
+                f"continue the {received} of {total} bytes received",
+            )
+        flat = part.mm.reshape(-1).view(np.uint8)
+        flat[part.received : part.received + raw.nbytes] = raw
+        del flat
+        part.hasher.update(memoryview(raw))
+        part.received += raw.nbytes
+        if part.received < part.total:
+            return
+        self._partial.pop((owner, msg.key))
+        part.mm.flush()
+        del part.mm
+        if part.hasher.key() != msg.key:
+            os.unlink(part.path)
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"uploaded bytes do not match key {msg.key}")
+        final = os.path.join(self.folder, msg.key.replace(":", "-") + ".npy")
+        os.replace(part.path, final)
+        self.paths[msg.key] = final
+
+    def forget_owner(self, owner: bytes) -> None:
+        """A client went away: drop its unfinished uploads."""
+        for o, key in [k for k in self._partial if k[0] == owner]:
+            self._abort(o, key)
