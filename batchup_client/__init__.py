@@ -115,13 +115,20 @@ def connect(
     if address is None:
         server = LocalServer(workers=workers)
         try:
-            return Client(server.endpoint, timeout=timeout, token=token, server_timeout=server_timeout,
-                          on_close=server.stop, share_memory=share_memory)
+            return Client(
+                server.endpoint,
+                timeout=timeout,
+                token=token,
+                server_timeout=server_timeout,
+                on_close=server.stop,
+                share_memory=share_memory,
+            )
         except BaseException:
             server.stop()
             raise
-    return Client(address, timeout=timeout, token=token, server_timeout=server_timeout,
-                  share_memory=share_memory)
+    return Client(
+        address, timeout=timeout, token=token, server_timeout=server_timeout, share_memory=share_memory
+    )
 
 
 _default: Client | None = None

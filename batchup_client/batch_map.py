@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,9 @@ def length_of_batch(batch: Any) -> int:
     return len(batch)
 
 
-def _wrap(batch_iter: Iterable[Any], progress_iter_func: Callable[..., Any] | None, n_batches: int | None) -> Any:
+def _wrap(
+    batch_iter: Iterable[Any], progress_iter_func: Callable[..., Any] | None, n_batches: int | None
+) -> Any:
     if progress_iter_func is not None:
         return progress_iter_func(batch_iter, total=n_batches, leave=False)
     return batch_iter

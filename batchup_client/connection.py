@@ -9,6 +9,7 @@ below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -18,8 +19,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import zmq
@@ -62,7 +63,9 @@ def _local_address_towards(host: str, port: int) -> str:
 class _Heartbeat(threading.Thread):
     """Sends heartbeats on a socket of its own, so a busy training step never starves them."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, client_id: bytes, interval: float, timeout: float):
+    def __init__(
+        self, ctx: zmq.Context[Any], address: str, client_id: bytes, interval: float, timeout: float
+    ):
         super().__init__(name="batchup-heartbeat", daemon=True)
         self.ctx, self.address, self.client_id = ctx, address, client_id
         self.interval, self.timeout = interval, timeout
@@ -125,8 +128,16 @@ class Client:
         self._inboxes: dict[int, Inbox] = {}
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
         self._next_stream = 0
-        self._stats = {"arrays_shared": 0, "arrays_uploaded": 0, "arrays_reused": 0,
-                       "bytes_shared": 0, "bytes_uploaded": 0, "streams_opened": 0}
+        #: credit each stream grants: (batches, bytes) in flight; the server caps batches at 64
+        self.prefetch: tuple[int, int] = (32, 64 << 20)
+        self._stats = {
+            "arrays_shared": 0,
+            "arrays_uploaded": 0,
+            "arrays_reused": 0,
+            "bytes_shared": 0,
+            "bytes_uploaded": 0,
+            "streams_opened": 0,
+        }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
         self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
         self._ctx = zmq.Context()
@@ -157,12 +168,17 @@ class Client:
             and os.access(welcome.shm_dir, os.W_OK)
         )
         self._heartbeat = _Heartbeat(
-            self._ctx, address, self.client_id, welcome.heartbeat_interval,
+            self._ctx,
+            address,
+            self.client_id,
+            welcome.heartbeat_interval,
             server_timeout or max(5.0, 5 * welcome.heartbeat_interval),
         )
         self._heartbeat.start()
         log.info(
-            "connected to %s (server %s); client arrays go by %s", address, self.server_id,
+            "connected to %s (server %s); client arrays go by %s",
+            address,
+            self.server_id,
             "shared-memory file" if self.same_host else "chunked upload",
         )
 
@@ -267,12 +283,15 @@ class Client:
         except proto.ProtocolError as exc:
             raise ProtocolViolation(f"the server sent an invalid message: {exc}") from exc
 
-    def _wait_reply(self, request_id: int, timeout: float | None, heartbeat: bool = True) -> tuple[Any, list[Any]]:
+    def _wait_reply(
+        self, request_id: int, timeout: float | None, heartbeat: bool = True
+    ) -> tuple[Any, list[Any]]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if heartbeat:
                 self._check()
-            wait = POLL_SLICE_MS if deadline is None else min(POLL_SLICE_MS, max(0, deadline - time.monotonic()) * 1000)
+            left_ms = POLL_SLICE_MS if deadline is None else (deadline - time.monotonic()) * 1000
+            wait = int(max(0, min(POLL_SLICE_MS, left_ms)))
             try:
                 ready = self._control.poll(wait)
                 if not ready:
@@ -289,8 +308,9 @@ class Client:
                 return msg, arrays
             # a late answer to a request that timed out: drop it
 
-    def request(self, msg_factory: Callable[[int], Any], arrays: Sequence[Any] = (),
-                timeout: float | None = None) -> tuple[Any, list[Any]]:
+    def request(
+        self, msg_factory: Callable[[int], Any], arrays: Sequence[Any] = (), timeout: float | None = None
+    ) -> tuple[Any, list[Any]]:
         """Send the request ``msg_factory(request_id)`` and wait for its answer."""
         self._check()
         self._request_id += 1
@@ -335,8 +355,15 @@ class Client:
         try:
             self.request(
                 lambda rid: proto.OpenStream(
-                    rid, sid, source, plan, batch_size, include_indices, credit_batches,
-                    credit_bytes, fields,
+                    rid,
+                    sid,
+                    source,
+                    plan,
+                    batch_size,
+                    include_indices,
+                    credit_batches,
+                    credit_bytes,
+                    fields,
                 ),
                 plan_arrays,
             )
@@ -408,7 +435,9 @@ class Client:
         reply, _ = self.request(lambda rid: proto.Describe(rid, source))
         return reply  # type: ignore[no-any-return]
 
-    def gather(self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None) -> list[Any]:
+    def gather(
+        self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None
+    ) -> list[Any]:
         """Rows ``indices`` (absolute) of each field of a source."""
         self._check()
         self._request_id += 1
@@ -432,7 +461,9 @@ class Client:
             raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
         return arrays
 
-    def ensure_arrays(self, arrays: Sequence[np.ndarray[Any, Any]], keys: Sequence[str] | None = None) -> list[str]:
+    def ensure_arrays(
+        self, arrays: Sequence[np.ndarray[Any, Any]], keys: Sequence[str] | None = None
+    ) -> list[str]:
         """Make sure the server holds these arrays; returns their content keys.
 
         Arrays the server already has (same content) are not sent again. On the same
@@ -476,10 +507,10 @@ class Client:
         offset = 0
         while True:
             chunk = flat[offset : offset + step]
-            self.request(
-                lambda rid: proto.UploadChunk(rid, key, arr.dtype.str, list(arr.shape), offset), [chunk],
-                timeout=max(self.timeout, 60.0),
+            message = functools.partial(
+                proto.UploadChunk, key=key, dtype=arr.dtype.str, shape=list(arr.shape), offset=offset
             )
+            self.request(message, [chunk], timeout=max(self.timeout, 60.0))
             offset += chunk.nbytes
             if offset >= total:
                 self._stats["arrays_uploaded"] += 1

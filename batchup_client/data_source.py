@@ -13,7 +13,8 @@ from __future__ import annotations
 import collections.abc
 import logging
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -103,8 +104,13 @@ class AbstractDataSource:
         return n_batches
 
     def batch_map_concat(
-        self, func: Callable[..., Any], batch_size: int, progress_iter_func: Any = None,
-        n_batches: int | None = None, prepend_args: tuple[Any, ...] | None = None, **kwargs: Any,
+        self,
+        func: Callable[..., Any],
+        batch_size: int,
+        progress_iter_func: Any = None,
+        n_batches: int | None = None,
+        prepend_args: tuple[Any, ...] | None = None,
+        **kwargs: Any,
     ) -> Any:
         """``batch_map_concat`` over this source's batches (kwargs go to batch_iterator)."""
         n_batches = self._n_batches(batch_size, n_batches, kwargs)
@@ -113,15 +119,24 @@ class AbstractDataSource:
         )
 
     def batch_map_mean(
-        self, func: Callable[..., Any], batch_size: int, progress_iter_func: Any = None,
-        sum_axis: Any = None, n_batches: int | None = None,
-        prepend_args: tuple[Any, ...] | None = None, **kwargs: Any,
+        self,
+        func: Callable[..., Any],
+        batch_size: int,
+        progress_iter_func: Any = None,
+        sum_axis: Any = None,
+        n_batches: int | None = None,
+        prepend_args: tuple[Any, ...] | None = None,
+        **kwargs: Any,
     ) -> Any:
         """``batch_map_mean`` over this source's batches (kwargs go to batch_iterator)."""
         n_batches = self._n_batches(batch_size, n_batches, kwargs)
         return batch_map_mean(
-            func, self.batch_iterator(batch_size, **kwargs), progress_iter_func, sum_axis,
-            n_batches, prepend_args,
+            func,
+            self.batch_iterator(batch_size, **kwargs),
+            progress_iter_func,
+            sum_axis,
+            n_batches,
+            prepend_args,
         )
 
     @staticmethod
@@ -137,7 +152,11 @@ class RandomAccessDataSource(AbstractDataSource):
     """A source whose samples can be fetched by index; batches come from ``sampler``."""
 
     def __init__(
-        self, length: int, indices: Any = None, repeats: int = 1, sampler: Any = None,
+        self,
+        length: int,
+        indices: Any = None,
+        repeats: int = 1,
+        sampler: Any = None,
         include_indices: bool = False,
     ):
         self.include_indices = include_indices
@@ -183,8 +202,13 @@ class RandomAccessDataSource(AbstractDataSource):
 
 
 def stream_from(
-    client: Any, source: dict[str, Any], sampler: Any, batch_size: int, shuffle: Any,
-    include_indices: bool, fields: list[str] | None = None,
+    client: Any,
+    source: dict[str, Any],
+    sampler: Any,
+    batch_size: int,
+    shuffle: Any,
+    include_indices: bool,
+    fields: list[str] | None = None,
 ) -> Iterator[Any] | None:
     """A remote batch generator for ``sampler`` over ``source``; ``None`` if it cannot travel."""
     plan = plan_for(sampler)
@@ -194,9 +218,18 @@ def stream_from(
     check_batch_size(batch_size)
     if plan[0]["kind"].startswith("weighted") and rng is None:
         raise NotImplementedError(f"In-order sampling not supported by {type(sampler).__name__}")
+    batches, nbytes = getattr(client, "prefetch", (32, 64 << 20))
     return iterate(  # type: ignore[no-any-return]
-        client, source, plan[0], plan[1], batch_size, rng=rng,
-        include_indices=include_indices, fields=fields,
+        client,
+        source,
+        plan[0],
+        plan[1],
+        batch_size,
+        rng=rng,
+        include_indices=include_indices,
+        fields=fields,
+        prefetch=batches,
+        prefetch_bytes=nbytes,
     )
 
 
@@ -208,7 +241,11 @@ class ArrayDataSource(RandomAccessDataSource):
     """
 
     def __init__(
-        self, data: list[Any], indices: Any = None, repeats: int = 1, sampler: Any = None,
+        self,
+        data: list[Any],
+        indices: Any = None,
+        repeats: int = 1,
+        sampler: Any = None,
         include_indices: bool = False,
     ):
         if not isinstance(data, list):
@@ -220,8 +257,9 @@ class ArrayDataSource(RandomAccessDataSource):
                     f"Arrays have inconsistent length; array 0 has length {length}, while array "
                     f"{i + 1} has length {len(d)}"
                 )
-        super().__init__(length, indices=indices, repeats=repeats, sampler=sampler,
-                         include_indices=include_indices)
+        super().__init__(
+            length, indices=indices, repeats=repeats, sampler=sampler, include_indices=include_indices
+        )
         self.data = data
         self._keys = KeyCache()
 
@@ -269,9 +307,12 @@ class CallableDataSource(AbstractDataSource):
     """Batches from ``batch_iterator_fn(batch_size, **kwargs)``; runs in this process."""
 
     def __init__(self, batch_iterator_fn: Callable[..., Any], num_samples_fn: Any = None):
-        if num_samples_fn is not None and not callable(num_samples_fn) and not (
-            isinstance(num_samples_fn, int) and not isinstance(num_samples_fn, bool)
-        ) and not num_samples_fn == np.inf:
+        if (
+            num_samples_fn is not None
+            and not callable(num_samples_fn)
+            and not (isinstance(num_samples_fn, int) and not isinstance(num_samples_fn, bool))
+            and not num_samples_fn == np.inf
+        ):
             raise TypeError(
                 f"num_samples_fn should be None, a callable, an int, or np.inf, not {num_samples_fn}"
             )
@@ -293,9 +334,11 @@ class IteratorDataSource(AbstractDataSource):
     """Batches from an existing iterator; ``batch_iterator`` returns it as is."""
 
     def __init__(self, batch_iter: Iterator[Any], n_samples: Any = None):
-        if n_samples is not None and not (
-            isinstance(n_samples, int) and not isinstance(n_samples, bool)
-        ) and not n_samples == np.inf:
+        if (
+            n_samples is not None
+            and not (isinstance(n_samples, int) and not isinstance(n_samples, bool))
+            and not n_samples == np.inf
+        ):
             raise TypeError(f"n_samples should be None, an int, or np.inf, not {n_samples}")
         self.batch_iter = batch_iter
         self.n_samples = n_samples
@@ -324,20 +367,26 @@ class MapDataSource(AbstractDataSource):
 
     def samples_by_indices_nomapping(self, indices: Any) -> Any:
         if not self._random_access:
-            raise TypeError("samples_by_indices_nomapping method not supported as one or more of the "
-                            "underlying data sources does not support random access")
+            raise TypeError(
+                "samples_by_indices_nomapping method not supported as one or more of the "
+                "underlying data sources does not support random access"
+            )
         return self.fn(*self.source.samples_by_indices_nomapping(indices))  # type: ignore[attr-defined]
 
     def samples_by_indices(self, indices: Any) -> Any:
         if not self._random_access:
-            raise TypeError("samples_by_indices method not supported as one or more of the "
-                            "underlying data sources does not support random access")
+            raise TypeError(
+                "samples_by_indices method not supported as one or more of the "
+                "underlying data sources does not support random access"
+            )
         return self.fn(*self.source.samples_by_indices(indices))  # type: ignore[attr-defined]
 
     def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         if not self._random_access:
-            raise TypeError("batch_indices_iterator method not supported as one or more of the "
-                            "underlying data sources does not support random access")
+            raise TypeError(
+                "batch_indices_iterator method not supported as one or more of the "
+                "underlying data sources does not support random access"
+            )
         return self.source.batch_indices_iterator(batch_size, **kwargs)  # type: ignore[attr-defined, no-any-return]
 
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
@@ -364,5 +413,7 @@ def coerce_data_source(x: Any) -> AbstractDataSource:
         return IteratorDataSource(x)
     if callable(x):
         return CallableDataSource(x)
-    raise TypeError(f"Cannot convert x to a data source; can only handle iterators, callables, "
-                    f"non-empty sequences of array-like objects; cannot handle {type(x)}")
+    raise TypeError(
+        f"Cannot convert x to a data source; can only handle iterators, callables, "
+        f"non-empty sequences of array-like objects; cannot handle {type(x)}"
+    )

@@ -18,7 +18,6 @@ Hierarchy::
 
 from __future__ import annotations
 
-import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 
 __all__ = [

@@ -31,8 +31,17 @@ class LocalServer:
         self.endpoint = f"ipc://{self.folder}/control"
         n = workers if workers is not None else min(2, os.cpu_count() or 1)
         cmd = [
-            sys.executable, "-m", "batchup_server", "--bind", self.endpoint, "--workers", str(n),
-            "--parent-pid", str(os.getpid()), "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "batchup_server",
+            "--bind",
+            self.endpoint,
+            "--workers",
+            str(n),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            "warning",
         ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None
@@ -44,11 +53,15 @@ class LocalServer:
             while not line.startswith("batchup-server ready"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not sel.select(remaining):
-                    raise ConnectionLost(f"the embedded batchup-server did not start within {startup_timeout:g}s")
+                    raise ConnectionLost(
+                        f"the embedded batchup-server did not start within {startup_timeout:g}s"
+                    )
                 line = self.process.stdout.readline()
                 if not line:
                     code = self.process.wait(5)
-                    raise ConnectionLost(f"the embedded batchup-server exited with code {code} while starting")
+                    raise ConnectionLost(
+                        f"the embedded batchup-server exited with code {code} while starting"
+                    )
         except BaseException:
             self.stop()
             raise

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,9 @@ class RemoteDataSource(RandomAccessDataSource):
                 raise ValueError(f"source has no field(s) {missing}; it has {available}")
         self.fields = list(fields) if fields is not None else available
         self.field_info = {f["name"]: f for f in info.fields}
-        super().__init__(self.length, indices=indices, repeats=repeats, sampler=sampler,
-                         include_indices=include_indices)
+        super().__init__(
+            self.length, indices=indices, repeats=repeats, sampler=sampler, include_indices=include_indices
+        )
 
     def __len__(self) -> int:
         return int(self.length)
@@ -67,7 +69,12 @@ class RemoteDataSource(RandomAccessDataSource):
 
     def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
         remote = stream_from(
-            self.client, self.source_ref, self.sampler, batch_size, shuffle, self.include_indices,
+            self.client,
+            self.source_ref,
+            self.sampler,
+            batch_size,
+            shuffle,
+            self.include_indices,
             self.fields,
         )
         if remote is None:

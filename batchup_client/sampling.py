@@ -7,7 +7,8 @@ identical plan in process, for scripts that call them directly.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -158,6 +159,8 @@ class WeightedSubsetSampler(AbstractSampler):
         yield from _drain(plan)
 
     @staticmethod
-    def class_balancing_sampler(y: np.ndarray[Any, Any], indices: np.ndarray[Any, Any]) -> WeightedSubsetSampler:
+    def class_balancing_sampler(
+        y: np.ndarray[Any, Any], indices: np.ndarray[Any, Any]
+    ) -> WeightedSubsetSampler:
         weights = WeightedSampler.class_balancing_sample_weights(y[indices])
         return WeightedSubsetSampler(weights, indices=indices)

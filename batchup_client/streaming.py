@@ -78,9 +78,17 @@ class Inbox:
 
 
 class Connection(Protocol):
-    def open_stream(self, source: dict[str, Any], plan: dict[str, Any], plan_arrays: Any,
-                    batch_size: int, include_indices: bool, fields: list[str] | None,
-                    credit_batches: int, credit_bytes: int) -> int: ...
+    def open_stream(
+        self,
+        source: dict[str, Any],
+        plan: dict[str, Any],
+        plan_arrays: Any,
+        batch_size: int,
+        include_indices: bool,
+        fields: list[str] | None,
+        credit_batches: int,
+        credit_bytes: int,
+    ) -> int: ...
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
     def send_credit(self, stream_id: int, batches: int, consumed: int) -> None: ...
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
@@ -97,8 +105,8 @@ def iterate(
     rng: np.random.RandomState | None,
     include_indices: bool = False,
     fields: list[str] | None = None,
-    prefetch: int = 8,
-    prefetch_bytes: int = 256 << 20,
+    prefetch: int = 32,
+    prefetch_bytes: int = 64 << 20,
 ) -> Any:
     """Yield a stream's batches (tuples of arrays) in order; see the module docstring."""
     expected = rng.get_state() if rng is not None else None

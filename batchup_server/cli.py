@@ -11,16 +11,16 @@ from .sources import SourceError
 
 __all__ = ["main"]
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Serve mini-batches of data sources to batchup_client training scripts over ZeroMQ.
 
-With no arguments the server serves the built-in "demo" source on {bind}.
+With no arguments the server serves the built-in "demo" source on {DEFAULT_BIND}.
 Sources come from a TOML file (--config): .npy files (memory-mapped), .npz archives
 and datasets inside HDF5 files, each a list of equally long arrays ("fields").
 
 Subcommands:
   batchup-server ping ADDRESS     exit 0 when a server answers a handshake at ADDRESS
-""".format(bind=DEFAULT_BIND)
+"""
 
 EPILOG = """\
 examples:
@@ -41,29 +41,40 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--bind", metavar="ENDPOINT",
+        "--bind",
+        metavar="ENDPOINT",
         help=f"ZeroMQ endpoint for the control socket (default {DEFAULT_BIND}; "
         "tcp://HOST:0 picks a free port, printed on the ready line)",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file naming sources and [server] options")
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes that gather batches (default 2)")
     p.add_argument(
-        "--client-timeout", type=float, metavar="SECONDS",
+        "--workers", type=int, metavar="N", help="worker processes that gather batches (default 2)"
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        metavar="SECONDS",
         help="reclaim the streams of a client silent this long (default 30)",
     )
     p.add_argument(
-        "--heartbeat-interval", type=float, metavar="SECONDS",
+        "--heartbeat-interval",
+        type=float,
+        metavar="SECONDS",
         help="seconds between heartbeats each way (default 1)",
     )
     p.add_argument(
-        "--max-message-bytes", type=int, metavar="BYTES",
+        "--max-message-bytes",
+        type=int,
+        metavar="BYTES",
         help="largest batch or upload chunk served or accepted (default 1 GiB)",
     )
     p.add_argument("--token", help="require clients to present this token in their handshake")
     p.add_argument("--no-demo", action="store_true", help="do not serve the built-in demo source")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
         help="logging verbosity on stderr (default info)",
     )
     return p

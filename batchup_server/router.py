@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import logging
 import os
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -162,7 +164,7 @@ class Router:
             try:
                 events = dict(poller.poll(POLL_MS))
             except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR:
+                if exc.errno == errno.EINTR:
                     continue
                 raise
             if self.control in events:
@@ -222,7 +224,11 @@ class Router:
         except (RequestError, StreamError, proto.ProtocolError) as exc:
             code = getattr(exc, "code", None)
             if code is None:
-                code = ErrorCode.MALFORMED if isinstance(exc, proto.ProtocolError) else ErrorCode.INVALID_ARGUMENT
+                code = (
+                    ErrorCode.MALFORMED
+                    if isinstance(exc, proto.ProtocolError)
+                    else ErrorCode.INVALID_ARGUMENT
+                )
             log.warning("request %s from %s failed: %s", msg.TYPE, routing_id.hex()[:8], exc)
             self._reply(routing_id, proto.Error(code, str(exc), request_id, getattr(msg, "stream_id", 0)))
         except Exception as exc:  # a bug: report it, keep serving everyone else
@@ -230,8 +236,13 @@ class Router:
             self._reply(
                 routing_id,
                 proto.Error(
-                    ErrorCode.INTERNAL, f"internal server error: {exc!r}", request_id,
-                    getattr(msg, "stream_id", 0), -1, type(exc).__name__, traceback.format_exc(),
+                    ErrorCode.INTERNAL,
+                    f"internal server error: {exc!r}",
+                    request_id,
+                    getattr(msg, "stream_id", 0),
+                    -1,
+                    type(exc).__name__,
+                    traceback.format_exc(),
                 ),
             )
 
@@ -258,13 +269,18 @@ class Router:
         elif isinstance(msg, proto.Heartbeat):
             client = self.clients.get(msg.client_id)
             if routing_id not in (msg.client_id, msg.client_id + proto.HEARTBEAT_SUFFIX):
-                raise RequestError(ErrorCode.UNAUTHORIZED, "heartbeats must come from the client's own sockets")
+                raise RequestError(
+                    ErrorCode.UNAUTHORIZED, "heartbeats must come from the client's own sockets"
+                )
             if client is None:
                 raise RequestError(ErrorCode.UNKNOWN_CLIENT, "unknown client; it was reclaimed")
             client.last_seen = time.monotonic()
             self._reply(routing_id, proto.Heartbeat(b"", time.time()))
         elif isinstance(msg, proto.Goodbye):
-            if msg.client_id in self.clients and routing_id in (msg.client_id, msg.client_id + proto.HEARTBEAT_SUFFIX):
+            if msg.client_id in self.clients and routing_id in (
+                msg.client_id,
+                msg.client_id + proto.HEARTBEAT_SUFFIX,
+            ):
                 self._drop_client(self.clients[msg.client_id], "said goodbye")
         elif isinstance(msg, proto.OpenStream):
             self._on_open(self._client(routing_id), msg, arrays)
@@ -281,9 +297,9 @@ class Router:
             client.streams.pop(msg.stream_id, None)
         elif isinstance(msg, proto.Describe):
             self._client(routing_id)
-            entry = self._resolve(msg.source)
-            meta = {"name": entry.spec.name, **entry.spec.metadata}
-            self._reply(routing_id, proto.SourceInfo(msg.request_id, entry.length, entry.fields, meta))
+            found = self._resolve(msg.source)
+            meta = {"name": found.spec.name, **found.spec.metadata}
+            self._reply(routing_id, proto.SourceInfo(msg.request_id, found.length, found.fields, meta))
         elif isinstance(msg, proto.Gather):
             self._on_gather(self._client(routing_id), msg, arrays)
         elif isinstance(msg, proto.HaveArrays):
@@ -331,15 +347,22 @@ class Router:
         except zmq.ZMQError as exc:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT, f"cannot connect to data endpoint {msg.data_endpoint!r}: {exc}"
-            )
-        self.clients[routing_id] = ClientState(routing_id, routing_id, msg.data_endpoint, data, time.monotonic())
+            ) from exc
+        self.clients[routing_id] = ClientState(
+            routing_id, routing_id, msg.data_endpoint, data, time.monotonic()
+        )
         log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
         self._reply(
             routing_id,
             proto.Welcome(
-                list(proto.PROTOCOL_VERSION), self.server_id, self.host, self.shm_dir,
-                self.config.heartbeat_interval, self.config.client_timeout,
-                self.config.max_message_bytes, sorted(self.sources),
+                list(proto.PROTOCOL_VERSION),
+                self.server_id,
+                self.host,
+                self.shm_dir,
+                self.config.heartbeat_interval,
+                self.config.client_timeout,
+                self.config.max_message_bytes,
+                sorted(self.sources),
             ),
         )
 
@@ -357,7 +380,7 @@ class Router:
             try:
                 return self._describe(spec)
             except SourceError as exc:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc))
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
         name = source.get("name")
         entry = self.sources.get(name) if isinstance(name, str) else None
         if entry is None:
@@ -387,7 +410,7 @@ class Router:
         try:
             batch_size = check_batch_size(msg.batch_size)
         except (TypeError, ValueError) as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc))
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
         row_bytes = sum(entry.row_bytes[i] for i in fields) + (8 if msg.include_indices else 0)
         if batch_size * row_bytes > self.config.max_message_bytes:
             raise RequestError(
@@ -406,7 +429,7 @@ class Router:
             try:
                 state = proto.decode_rng_state(rng_spec)
             except proto.ProtocolError as exc:
-                raise RequestError(ErrorCode.MALFORMED, str(exc))
+                raise RequestError(ErrorCode.MALFORMED, str(exc)) from exc
             rs = np.random.RandomState()
             rs.set_state(state)
             rng = CountingRNG(rs)
@@ -414,9 +437,13 @@ class Router:
             plan = build_plan(msg.plan, batch_size, rng, arrays)
             window = CreditWindow(msg.credit_batches, msg.credit_bytes)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}")
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for arr in arrays:
-            if arr.size and (arr.min() < -entry.length or arr.max() >= entry.length) and arr.dtype.kind in "iu":
+            if (
+                arr.size
+                and (arr.min() < -entry.length or arr.max() >= entry.length)
+                and arr.dtype.kind in "iu"
+            ):
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"plan indices out of range for a source of length {entry.length}",
@@ -427,7 +454,12 @@ class Router:
                 f"plan length {msg.plan.get('length')} differs from the source's length {entry.length}",
             )
         stream = StreamEntry(
-            client, msg.stream_id, Stream(plan, rng, window, row_bytes), entry.spec, fields, msg.include_indices
+            client,
+            msg.stream_id,
+            Stream(plan, rng, window, row_bytes),
+            entry.spec,
+            fields,
+            msg.include_indices,
         )
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)
@@ -480,24 +512,45 @@ class Router:
                 self._send_data(entry.client, proto.encode(msg))
             else:
                 self._send_task(
-                    worker, entry.client, entry.stream_id, item, entry.source, entry.fields,
-                    entry.include_indices, False,
+                    worker,
+                    entry.client,
+                    entry.stream_id,
+                    item,
+                    entry.source,
+                    entry.fields,
+                    entry.include_indices,
+                    False,
                 )
 
     def _send_task(
-        self, worker: WorkerHandle, client: ClientState, stream_id: int, task: Task,
-        source: SourceSpec, fields: list[int], include_indices: bool, gather: bool,
+        self,
+        worker: WorkerHandle,
+        client: ClientState,
+        stream_id: int,
+        task: Task,
+        source: SourceSpec,
+        fields: list[int],
+        include_indices: bool,
+        gather: bool,
     ) -> None:
         self._tasks += 1
         header = {
-            "op": "task", "task": self._tasks, "endpoint": client.data_endpoint,
-            "stream": stream_id, "seq": task.seq, "gen": task.generation, "rng": task.rng,
-            "source": source.to_wire(), "fields": fields, "include_indices": include_indices,
-            "gather": gather, "index_dtype": task.indices.dtype.str,
+            "op": "task",
+            "task": self._tasks,
+            "endpoint": client.data_endpoint,
+            "stream": stream_id,
+            "seq": task.seq,
+            "gen": task.generation,
+            "rng": task.rng,
+            "source": source.to_wire(),
+            "fields": fields,
+            "include_indices": include_indices,
+            "gather": gather,
+            "index_dtype": task.indices.dtype.str,
         }
         try:
             worker.socket.send_multipart(
-                [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices)],
+                [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices).data],
                 copy=False,
             )
         except zmq.ZMQError as exc:
@@ -514,8 +567,14 @@ class Router:
     def _stream_error(self, entry: StreamEntry, seq: int, exc: BaseException) -> None:
         entry.failed = True
         err = proto.Error(
-            ErrorCode.REMOTE_EXCEPTION, str(exc), 0, entry.stream_id, seq, type(exc).__name__,
-            "".join(traceback.format_exception(exc)), entry.stream.generation,
+            ErrorCode.REMOTE_EXCEPTION,
+            str(exc),
+            0,
+            entry.stream_id,
+            seq,
+            type(exc).__name__,
+            "".join(traceback.format_exception(exc)),
+            entry.stream.generation,
         )
         self._send_data(entry.client, proto.encode(err))
 
@@ -529,7 +588,9 @@ class Router:
         entry = client.streams.get(stream_id)
         if entry is not None and entry.stream.generation == task.generation:
             entry.failed = True  # the worker already sent the Error to the client
-            log.warning("stream %d of client %s failed: %s", stream_id, client.client_id.hex()[:8], result["error"])
+            log.warning(
+                "stream %d of client %s failed: %s", stream_id, client.client_id.hex()[:8], result["error"]
+            )
 
     # ------------------------------------------------------------------ liveness
     def _check_workers(self) -> None:
@@ -640,8 +701,11 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
 
 
 def _run_task(
-    header: dict[str, Any], frames: list[Any], clients: dict[str, zmq.Socket[Any]],
-    opened: dict[tuple[Any, ...], OpenedSource], ctx: zmq.Context[Any],
+    header: dict[str, Any],
+    frames: list[Any],
+    clients: dict[str, zmq.Socket[Any]],
+    opened: dict[tuple[Any, ...], OpenedSource],
+    ctx: zmq.Context[Any],
 ) -> tuple[bool, str]:
     endpoint = header["endpoint"]
     sock = clients.get(endpoint)
@@ -664,13 +728,20 @@ def _run_task(
         if header["gather"]:
             out = proto.encode(proto.GatherResult(header["seq"]), arrays)
         else:
-            out = proto.encode(proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays)
+            out = proto.encode(
+                proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays
+            )
         ok, error = True, ""
     except Exception as exc:
         err = proto.Error(
-            ErrorCode.REMOTE_EXCEPTION, str(exc), header["seq"] if header["gather"] else 0,
-            header["stream"], -1 if header["gather"] else header["seq"], type(exc).__name__,
-            "".join(traceback.format_exception(exc)), -1 if header["gather"] else header["gen"],
+            ErrorCode.REMOTE_EXCEPTION,
+            str(exc),
+            header["seq"] if header["gather"] else 0,
+            header["stream"],
+            -1 if header["gather"] else header["seq"],
+            type(exc).__name__,
+            "".join(traceback.format_exception(exc)),
+            -1 if header["gather"] else header["gen"],
         )
         out = proto.encode(err)
         ok, error = False, f"{type(exc).__name__}: {exc}"
@@ -679,4 +750,3 @@ def _run_task(
     except zmq.ZMQError as exc:
         return False, f"cannot send to {endpoint}: {exc}"
     return ok, error
-

@@ -92,7 +92,10 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
         signal.signal(signal.SIGTERM, stop)
         log.info(
             "serving %d source(s) %s on %s with %d worker(s)",
-            len(sources), sorted(sources), router.endpoint, config.workers,
+            len(sources),
+            sorted(sources),
+            router.endpoint,
+            config.workers,
         )
         print(f"batchup-server ready on {router.endpoint}", file=ready_file, flush=True)
         router.run()

@@ -119,8 +119,8 @@ class OpenedSource:
         out = []
         for i in fields:
             a = self.arrays[i]
-            if isinstance(a, np.ndarray):
-                out.append(np.take(a, indices, axis=0))
+            if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
+                out.append(np.take(a.view(np.ndarray), indices, axis=0))
             else:  # h5py: increasing, unique indices only
                 uniq, inverse = np.unique(indices % self.length, return_inverse=True)
                 out.append(np.asarray(a[uniq])[inverse])

@@ -9,7 +9,7 @@ may ask to :meth:`Stream.reseed` from a batch on (RNG parity, PROTOCOL.md).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class Task:
     seq: int
     generation: int
     indices: np.ndarray[Any, Any]
-    rng: Union[dict[str, Any], None]
+    rng: dict[str, Any] | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,7 +93,7 @@ class End:
 
     seq: int
     generation: int
-    rng: Union[dict[str, Any], None]
+    rng: dict[str, Any] | None
 
 
 class Stream:
@@ -102,7 +102,7 @@ class Stream:
     def __init__(
         self,
         plan: Plan,
-        rng: Union[CountingRNG, None],
+        rng: CountingRNG | None,
         window: CreditWindow,
         row_bytes: int,
     ):
@@ -122,7 +122,7 @@ class Stream:
     def can_produce(self) -> bool:
         return not self.finished and self.window.allows(self._batch_bytes())
 
-    def produce(self) -> Union[Task, End]:
+    def produce(self) -> Task | End:
         """Draw the next batch's indices (the caller checked :meth:`can_produce`)."""
         seq = self.next_seq
         self._checkpoints[seq] = self.plan.get_state()

@@ -45,11 +45,11 @@ class Uploads:
         try:
             arr = np.load(real, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}")
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}") from exc
         try:
             proto.check_dtype(arr.dtype)
         except proto.UnsupportedDtype as exc:
-            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc)) from exc
         finally:
             del arr
         self.paths[key] = real
@@ -58,9 +58,9 @@ class Uploads:
         try:
             dtype = proto.dtype_from_wire(msg.dtype)
         except proto.UnsupportedDtype as exc:
-            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc))
+            raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc)) from exc
         except proto.ProtocolError as exc:
-            raise RequestError(ErrorCode.MALFORMED, str(exc))
+            raise RequestError(ErrorCode.MALFORMED, str(exc)) from exc
         if not msg.shape or len(msg.shape) > proto.arrays.MAX_NDIM or any(d < 0 for d in msg.shape):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"upload shape {msg.shape} is invalid")
         total = int(np.prod(msg.shape, dtype=np.float64)) * dtype.itemsize
@@ -77,7 +77,9 @@ class Uploads:
         except (OSError, ValueError) as exc:
             if os.path.exists(path):
                 os.unlink(path)
-            raise RequestError(ErrorCode.TOO_LARGE, f"cannot store an upload of {total} bytes: {exc}")
+            raise RequestError(
+                ErrorCode.TOO_LARGE, f"cannot store an upload of {total} bytes: {exc}"
+            ) from exc
         return _Partial(path, mm, ContentHasher(dtype.str, msg.shape), total)
 
     def _abort(self, owner: bytes, key: str) -> None:
@@ -107,7 +109,7 @@ class Uploads:
         flat = part.mm.reshape(-1).view(np.uint8)
         flat[part.received : part.received + raw.nbytes] = raw
         del flat
-        part.hasher.update(memoryview(raw))
+        part.hasher.update(raw.data)
         part.received += raw.nbytes
         if part.received < part.total:
             return

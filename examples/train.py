@@ -27,9 +27,14 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default=os.environ.get("BATCHUP_SERVER"),
-                        help="server address (default: $BATCHUP_SERVER, else a private local server)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("BATCHUP_SERVER"),
+        help="server address (default: $BATCHUP_SERVER, else a private local server)",
+    )
     parser.add_argument("--epochs", type=int, default=5, help="passes over the training set (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")

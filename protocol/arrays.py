@@ -90,9 +90,7 @@ class _Writable:
         }
 
 
-def array_from_buffer(
-    buffer: Any, spec: Any, max_bytes: int, owner: Any = None
-) -> np.ndarray[Any, Any]:
+def array_from_buffer(buffer: Any, spec: Any, max_bytes: int, owner: Any = None) -> np.ndarray[Any, Any]:
     """Build the array described by ``spec`` over ``buffer`` without copying.
 
     The result is writable. ``owner`` (e.g. the ZeroMQ frame) is kept alive as long as
@@ -112,8 +110,7 @@ def array_from_buffer(
     view = memoryview(buffer)
     if view.nbytes != nbytes:
         raise MalformedFrame(
-            f"array frame should hold {nbytes} bytes for {spec[0]} {tuple(shape)}, "
-            f"but holds {view.nbytes}"
+            f"array frame should hold {nbytes} bytes for {spec[0]} {tuple(shape)}, but holds {view.nbytes}"
         )
     if nbytes == 0:
         return np.empty(shape, dtype)

@@ -53,9 +53,7 @@ def _buffer(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
-def decode(
-    frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS
-) -> tuple[Any, list[np.ndarray[Any, Any]]]:
+def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[Any, list[np.ndarray[Any, Any]]]:
     """Decode frames (``bytes`` or ``zmq.Frame``) into ``(message, arrays)``.
 
     Raises :class:`MalformedFrame`, :class:`UnknownMessage`, :class:`FrameTooLarge`
@@ -65,9 +63,7 @@ def decode(
         raise MalformedFrame("a message needs at least a header frame, got 0 frames")
     header = memoryview(_buffer(frames[0]))
     if header.nbytes > limits.max_header_bytes:
-        raise FrameTooLarge(
-            f"header of {header.nbytes} bytes exceeds the limit of {limits.max_header_bytes}"
-        )
+        raise FrameTooLarge(f"header of {header.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
         fields = msgpack.unpackb(header, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -80,9 +76,7 @@ def decode(
     if len(specs) > limits.max_arrays:
         raise FrameTooLarge(f"{len(specs)} arrays exceed the limit of {limits.max_arrays}")
     if len(specs) != len(frames) - 1:
-        raise MalformedFrame(
-            f"header announces {len(specs)} array frames but {len(frames) - 1} follow it"
-        )
+        raise MalformedFrame(f"header announces {len(specs)} array frames but {len(frames) - 1} follow it")
     msg = message_from_fields(fields)
     arrays = [
         array_from_buffer(_buffer(f), spec, limits.max_array_bytes, owner=f)

@@ -38,7 +38,7 @@ def content_key(array: np.ndarray[Any, Any]) -> str:
     """The content key of a whole array (what uploads and shared files are keyed by)."""
     arr = np.ascontiguousarray(array)
     hasher = ContentHasher(arr.dtype.str, arr.shape)
-    hasher.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    hasher.update(arr.reshape(-1).view(np.uint8).data)
     return hasher.key()
 
 
@@ -52,7 +52,7 @@ def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
     import os
     import shutil
 
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(root)
     except OSError:

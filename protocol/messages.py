@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
 from typing import Any, ClassVar, Union
 
@@ -128,7 +129,7 @@ class OpenStream:
     include_indices: bool
     credit_batches: int
     credit_bytes: int
-    fields: Union[list[str], None] = None
+    fields: list[str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class Reseed:
     stream_id: int
     from_seq: int
     generation: int
-    rng: Union[dict[str, Any], None]
+    rng: dict[str, Any] | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,7 +178,7 @@ class Batch:
     stream_id: int
     seq: int
     generation: int
-    rng: Union[dict[str, Any], None] = None
+    rng: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,7 +189,7 @@ class EndOfStream:
     stream_id: int
     seq: int
     generation: int
-    rng: Union[dict[str, Any], None] = None
+    rng: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ class Gather:
     TYPE: ClassVar[str] = "gather"
     request_id: int
     source: dict[str, Any]
-    fields: Union[list[str], None] = None
+    fields: list[str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -289,24 +290,20 @@ class Goodbye:
     client_id: bytes
 
 
-Message = Union[
+Message = Union[  # noqa: UP007 (typing.get_args enumerates the members)
     Hello, Welcome, Describe, SourceInfo, OpenStream, StreamOpened, Credit, Reseed,
     CloseStream, Batch, EndOfStream, Gather, GatherResult, HaveArrays, ArraysPresent,
     RegisterArray, UploadChunk, Ack, Error, Heartbeat, Goodbye,
 ]  # fmt: skip
 
-MESSAGE_TYPES: dict[str, type[Any]] = {
-    cls.TYPE: cls for cls in typing.get_args(Message)
-}
+MESSAGE_TYPES: dict[str, type[Any]] = {cls.TYPE: cls for cls in typing.get_args(Message)}
 
-_HINTS: dict[type[Any], dict[str, Any]] = {
-    cls: typing.get_type_hints(cls) for cls in MESSAGE_TYPES.values()
-}
+_HINTS: dict[type[Any], dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in MESSAGE_TYPES.values()}
 
 
 def _check(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         return any(_check(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
@@ -343,9 +340,6 @@ def message_from_fields(fields: dict[str, Any]) -> Any:
                     f"but got {type(value).__name__} {value!r:.80}"
                 )
             kwargs[f.name] = value
-        elif (
-            f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ):
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise MalformedFrame(f"{name} is missing required field {f.name!r}")
     return cls(**kwargs)

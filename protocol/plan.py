@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class CountingRNG:
 class PlanState:
     """A plan's position: restore it to replay from that batch on."""
 
-    order: Union[IntArray, None]
+    order: IntArray | None
     i: int
     left: int
     done: bool
@@ -95,8 +95,8 @@ class SequencePlan:
         length: int,
         batch_size: int,
         repeats: int = 1,
-        indices: Union[IntArray, None] = None,
-        rng: Union[RNG, None] = None,
+        indices: IntArray | None = None,
+        rng: RNG | None = None,
     ):
         self.length = int(length) if indices is None else len(indices)
         self.batch_size = check_batch_size(batch_size)
@@ -123,7 +123,7 @@ class SequencePlan:
     def num_samples(self) -> float:
         return np.inf if self.repeats == -1 else self.length * self.repeats
 
-    def next(self) -> Union[IntArray, None]:
+    def next(self) -> IntArray | None:
         """Indices of the next batch, or ``None`` when the plan is exhausted."""
         st = self._state
         if st.done:
@@ -168,8 +168,8 @@ class WeightedPlan:
         self,
         weights: IntArray,
         batch_size: int,
-        rng: Union[RNG, None],
-        indices: Union[IntArray, None] = None,
+        rng: RNG | None,
+        indices: IntArray | None = None,
         kind: str = "WeightedSampler",
     ):
         self.weights = weights
@@ -187,7 +187,7 @@ class WeightedPlan:
     def num_samples(self) -> float:
         return np.inf
 
-    def next(self) -> Union[IntArray, None]:
+    def next(self) -> IntArray | None:
         if self.rng is None:
             raise NotImplementedError(f"In-order sampling not supported by {self.kind}")
         size = (self.batch_size,)
@@ -196,12 +196,10 @@ class WeightedPlan:
         return np.asarray(self.rng.choice(self.indices, size=size, p=self.weights))
 
 
-Plan = Union[SequencePlan, WeightedPlan]
+Plan = SequencePlan | WeightedPlan
 
 
-def build_plan(
-    spec: dict[str, Any], batch_size: int, rng: Union[RNG, None], arrays: list[IntArray]
-) -> Plan:
+def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: list[IntArray]) -> Plan:
     """The plan described by an ``OpenStream.plan`` map (arrays: its attached frames).
 
     ``spec["kind"]`` is ``"standard"`` (``length``, ``repeats``), ``"subset"``

@@ -48,9 +48,4 @@ def decode_rng_state(data: Any) -> RNGState:
 
 def states_equal(a: Any, b: Any) -> bool:
     """Whether two ``get_state()`` tuples describe the same generator position."""
-    return (
-        a[2] == b[2]
-        and a[3] == b[3]
-        and a[4] == b[4]
-        and bool(np.array_equal(a[1], b[1]))
-    )
+    return a[2] == b[2] and a[3] == b[3] and a[4] == b[4] and bool(np.array_equal(a[1], b[1]))

@@ -21,9 +21,10 @@ import os
 import sys
 from typing import Any
 
-import batchup_protocol as proto
 import msgpack
 import numpy as np
+
+import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,22 +49,33 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
     msgs: list[tuple[Any, list[np.ndarray[Any, Any]]]] = [
         (
             proto.Hello(
-                [1, 0], CLIENT_ID, "tcp://10.0.0.2:40123",
-                "trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a", "s3cret", 4242,
+                [1, 0],
+                CLIENT_ID,
+                "tcp://10.0.0.2:40123",
+                "trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a",
+                "s3cret",
+                4242,
             ),
             [],
         ),
         (
             proto.Welcome(
-                [1, 0], "5e1f0c2a9b3d4e6f", "data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
-                SHM_DIR, 1.0, 30.0, 1 << 30, ["demo", "mnist"],
+                [1, 0],
+                "5e1f0c2a9b3d4e6f",
+                "data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
+                SHM_DIR,
+                1.0,
+                30.0,
+                1 << 30,
+                ["demo", "mnist"],
             ),
             [],
         ),
         (proto.Describe(1, {"name": "mnist"}), []),
         (
             proto.SourceInfo(
-                1, 60000,
+                1,
+                60000,
                 [
                     {"name": "X", "dtype": "|u1", "shape": [28, 28]},
                     {"name": "y", "dtype": "<i8", "shape": []},
@@ -74,9 +86,15 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         ),
         (
             proto.OpenStream(
-                2, 1, {"name": "mnist"},
+                2,
+                1,
+                {"name": "mnist"},
                 {"kind": "subset", "repeats": 1, "indices": 0, "rng": _rng_state(12345)},
-                4, True, 8, 1 << 28, ["X", "y"],
+                4,
+                True,
+                8,
+                1 << 28,
+                ["X", "y"],
             ),
             [np.array([5, 3, 9, 0, 7, 1, 8, 2], dtype="<i4")],
         ),
@@ -97,9 +115,7 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         (proto.HaveArrays(4, [KEY_F4, KEY_I8]), []),
         (proto.ArraysPresent(4, [True, False]), []),
         (
-            proto.RegisterArray(
-                5, KEY_F4, SHM_DIR + "/" + KEY_F4.replace(":", "-") + ".npy"
-            ),
+            proto.RegisterArray(5, KEY_F4, SHM_DIR + "/" + KEY_F4.replace(":", "-") + ".npy"),
             [],
         ),
         (
@@ -109,7 +125,12 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         (proto.Ack(6), []),
         (
             proto.Error(
-                int(ErrorCode.REMOTE_EXCEPTION), "division by zero", 0, 1, 5, "ZeroDivisionError",
+                int(ErrorCode.REMOTE_EXCEPTION),
+                "division by zero",
+                0,
+                1,
+                5,
+                "ZeroDivisionError",
                 "Traceback (most recent call last):\n"
                 '  File "augment.py", line 3, in augment\n'
                 "ZeroDivisionError: division by zero\n",
@@ -144,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder to write into (default: %(default)s)")
     parser.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help="overwrite existing files (only when the protocol changed on purpose)",
     )
     args = parser.parse_args(argv)

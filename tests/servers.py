@@ -9,8 +9,8 @@ import selectors
 import signal
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -71,8 +71,13 @@ class RunningServer:
         if not any(a.startswith("--bind") for a in args):
             cmd += ["--bind", "tcp://127.0.0.1:0"]
         self.process = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, cwd=cwd, env=env,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=cwd,
+            env=env,
         )
         self.lines: list[str] = []
         self._new_lines: queue.Queue[str] = queue.Queue()

@@ -76,7 +76,10 @@ def test_garbage_bytes_on_the_port(server):
         ([msgpack.packb([1, 2, 3])], "header should be a msgpack map"),
         ([msgpack.packb({"type": "launch_missiles"})], "unknown message type"),
         ([msgpack.packb({"type": "hello", "version": [1, 0]})], "missing required field 'client_id'"),
-        ([msgpack.packb({"type": "credit", "stream_id": "x", "batches": 1, "consumed": 0})], "credit.stream_id"),
+        (
+            [msgpack.packb({"type": "credit", "stream_id": "x", "batches": 1, "consumed": 0})],
+            "credit.stream_id",
+        ),
         ([msgpack.packb({"type": "ack", "request_id": 1, "arrays": [["<f4", [2]]]})], "announces 1 array"),
     ],
 )
@@ -123,7 +126,9 @@ def test_bad_batch_sizes(server):
         src = client.source("demo")
         for bad in (0, -5):
             it = src.batch_iterator(batch_size=bad)
-            with pytest.raises(ValueError, match=f"batch_size should be a positive integer, but got batch_size={bad}"):
+            with pytest.raises(
+                ValueError, match=f"batch_size should be a positive integer, but got batch_size={bad}"
+            ):
                 next(it)
         with pytest.raises(TypeError, match="batch_size"):
             next(src.batch_iterator(batch_size=2.5))
@@ -140,22 +145,38 @@ def test_raw_open_stream_argument_errors(server, peer):
         (dict(batch_size=10**12), ErrorCode.TOO_LARGE, "max_message_bytes"),
         (dict(credit_batches=0), ErrorCode.INVALID_ARGUMENT, "credit_batches"),
         (dict(plan={"kind": "standard", "length": 5, "repeats": 1}), ErrorCode.INVALID_ARGUMENT, "length"),
-        (dict(plan={"kind": "standard", "length": 12000, "repeats": 0}), ErrorCode.INVALID_ARGUMENT, "repeats"),
+        (
+            dict(plan={"kind": "standard", "length": 12000, "repeats": 0}),
+            ErrorCode.INVALID_ARGUMENT,
+            "repeats",
+        ),
         (dict(plan={"kind": "spiral"}), ErrorCode.INVALID_ARGUMENT, "plan kind"),
         (dict(fields=["Z"]), ErrorCode.INVALID_ARGUMENT, "no field"),
         (dict(source={"name": "nope"}), ErrorCode.UNKNOWN_SOURCE, "unknown source"),
         (dict(source={"arrays": ["sha256:00"]}), ErrorCode.UNKNOWN_SOURCE, "no array"),
     ]
     for i, (override, code, text) in enumerate(cases):
-        args = dict(request_id=i + 1, stream_id=i + 1, source={"name": "demo"}, plan=plan, batch_size=10,
-                    include_indices=False, credit_batches=4, credit_bytes=1 << 20)
+        args = dict(
+            request_id=i + 1,
+            stream_id=i + 1,
+            source={"name": "demo"},
+            plan=plan,
+            batch_size=10,
+            include_indices=False,
+            credit_batches=4,
+            credit_bytes=1 << 20,
+        )
         args.update(override)
         peer.send(proto.OpenStream(**args))
         reply = peer.recv()
         assert isinstance(reply, proto.Error), override
         assert reply.code == code and text in reply.message and reply.request_id == i + 1, (override, reply)
-    peer.send(proto.OpenStream(99, 99, {"name": "demo"}, {"kind": "subset", "repeats": 1, "indices": 0}, 10,
-                               False, 4, 1 << 20), [np.array([5, 12000])])
+    peer.send(
+        proto.OpenStream(
+            99, 99, {"name": "demo"}, {"kind": "subset", "repeats": 1, "indices": 0}, 10, False, 4, 1 << 20
+        ),
+        [np.array([5, 12000])],
+    )
     reply = peer.recv()
     assert reply.code == ErrorCode.INVALID_ARGUMENT and "out of range" in reply.message
     peer.send(proto.Credit(12345, 1, 0))
@@ -170,8 +191,17 @@ def test_unsupported_dtypes_are_refused(server, peer):
         with pytest.raises(TypeError):
             client.array_source([np.array(["a", "b"])])
     assert isinstance(peer.hello(), proto.Welcome)
-    header = msgpack.packb({"type": "upload_chunk", "request_id": 3, "key": "k", "dtype": "|O8",
-                            "shape": [1], "offset": 0, "arrays": [["|u1", [8]]]})
+    header = msgpack.packb(
+        {
+            "type": "upload_chunk",
+            "request_id": 3,
+            "key": "k",
+            "dtype": "|O8",
+            "shape": [1],
+            "offset": 0,
+            "arrays": [["|u1", [8]]],
+        }
+    )
     peer.send_raw([header, b"\0" * 8])
     reply = peer.recv()
     assert reply.code == ErrorCode.UNSUPPORTED_DTYPE

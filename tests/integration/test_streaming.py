@@ -65,7 +65,7 @@ def _write_sources(folder):
         f["train/y"] = y
     with open(os.path.join(folder, "server.toml"), "w") as f:
         f.write(
-            '[server]\nworkers = 2\n\n'
+            "[server]\nworkers = 2\n\n"
             '[sources.npy]\nnpy = { X = "X.npy", y = "y.npy" }\n\n'
             '[sources.npz]\nnpz = "pack.npz"\nkeys = ["X", "y"]\n\n'
             '[sources.h5]\nhdf5 = "data.h5"\ndatasets = { X = "train/X", y = "train/y" }\n'
@@ -93,7 +93,9 @@ def test_config_sources_npy_npz_hdf5(tmp_path, name):
 def test_one_client_interleaves_train_and_validation_streams(server):
     X, y = make_demo_arrays()
     with batchup_client.connect(server.endpoint) as client:
-        train = client.source("demo", repeats=-1).batch_iterator(batch_size=100, shuffle=np.random.RandomState(1))
+        train = client.source("demo", repeats=-1).batch_iterator(
+            batch_size=100, shuffle=np.random.RandomState(1)
+        )
         val = client.source("demo", indices=np.arange(1000)).batch_iterator(batch_size=128)
         train_ref = data_source.RandomAccessDataSource(len(X), repeats=-1).batch_indices_iterator(
             100, shuffle=np.random.RandomState(1)
@@ -202,8 +204,12 @@ def test_ping_answers_when_a_server_runs(server):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "batchup_server", "ping", server.endpoint],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "batchup_server", "ping", server.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "answered" in out.stdout
 
 
@@ -212,9 +218,13 @@ def test_examples_train_loss_goes_down(server):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "examples/train.py", "--server", server.endpoint, "--epochs", "3"],
-                         capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = subprocess.run(
+        [sys.executable, "examples/train.py", "--server", server.endpoint, "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert out.returncode == 0, out.stderr
     losses = [float(x) for x in re.findall(r"train loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 from batchup import sampling as bsampling
-from batchup_protocol.plan import SequencePlan, WeightedPlan
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from batchup_client import sampling as csampling
+from batchup_protocol.plan import SequencePlan, WeightedPlan
 
 SETTINGS = settings(
     max_examples=300,
@@ -374,20 +374,14 @@ def test_weighted_sampler_attributes(weights: np.ndarray) -> None:
     assert str(err) == "In-order sampling not supported by WeightedSampler"
 
 
-@pytest.mark.parametrize(
-    "weights", [np.zeros(4), np.zeros(3, dtype=np.int64), np.array([1.0, -1.0])]
-)
+@pytest.mark.parametrize("weights", [np.zeros(4), np.zeros(3, dtype=np.int64), np.array([1.0, -1.0])])
 def test_weighted_sampler_zero_sum(weights: np.ndarray) -> None:
-    err = raises_same(
-        lambda: csampling.WeightedSampler(weights), lambda: bsampling.WeightedSampler(weights)
-    )
+    err = raises_same(lambda: csampling.WeightedSampler(weights), lambda: bsampling.WeightedSampler(weights))
     assert isinstance(err, ValueError) and str(err) == "weights should not sum to 0"
 
 
 def test_weighted_sampler_list_weights() -> None:
-    raises_same(
-        lambda: csampling.WeightedSampler([1.0, 2.0]), lambda: bsampling.WeightedSampler([1.0, 2.0])
-    )
+    raises_same(lambda: csampling.WeightedSampler([1.0, 2.0]), lambda: bsampling.WeightedSampler([1.0, 2.0]))
 
 
 def test_weighted_subset_sampler() -> None:

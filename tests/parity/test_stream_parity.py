@@ -366,9 +366,7 @@ def test_empty_subset(side: str, client: Any) -> None:
 # ----------------------------------------------------------------------------- RNG interplay
 
 
-def _interleave(
-    sources: list[Any], bs: list[int], rng: Any, limit: int = 40
-) -> list[tuple[int, Any, Any]]:
+def _interleave(sources: list[Any], bs: list[int], rng: Any, limit: int = 40) -> list[tuple[int, Any, Any]]:
     """batch from it1, batch from it2, ... round robin until all stop (or ``limit`` steps)."""
     its: list[Any] = [s.batch_iterator(b, shuffle=rng) for s, b in zip(sources, bs)]
     out = []
@@ -403,7 +401,7 @@ INTERLEAVE_SPECS = [
 def _interleave_sources(side: str, spec: list[Any], client: Any, same: bool) -> list[Any]:
     r = np.random.RandomState(77)
     sources = []
-    for j, (n, bs, repeats, subset, weighted) in enumerate(spec):
+    for j, (n, _bs, repeats, subset, weighted) in enumerate(spec):
         X = r.standard_normal((n, 2)).astype(np.float32)
         y = np.arange(n, dtype=np.int32) * 10 + j
         idx = r.choice(n, size=max(1, n - 3), replace=False).astype(np.int32) if subset else None
@@ -474,9 +472,7 @@ def test_two_iterators_share_one_rng_interleaved(
 
 
 @pytest.mark.parametrize("side", SIDES)
-def test_same_source_two_iterators_share_one_rng(
-    side: str, client: Any, streams: list[Any]
-) -> None:
+def test_same_source_two_iterators_share_one_rng(side: str, client: Any, streams: list[Any]) -> None:
     spec = [(13, 4, 2, False, False), (13, 4, 2, False, False)]
     exp_rng, got_rng = np.random.RandomState(5), np.random.RandomState(5)
     exp = _interleave(_interleave_sources("batchup", spec, client, True), [4, 4], exp_rng)
@@ -486,9 +482,7 @@ def test_same_source_two_iterators_share_one_rng(
         assert kg == ke and (bg is None) == (be is None), f"step {i}"
         if be is not None:
             assert_same_batch(bg, be, f"{side} step {i}")
-        assert np.array_equal(sg[1], se[1]) and sg[2:] == se[2:], (
-            f"{side} step {i}: RNG state differs"
-        )
+        assert np.array_equal(sg[1], se[1]) and sg[2:] == se[2:], f"{side} step {i}: RNG state differs"
     assert streams, "the client side never opened a server stream"
 
 
@@ -575,9 +569,7 @@ def test_client_iterator_interleaved_with_a_batchup_iterator(
         assert kg == ke and (bg is None) == (be is None), f"step {i}"
         if be is not None:
             assert_same_batch(bg, be, f"{side} mixed step {i}")
-        assert np.array_equal(sg[1], se[1]) and sg[2:] == se[2:], (
-            f"{side} mixed step {i}: RNG state differs"
-        )
+        assert np.array_equal(sg[1], se[1]) and sg[2:] == se[2:], f"{side} mixed step {i}: RNG state differs"
     assert streams, "the client side never opened a server stream"
 
 
@@ -948,9 +940,7 @@ def test_batch_map_module_functions(side: str, client: Any) -> None:
                     p1, p2 = FakeProgress(), FakeProgress()
                     # a shared iterator is consumed exactly n_batches times by each call
                     r1 = concat(_concat_xy, it, p1, n_batches, None)
-                    r2 = mean(
-                        _mean_per_sample, it, progress_iter_func=p2, sum_axis=0, n_batches=n_batches
-                    )
+                    r2 = mean(_mean_per_sample, it, progress_iter_func=p2, sum_axis=0, n_batches=n_batches)
                     r3 = concat(_with_prepend, it, n_batches=total, prepend_args=(1.5, 0.0))
                     rest = [copy_batch(b) for b in it]
                     out[which] = (
@@ -972,9 +962,7 @@ def test_batch_map_module_functions(side: str, client: Any) -> None:
                 assert len(g[7]) == len(e[7]), what
                 for b_g, b_e in zip(g[7], e[7]):
                     assert_same_batch(b_g, b_e, what + " remaining")
-                assert np.array_equal(g[8][1], e[8][1]) and g[8][2:] == e[8][2:], (
-                    f"{what}: RNG state"
-                )
+                assert np.array_equal(g[8][1], e[8][1]) and g[8][2:] == e[8][2:], f"{what}: RNG state"
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -1083,9 +1071,7 @@ def test_empty_data_list_raises_index_error(side: str, client: Any) -> None:
         g = raises_info(lambda: cds.ArrayDataSource([]))
     else:
         g = raises_info(lambda: client.array_source([]))
-    assert isinstance(g, IndexError), (
-        f"{side}: {type(g).__name__}({g}), batchup raises IndexError({e})"
-    )
+    assert isinstance(g, IndexError), f"{side}: {type(g).__name__}({g}), batchup raises IndexError({e})"
     if side == "dropin":
         assert str(g) == str(e)
 
@@ -1093,9 +1079,7 @@ def test_empty_data_list_raises_index_error(side: str, client: Any) -> None:
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("shuffle", [None, "rs"])
 @pytest.mark.parametrize("indices", [None, np.array([2, 4, 6])])
-def test_batch_size_zero_raises_at_first_next(
-    side: str, shuffle: Any, indices: Any, client: Any
-) -> None:
+def test_batch_size_zero_raises_at_first_next(side: str, shuffle: Any, indices: Any, client: Any) -> None:
     X, y = _data()
     ds = (
         cds.ArrayDataSource([X, y], indices=indices)
@@ -1135,9 +1119,7 @@ def test_bad_shuffle_raises_attribute_error_at_first_next(
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("kind", ["weighted", "weighted_subset"])
 @pytest.mark.parametrize("shuffle", [None, False])
-def test_weighted_in_order_raises_at_first_next(
-    side: str, kind: str, shuffle: Any, client: Any
-) -> None:
+def test_weighted_in_order_raises_at_first_next(side: str, kind: str, shuffle: Any, client: Any) -> None:
     X, y = _data()
     errs = []
     for which in ("batchup", side):
@@ -1190,9 +1172,7 @@ def test_results_do_not_depend_on_worker_count(client: Any) -> None:
 
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("shuffle", [None, "rs"])
-def test_batches_are_writable_and_do_not_alias_the_data(
-    side: str, shuffle: Any, client: Any
-) -> None:
+def test_batches_are_writable_and_do_not_alias_the_data(side: str, shuffle: Any, client: Any) -> None:
     r = np.random.RandomState(6)
     X = r.standard_normal((50, 4)).astype(np.float32)
     y = r.randint(0, 9, size=50).astype(np.int32)
@@ -1218,9 +1198,7 @@ def test_batches_are_writable_and_do_not_alias_the_data(
                 a += a.dtype.type(1) if a.dtype.kind != "b" else True
         assert len(g_batches) == len(e_batches)
         for k, (g, e) in enumerate(zip(g_batches, e_batches)):
-            assert_same_batch(
-                g, e, f"{side} epoch {epoch} batch {k} (after writing into earlier batches)"
-            )
+            assert_same_batch(g, e, f"{side} epoch {epoch} batch {k} (after writing into earlier batches)")
         # writing into batches changes neither the caller's arrays nor the server's copy
         np.testing.assert_array_equal(X, X0)
         np.testing.assert_array_equal(y, y0)
@@ -1250,11 +1228,7 @@ def test_non_contiguous_and_fortran_arrays(side: str, client: Any) -> None:
         base[20:, 1:5].T.copy().T,
     ]
     e_ds = bds.ArrayDataSource(data, repeats=2)
-    g_ds = (
-        cds.ArrayDataSource(data, repeats=2)
-        if side == "dropin"
-        else client.array_source(data, repeats=2)
-    )
+    g_ds = cds.ArrayDataSource(data, repeats=2) if side == "dropin" else client.array_source(data, repeats=2)
     for shuffle in (None, 3):
         e_rng = np.random.RandomState(shuffle) if shuffle else None
         g_rng = np.random.RandomState(shuffle) if shuffle else None

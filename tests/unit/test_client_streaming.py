@@ -22,14 +22,20 @@ class FakeServer:
         self.inbox = Inbox()
         self.shuffle_delivery = shuffle_delivery
 
-    def open_stream(self, source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes):
+    def open_stream(
+        self, source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes
+    ):
         rng = None
         if plan.get("rng") is not None:
             rs = np.random.RandomState()
             rs.set_state(proto.decode_rng_state(plan["rng"]))
             rng = CountingRNG(rs)
-        self.stream = Stream(build_plan(plan, batch_size, rng, list(plan_arrays)), rng,
-                             CreditWindow(credit_batches, credit_bytes), 8)
+        self.stream = Stream(
+            build_plan(plan, batch_size, rng, list(plan_arrays)),
+            rng,
+            CreditWindow(credit_batches, credit_bytes),
+            8,
+        )
         return 1
 
     def _pump(self):

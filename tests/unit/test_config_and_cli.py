@@ -21,8 +21,11 @@ def write(tmp_path, text):
 
 
 def test_sources_and_options_from_toml(tmp_path):
-    path = write(tmp_path, '[server]\nworkers = 3\n[sources.a]\nnpy = { X = "x.npy" }\n'
-                           '[sources.b]\nnpz = "d/b.npz"\n[sources.c]\nhdf5 = "c.h5"\ndatasets = { X = "g/X" }\n')
+    path = write(
+        tmp_path,
+        '[server]\nworkers = 3\n[sources.a]\nnpy = { X = "x.npy" }\n'
+        '[sources.b]\nnpz = "d/b.npz"\n[sources.c]\nhdf5 = "c.h5"\ndatasets = { X = "g/X" }\n',
+    )
     cfg = load_config(path, workers=None, bind="tcp://127.0.0.1:7")
     assert cfg.workers == 3 and cfg.bind == "tcp://127.0.0.1:7"
     assert cfg.sources["a"].fields[0] == FieldSpec("X", "npy", str(tmp_path / "x.npy"))
@@ -61,7 +64,9 @@ def test_heartbeat_must_be_shorter_than_timeout():
 def test_sources_check_lengths_and_files(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros(5))
     np.save(tmp_path / "b.npy", np.zeros(4))
-    spec = SourceSpec("s", (FieldSpec("a", "npy", str(tmp_path / "a.npy")), FieldSpec("b", "npy", str(tmp_path / "b.npy"))))
+    spec = SourceSpec(
+        "s", (FieldSpec("a", "npy", str(tmp_path / "a.npy")), FieldSpec("b", "npy", str(tmp_path / "b.npy")))
+    )
     with pytest.raises(SourceError, match="different lengths"):
         open_source(spec)
     with pytest.raises(SourceError, match="does not exist"):
@@ -101,14 +106,27 @@ def test_key_cache_rehashes_small_arrays_and_notices_big_changes():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "batchup_server", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "batchup_server", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_help_explains_every_option():
     out = run_cli("--help")
     assert out.returncode == 0
-    for option in ("--bind", "--config", "--workers", "--client-timeout", "--heartbeat-interval",
-                   "--max-message-bytes", "--token", "--no-demo", "--log-level", "ping", "SIGTERM"):
+    for option in (
+        "--bind",
+        "--config",
+        "--workers",
+        "--client-timeout",
+        "--heartbeat-interval",
+        "--max-message-bytes",
+        "--token",
+        "--no-demo",
+        "--log-level",
+        "ping",
+        "SIGTERM",
+    ):
         assert option in out.stdout, option
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import batchup_protocol as proto
 import msgpack
 import numpy as np
 import pytest
+
+import batchup_protocol as proto
 from batchup_protocol.host import content_key
 
 GOLDEN = Path(proto.__file__).resolve().parent / "golden"
@@ -101,10 +102,12 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         proto.Batch(stream_id=1, seq=0, generation=0, rng=rng_state(12345, permute=8)),
         [
             np.array(
-                [[[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]],
-                 [[1.5, 1.75, 2.0], [2.25, 2.5, 2.75]],
-                 [[3.0, 3.25, 3.5], [3.75, 4.0, 4.25]],
-                 [[4.5, 4.75, 5.0], [5.25, 5.5, 5.75]]],
+                [
+                    [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]],
+                    [[1.5, 1.75, 2.0], [2.25, 2.5, 2.75]],
+                    [[3.0, 3.25, 3.5], [3.75, 4.0, 4.25]],
+                    [[4.5, 4.75, 5.0], [5.25, 5.5, 5.75]],
+                ],
                 dtype=">f4",
             ),
             np.array([3, 1, 4, 1], dtype="<i8"),
@@ -217,8 +220,17 @@ def test_golden_header_field_order() -> None:
     """type first, then fields in declaration order, then arrays."""
     header = msgpack.unpackb(read_frames("open_stream")[0], raw=False)
     assert list(header) == [
-        "type", "request_id", "stream_id", "source", "plan", "batch_size",
-        "include_indices", "credit_batches", "credit_bytes", "fields", "arrays",
+        "type",
+        "request_id",
+        "stream_id",
+        "source",
+        "plan",
+        "batch_size",
+        "include_indices",
+        "credit_batches",
+        "credit_bytes",
+        "fields",
+        "arrays",
     ]
     assert header["arrays"] == [["<i4", [8]]]
     assert list(msgpack.unpackb(read_frames("ack")[0], raw=False)) == ["type", "request_id"]
@@ -239,4 +251,3 @@ def test_golden_rng_states_are_valid() -> None:
     msg, _ = proto.decode(read_frames("open_stream"))
     state = proto.decode_rng_state(msg.plan["rng"])
     assert proto.states_equal(state, np.random.RandomState(12345).get_state())
-

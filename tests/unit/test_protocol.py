@@ -9,11 +9,12 @@ import dataclasses
 import typing
 from typing import Any
 
-import batchup_protocol as proto
 import msgpack
 import numpy as np
 import pytest
 import zmq
+
+import batchup_protocol as proto
 from batchup_protocol import (
     FrameTooLarge,
     Limits,
@@ -33,8 +34,16 @@ SAMPLES: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     "describe": (proto.Describe(1, {"name": "demo"}), []),
     "source_info": (proto.SourceInfo(1, 10, [{"name": "X", "dtype": "<f4", "shape": [3]}]), []),
     "open_stream": (
-        proto.OpenStream(2, 1, {"arrays": ["sha256:00"]}, {"kind": "subset", "repeats": 2,
-                         "indices": 0, "rng": RNG}, 3, False, 4, 1 << 20),
+        proto.OpenStream(
+            2,
+            1,
+            {"arrays": ["sha256:00"]},
+            {"kind": "subset", "repeats": 2, "indices": 0, "rng": RNG},
+            3,
+            False,
+            4,
+            1 << 20,
+        ),
         [np.array([4, 2, 0], dtype="<i4")],
     ),
     "stream_opened": (proto.StreamOpened(2, 1), []),
@@ -143,9 +152,22 @@ def test_defaults_fill_fields_an_older_peer_did_not_send() -> None:
     assert msg == proto.Error(4, "bad", 0, 0, -1, "", "")
     msg, _ = proto.decode([header({"type": "batch", "stream_id": 1, "seq": 2, "generation": 0})])
     assert msg == proto.Batch(1, 2, 0, None)
-    msg, _ = proto.decode([header({"type": "welcome", "version": [1, 3], "server_id": "s",
-                                   "host_id": "h", "shm_dir": "", "heartbeat_interval": 1,
-                                   "client_timeout": 5, "max_message_bytes": 10})])
+    msg, _ = proto.decode(
+        [
+            header(
+                {
+                    "type": "welcome",
+                    "version": [1, 3],
+                    "server_id": "s",
+                    "host_id": "h",
+                    "shm_dir": "",
+                    "heartbeat_interval": 1,
+                    "client_timeout": 5,
+                    "max_message_bytes": 10,
+                }
+            )
+        ]
+    )
     assert msg.sources == [] and msg.heartbeat_interval == 1
 
 
@@ -201,9 +223,7 @@ def test_missing_required_field_is_malformed_and_named(name: str, field: str) ->
 
 def _all_fields() -> list[tuple[str, str]]:
     return [
-        (name, f.name)
-        for name, cls in sorted(proto.MESSAGE_TYPES.items())
-        for f in dataclasses.fields(cls)
+        (name, f.name) for name, cls in sorted(proto.MESSAGE_TYPES.items()) for f in dataclasses.fields(cls)
     ]
 
 
@@ -366,7 +386,20 @@ def test_dtype_without_explicit_byte_order_is_malformed(dtype_str: Any) -> None:
 
 def test_allow_list() -> None:
     assert proto.ALLOWED_DTYPES == {
-        "b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16",
+        "b1",
+        "i1",
+        "i2",
+        "i4",
+        "i8",
+        "u1",
+        "u2",
+        "u4",
+        "u8",
+        "f2",
+        "f4",
+        "f8",
+        "c8",
+        "c16",
     }
 
 
