@@ -401,6 +401,11 @@ class Client:
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
 
+    def ready(self, stream_id: int, seq: int) -> bool:
+        """Whether item ``seq`` of a stream can be had without waiting."""
+        inbox = self._inboxes.get(stream_id)
+        return inbox is not None and inbox.has(seq)
+
     def poll_data(self, timeout: float) -> bool:
         """Receive one pending data message (waiting up to ``timeout`` s); False if none came."""
         self._check()

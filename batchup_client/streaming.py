@@ -63,6 +63,10 @@ class Inbox:
             return
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
+    def has(self, seq: int) -> bool:
+        """Whether :meth:`take` would return something now."""
+        return seq in self._items or self._failure is not None
+
     def take(self, seq: int) -> tuple[Any, list[Any]] | None:
         """Item ``seq`` if it arrived; else the stream's failure, if it has one."""
         item = self._items.pop(seq, None)
@@ -90,6 +94,7 @@ class Connection(Protocol):
         credit_bytes: int,
     ) -> int: ...
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
+    def ready(self, stream_id: int, seq: int) -> bool: ...
     def send_credit(self, stream_id: int, batches: int, consumed: int) -> None: ...
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
     def close_stream(self, stream_id: int) -> None: ...
@@ -119,6 +124,11 @@ def iterate(
     consumed = granted = generation = 0
     try:
         while True:
+            if consumed > granted and not conn.ready(sid, consumed):
+                # about to wait: report every consumed batch first, or a byte budget
+                # smaller than grant_every batches would never be released (deadlock)
+                conn.send_credit(sid, consumed - granted, consumed)
+                granted = consumed
             msg, arrays = conn.next_item(sid, consumed)
             if isinstance(msg, proto.Error):
                 raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)

@@ -62,3 +62,10 @@ def test_consuming_returns_credit(server):
             next(it)
         it.close()
         assert client.info()["open_streams"] == 0  # closing the iterator released the stream
+
+
+def test_small_byte_budget_with_many_batch_credits_streams_to_the_end(server):
+    with batchup_client.connect(server.endpoint) as client:
+        client.prefetch = (32, 2 * 100 * ROW_BYTES)  # two batches fit, credit batched by 8
+        it = client.source("demo").batch_iterator(batch_size=100, shuffle=np.random.RandomState(2))
+        assert sum(1 for _ in it) == 120

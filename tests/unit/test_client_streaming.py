@@ -62,6 +62,9 @@ class FakeServer:
             self._pump()
         raise AssertionError(f"batch {seq} never came")
 
+    def ready(self, stream_id, seq):
+        return self.inbox.has(seq)
+
     def send_credit(self, stream_id, batches, consumed):
         self.credits.append((batches, consumed))
         self.stream.credit(batches, consumed)
@@ -170,3 +173,19 @@ def test_resolve_shuffle():
             resolve_shuffle(bad)
     with pytest.raises(UnsupportedShuffle):
         resolve_shuffle(np.random.default_rng(0))
+
+
+def test_byte_budget_below_the_credit_batching_never_deadlocks():
+    """Only 2 batches fit the byte budget while credit is returned every 8: the client must
+    report what it consumed before it waits."""
+
+    class Tight(FakeServer):
+        def open_stream(self, *args):
+            args = list(args)
+            args[-1] = 2 * 8 * 5  # bytes for two batches of 5 rows of 8 bytes
+            return super().open_stream(*args)
+
+    fake = Tight(shuffle_delivery=False)
+    gen = iterate(fake, {"name": "x"}, {"kind": "standard", "length": 100}, [], 5, rng=None, prefetch=32)
+    assert sum(1 for _ in gen) == 20
+    assert fake.credits and all(b >= 1 for b, _ in fake.credits)
