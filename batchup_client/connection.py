@@ -46,6 +46,7 @@ __all__ = ["Client", "UPLOAD_CHUNK_BYTES"]
 log = logging.getLogger("batchup_client")
 
 UPLOAD_CHUNK_BYTES = 8 << 20
+GOODBYE_LINGER_MS = 250
 POLL_SLICE_MS = 100
 
 
@@ -218,10 +219,13 @@ class Client:
             )
         return reply
 
-    def _teardown(self) -> None:
+    def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.stopped.set()
             self._heartbeat.join(2.0)
+
+    def _teardown(self) -> None:
+        self._stop_heartbeat()
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._private_dir, ignore_errors=True)
 
@@ -230,8 +234,10 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._stop_heartbeat()  # no heartbeat may follow the goodbye
         try:
             self._control.send_multipart(proto.encode(proto.Goodbye(self.client_id)), zmq.NOBLOCK)
+            self._control.close(linger=GOODBYE_LINGER_MS)  # let the goodbye out
         except zmq.ZMQError:
             pass
         self._teardown()

@@ -273,7 +273,10 @@ class Router:
                     ErrorCode.UNAUTHORIZED, "heartbeats must come from the client's own sockets"
                 )
             if client is None:
-                raise RequestError(ErrorCode.UNKNOWN_CLIENT, "unknown client; it was reclaimed")
+                self._reply(
+                    routing_id, proto.Error(ErrorCode.UNKNOWN_CLIENT, "unknown client; it was reclaimed")
+                )
+                return
             client.last_seen = time.monotonic()
             self._reply(routing_id, proto.Heartbeat(b"", time.time()))
         elif isinstance(msg, proto.Goodbye):
@@ -640,8 +643,8 @@ class Router:
         for worker in getattr(self, "workers", []):
             try:
                 worker.socket.send(stop, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            except zmq.ZMQError:  # not connected yet (still starting): it cannot hear us
+                worker.process.terminate()
         deadline = time.monotonic() + 3.0
         for worker in getattr(self, "workers", []):
             worker.process.join(max(0.0, deadline - time.monotonic()))
