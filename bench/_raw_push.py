@@ -1,0 +1,66 @@
+"""Raw pyzmq baseline, sender side: PUSH pre-built batches (X frame + y frame, copy=False).
+
+Started by ``run.py``; connects a PULL to the benchmark's command endpoint and a PUSH to
+its data endpoint. Commands are JSON:
+
+* ``{"op": "hello"}`` → one small message, so the receiver knows the pipe is up;
+* ``{"op": "send", "rows": N, "batch": B, "x_row": BYTES, "y_row": BYTES}`` → one
+  epoch's worth of batches (the last one short, as batchup's), same byte sizes as the
+  service's X and y frames;
+* ``{"op": "stop"}`` → exit.
+
+Exits on its own when the benchmark process goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import zmq
+
+HWM = 32
+
+
+def main() -> int:
+    command_endpoint, data_endpoint, parent = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ctx = zmq.Context()
+    try:
+        commands = ctx.socket(zmq.PULL)
+        commands.setsockopt(zmq.LINGER, 0)
+        commands.connect(command_endpoint)
+        data = ctx.socket(zmq.PUSH)
+        data.setsockopt(zmq.LINGER, 0)
+        data.setsockopt(zmq.SNDHWM, HWM)
+        data.connect(data_endpoint)
+        buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        while True:
+            if not commands.poll(500):
+                if os.getppid() != parent:
+                    return 0
+                continue
+            cmd = json.loads(commands.recv())
+            if cmd["op"] == "stop":
+                return 0
+            if cmd["op"] == "hello":
+                data.send_multipart([b"hello"])
+                continue
+            rows, batch, x_row, y_row = cmd["rows"], cmd["batch"], cmd["x_row"], cmd["y_row"]
+            key = (batch * x_row, batch * y_row)
+            if key not in buffers:
+                # touched, non-zero pages (a calloc'd zero page would be unrealistically cheap)
+                x = (np.arange(key[0], dtype=np.int64) % 251).astype(np.uint8)
+                y = (np.arange(key[1], dtype=np.int64) % 7).astype(np.uint8)
+                buffers[key] = (x, y)
+            x, y = buffers[key]
+            for start in range(0, rows, batch):
+                n = min(batch, rows - start)
+                data.send_multipart([x[: n * x_row].data, y[: n * y_row].data], copy=False)
+    finally:
+        ctx.destroy(linger=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

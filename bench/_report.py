@@ -1,0 +1,440 @@
+"""RESULTS.md and results.png from the measurements of one run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from typing import Any
+
+from _common import REPO_DIR, Result, Settings
+from _systems import (
+    BATCHUP,
+    RAW_TCP,
+    SERVICE_TCP,
+    SYSTEMS,
+    TORCH_SAMPLE_2,
+    TORCH_SYSTEMS,
+)
+
+TABLE_HEADER = (
+    "| workload | batch | system | samples/s | batches/s | GB/s | × batchup | spread (min–max samples/s) "
+    "| epochs/run |"
+)
+
+KEY_WORKLOAD, KEY_BATCH = "cifar", 256
+RAW_TARGET, TORCH_TARGET = 0.80, 4.0
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> list[tuple[str, str]]:
+    import numpy
+    import zmq
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+            mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        torch_threads = __import__("torch").get_num_threads()
+    except ImportError:
+        torch_threads = "n/a"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        if dirty:
+            changed = [line.split(maxsplit=1)[-1] for line in dirty.splitlines()]
+            commit += f" + uncommitted changes to {', '.join(changed[:8])}" + (
+                " …" if len(changed) > 8 else ""
+            )
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return [
+        ("CPU", f"{cpu}; {os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} usable"),
+        ("memory", mem),
+        ("OS", platform.platform()),
+        ("Python", platform.python_version()),
+        (
+            "numpy / torch (threads) / pyzmq (libzmq) / msgpack",
+            (
+                f"{numpy.__version__} / {_version('torch')} ({torch_threads}) / {zmq.__version__} "
+                f"({zmq.zmq_version()}) / {_version('msgpack')}"
+            ),
+        ),
+        (
+            "batchup / batchup-service / matplotlib",
+            f"{_version('batchup')} / {_version('batchup-service')} / {_version('matplotlib')}",
+        ),
+        ("git", commit),
+    ]
+
+
+def _find(results: list[Result], system: str, workload: str, batch: int) -> Result | None:
+    for r in results:
+        if (r.system, r.workload, r.batch_size) == (system, workload, batch):
+            return r
+    return None
+
+
+def key_targets(
+    results: list[Result], workload: str = KEY_WORKLOAD, batch: int = KEY_BATCH
+) -> list[dict[str, Any]]:
+    svc = _find(results, SERVICE_TCP, workload, batch)
+    if svc is None:
+        return []
+    rows = []
+
+    def add(kind: str, label: str, other: Result | None, goal: float | None) -> None:
+        if other is None:
+            return
+        ratio = svc.samples / other.samples
+        verdict = "info" if goal is None else ("PASS" if ratio >= goal else "MISS")
+        rows.append(
+            {
+                "kind": kind,
+                "label": label,
+                "service": svc.samples,
+                "other": other.samples,
+                "other_name": other.system,
+                "ratio": ratio,
+                "goal": goal,
+                "verdict": verdict,
+            }
+        )
+
+    add(
+        "raw",
+        "service tcp vs raw pyzmq tcp, same bytes",
+        _find(results, RAW_TCP, workload, batch),
+        RAW_TARGET,
+    )
+    add(
+        "torch2",
+        "service tcp vs DataLoader per-sample, 2 workers",
+        _find(results, TORCH_SAMPLE_2, workload, batch),
+        TORCH_TARGET,
+    )
+    torch_rows = [r for s in TORCH_SYSTEMS if (r := _find(results, s, workload, batch)) is not None]
+    if torch_rows:
+        best = max(torch_rows, key=lambda r: r.samples)
+        add("best", f"service tcp vs DataLoader best config ({best.system})", best, None)
+    add("batchup", "service tcp vs batchup 0.2.3 in-process", _find(results, BATCHUP, workload, batch), None)
+    return rows
+
+
+def _fmt_goal(goal: float | None) -> str:
+    if goal is None:
+        return "—"
+    return f"≥ {goal:.0%}" if goal < 1 else f"≥ {goal:g}×"
+
+
+def write_markdown(
+    path: str,
+    command: str,
+    settings: Settings,
+    results: list[Result],
+    extras: dict[str, Any],
+    started: str,
+    duration: float,
+) -> None:
+    L: list[str] = []
+    L.append("# batchup-service benchmarks")
+    L.append("")
+    L.append(f"Command (run in `{os.getcwd()}`): `{command}`")
+    L.append("")
+    L.append(
+        f"Run started {started}; took {duration:.0f} s"
+        + (
+            " — **quick smoke run: small arrays, one timed run, batch 256 only; figures are indicative only**"
+            if settings.quick
+            else ""
+        )
+        + "."
+    )
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append("| | |")
+    L.append("|---|---|")
+    for k, v in machine_info():
+        L.append(f"| {k} | {v} |")
+    L.append("")
+
+    L.append(
+        f"## Key targets ({KEY_WORKLOAD.upper()}-shaped, batch {KEY_BATCH}, shuffled with a RandomState; "
+        f"medians of {settings.runs} run(s))"
+    )
+    L.append("")
+    L.append("| target | service tcp samples/s | other samples/s | ratio | goal | verdict |")
+    L.append("|---|---:|---:|---:|---|---|")
+    for row in key_targets(results):
+        L.append(
+            f"| {row['label']} | {row['service']:,.0f} | {row['other']:,.0f} | "
+            f"{row['ratio']:.2f}× | {_fmt_goal(row['goal'])} | **{row['verdict']}** |"
+        )
+    L.append("")
+    L.append(
+        "Same comparison at every batch size (service tcp ÷ other, medians; *other load* = CPU share "
+        "taken by processes outside this benchmark while that cell ran):"
+    )
+    L.append("")
+    L.append(
+        "| workload | batch | ÷ raw tcp | ÷ DataLoader per-sample 2w | ÷ DataLoader best (which) | ÷ batchup "
+        "| other load |"
+    )
+    L.append("|---|---:|---:|---:|---|---:|---:|")
+    cores = len(os.sched_getaffinity(0))
+    loads = {sec["name"]: sec for sec in extras.get("load") or []}
+    for w in settings.workloads:
+        for bs in settings.batch_sizes:
+            kinds = {r["kind"]: r for r in key_targets(results, w.name, bs)}
+            if not kinds:
+                continue
+            cells = [f"{kinds[k]['ratio']:.2f}×" if k in kinds else "—" for k in ("raw", "torch2")]
+            best = kinds.get("best")
+            cells.append(
+                f"{best['ratio']:.2f}× ({best['other_name'].replace('DataLoader ', '')})" if best else "—"
+            )
+            cells.append(f"{kinds['batchup']['ratio']:.2f}×" if "batchup" in kinds else "—")
+            sec = loads.get(f"throughput {w.name} batch {bs}")
+            cells.append(f"{sec['foreign'] / (sec['wall'] * cores):.0%}" if sec and sec["wall"] > 0 else "—")
+            L.append(f"| {w.name} | {bs} | " + " | ".join(cells) + " |")
+    L.append("")
+
+    L.append("## Throughput")
+    L.append("")
+    L.append(
+        "Medians over the timed runs; × batchup is relative to batchup 0.2.3's in-process iterator "
+        "on the same workload and batch size in this run. GB/s counts X and y bytes delivered."
+    )
+    L.append("")
+    for w in settings.workloads:
+        L.append(f"- **{w.name}**: {w.label}, {w.rows * w.row_bytes / 1e6:,.0f} MB per epoch")
+    L.append("")
+    L.append(TABLE_HEADER)
+    L.append("|---|---:|---|---:|---:|---:|---:|---|---:|")
+    for w in settings.workloads:
+        for bs in settings.batch_sizes:
+            base = _find(results, BATCHUP, w.name, bs)
+            for system in SYSTEMS:
+                r = _find(results, system, w.name, bs)
+                if r is None:
+                    continue
+                ratio = f"{r.samples / base.samples:.2f}" if base else "—"
+                spread = f"{min(r.samples_per_s):,.0f}–{max(r.samples_per_s):,.0f}"
+                name = f"**{system}**" if system == SERVICE_TCP else system
+                L.append(
+                    f"| {w.name} | {bs} | {name} | {r.samples:,.0f} | {r.batches:,.0f} | {r.gbytes:.2f} | "
+                    f"{ratio} | {spread} | {r.epochs_per_run} |"
+                )
+    L.append("")
+
+    L.append("## Start-up and latency")
+    L.append("")
+    lat = extras.get("latency")
+    if lat:
+        L.append(
+            f"- **connect → first batch** (warm named source `{lat['source_name']}`, tcp, batch {lat['batch']}, "
+            f"shuffled): median {lat['total_median'] * 1e3:.1f} ms, best {lat['total_min'] * 1e3:.1f} ms over "
+            f"{lat['repeats']} tries — `connect()` {lat['connect'] * 1e3:.1f} ms, `source()` "
+            f"{lat['source'] * 1e3:.1f} ms, `batch_iterator()` to first batch {lat['first_batch'] * 1e3:.1f} ms "
+            "(medians)."
+        )
+    emb = extras.get("embedded")
+    if emb:
+        L.append(
+            f"- **embedded server start** (`batchup_client.connect()` with no address, until it returns): "
+            f"median {emb['start_median'] * 1e3:.0f} ms, best {emb['start_min'] * 1e3:.0f} ms over "
+            f"{emb['repeats']} tries; `close()` {emb['close_median'] * 1e3:.0f} ms."
+        )
+    drop = extras.get("dropin")
+    if drop:
+        ship = ", ".join(f"{k} {v:.2f} s" for k, v in drop["ship"].items())
+        L.append(
+            f"- **drop-in first use**: `default_client()` (starts the embedded server) "
+            f"{drop['default_client_s'] * 1e3:.0f} ms; first `batch_iterator()` to first batch, which hashes "
+            f"the arrays and hands them to the server through shared memory: {ship}. Excluded from the "
+            "drop-in throughput rows (later epochs only re-check a strided sample of each array)."
+        )
+    starts = extras.get("torch_startup") or []
+    if starts:
+        L.append(
+            "- **DataLoader worker start-up** (2 forked persistent workers; first epoch, `iter()` to first "
+            "batch; excluded from throughput, which times later epochs):"
+        )
+        L.append("")
+        L.append("  | system | workload | batch | first batch |")
+        L.append("  |---|---|---:|---:|")
+        for s in starts:
+            L.append(
+                f"  | {s['system']} | {s['workload']} | {s['batch']} | {s['first_batch_s'] * 1e3:.0f} ms |"
+            )
+    L.append("")
+
+    conc = extras.get("concurrency")
+    if conc:
+        cw = extras["concurrency_workload"]
+        L.append(
+            f"## Concurrent clients (one tcp server, 2 workers; {cw[0]}, batch {cw[1]}, shuffled; "
+            f"{settings.concurrency_epochs} epoch(s) per client per run, client processes released together)"
+        )
+        L.append("")
+        L.append("| clients | aggregate samples/s | per-client samples/s | aggregate × 1 client |")
+        L.append("|---:|---:|---:|---:|")
+        one = conc[0]["aggregate"]
+        for row in conc:
+            L.append(
+                f"| {row['clients']} | {row['aggregate']:,.0f} | {row['per_client']:,.0f} | "
+                f"{row['aggregate'] / one:.2f}× |"
+            )
+        L.append("")
+
+    load = extras.get("load") or []
+    if load:
+        cores = len(os.sched_getaffinity(0))
+        L.append("## Background load during the run")
+        L.append("")
+        L.append(
+            "CPU time used by processes *outside* this benchmark's process tree (other jobs on the machine), "
+            f"per section, out of {cores} cores × wall time. High values mean the figures of that section "
+            "are depressed by contention."
+        )
+        L.append("")
+        L.append("| section | wall s | benchmark CPU s | other CPU s | other load |")
+        L.append("|---|---:|---:|---:|---:|")
+        for sec in load:
+            share = sec["foreign"] / (sec["wall"] * cores) if sec["wall"] > 0 else 0.0
+            L.append(
+                f"| {sec['name']} | {sec['wall']:.1f} | {sec['own']:.1f} | {sec['foreign']:.1f} | {share:.0%} |"
+            )
+        L.append("")
+
+    L.append("## Method")
+    L.append("")
+    L.append(
+        "- Data: random float32 X and int32 y from `np.random.RandomState(0)`, written once per run as `.npy` "
+        "files in a temporary folder and shared by every system: the in-process systems load them into memory, "
+        "the service's server memory-maps them (`[sources.NAME] npy = {X = ..., y = ...}`), the drop-in ships the "
+        "in-memory arrays to its embedded server."
+    )
+    L.append(
+        "- Each cell (workload × batch size) runs all systems side by side: every system first does one warm-up "
+        f"epoch (which also picks how many epochs, 1–{settings.max_epochs_per_run}, make one timed run last "
+        f"≳{settings.min_run_seconds:g} s), then come {settings.runs} round(s) in which every system does one timed "
+        "run, in an order rotated from round to round, so background load and drift hit all systems alike. The "
+        "epochs of a run draw successive permutations from one fresh `RandomState`. Figures are medians over "
+        "runs; the spread column shows min–max. Every epoch iterates all batches (the last one short) and "
+        "touches only `len(X)`."
+    )
+    L.append("- batchup 0.2.3: `ArrayDataSource([X, y], repeats=1).batch_iterator(bs, shuffle=rng)`.")
+    L.append(
+        "- DataLoader (CPU): *per-sample* = `TensorDataset` + `batch_size=bs, shuffle=True` (torch's own "
+        "seeded generator draws the permutation; default collate stacks samples); *whole-batch* = a sampler "
+        "yielding batchup's `RandomState` permutation cut into index arrays, `batch_size=None`, and a dataset "
+        "whose `__getitem__` gathers an index array with numpy. With 2 workers: `persistent_workers=True`, fork "
+        "context; worker start-up is reported above, not in throughput. All configs ran at every batch size."
+    )
+    L.append(
+        "- Service: `python3 -m batchup_server --bind tcp://127.0.0.1:0` (or `ipc://…`) `--config server.toml "
+        "--workers 2 --no-demo`; `batchup_client.connect(addr).source(name).batch_iterator(bs, shuffle=rng)`, a new "
+        "stream per epoch (stream set-up included in throughput). Drop-in: "
+        "`batchup_client.data_source.ArrayDataSource([X, y])` on `batchup_client.default_client()` (embedded "
+        "server, `$BATCHUP_SERVER` unset)."
+    )
+    L.append(
+        "- Raw transport: a child process PUSHes pre-built buffers of the same sizes as the service's X and y "
+        "frames (2 frames, `copy=False`, HWM 32) to a PULL in the benchmark process, which views them with "
+        "`np.frombuffer`; no gather, no shuffle, no header — the ceiling for moving those bytes."
+    )
+    L.append(
+        "- One process tree (`bench/run.py` and its children): a tcp and an ipc server (2 workers each), the "
+        "drop-in's embedded server and the two raw PUSH processes stay up for the whole run and idle while "
+        "other systems are timed; DataLoaders are made per cell. Connect latency, concurrency and embedded "
+        "start are measured after the throughput cells. The machine has 2 cores: server router + 2 workers + "
+        "client share them, as DataLoader's main process and 2 workers do."
+    )
+    if extras.get("leftovers"):
+        L.append(f"- **Cleanup warning**: folders possibly left behind: {sorted(extras['leftovers'])}")
+    else:
+        L.append(
+            "- Cleanup check: no new `batchup-*` folder left in /dev/shm or the temp folder; all child "
+            "processes stopped."
+        )
+    L.append("")
+    L.append("![samples/s per system and workload](results.png)")
+    L.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+def write_plot(path: str, settings: Settings, results: list[Result], subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    systems = [s for s in SYSTEMS if any(r.system == s for r in results)]
+    fig, axes = plt.subplots(
+        1, len(settings.workloads), figsize=(7 * len(settings.workloads), 5.5), sharey=True, squeeze=False
+    )
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / max(1, len(systems))
+    for ax, w in zip(axes[0], settings.workloads, strict=True):
+        x = np.arange(len(settings.batch_sizes))
+        for i, system in enumerate(systems):
+            vals = [(_find(results, system, w.name, bs) or None) for bs in settings.batch_sizes]
+            heights = [v.samples if v else 0 for v in vals]
+            ax.bar(
+                x - 0.4 + (i + 0.5) * width,
+                heights,
+                width,
+                label=system,
+                color=colors(i % 10),
+                edgecolor="black" if system == SERVICE_TCP else None,
+                linewidth=1.2,
+            )
+        ax.set_xticks(x, [f"batch {bs}" for bs in settings.batch_sizes])
+        ax.set_yscale("log")
+        ax.set_title(w.label)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("samples/s (median, log scale)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(f"batchup-service benchmarks — {subtitle}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

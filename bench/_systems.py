@@ -1,0 +1,363 @@
+"""The systems under test, as epoch functions for :func:`_common.measure_cell`.
+
+An epoch function ``epoch(rng) -> (samples, batches)`` iterates one full shuffled epoch of
+(X, y) batches and touches nothing but ``len(X)``: the benchmark measures delivery of
+batches, not what a model does with them. Long-lived peers (servers, clients, the raw
+PUSH process) are set up once; DataLoaders are made per cell and closed after it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+from _common import (
+    BENCH_DIR,
+    SEED,
+    Children,
+    EpochFn,
+    Settings,
+    Workload,
+    read_line,
+    shielded,
+)
+
+Log = Callable[[str], None]
+
+BATCHUP = "batchup 0.2.3 in-process"
+TORCH_SAMPLE_0 = "DataLoader per-sample, 0 workers"
+TORCH_SAMPLE_2 = "DataLoader per-sample, 2 workers"
+TORCH_BATCH_0 = "DataLoader whole-batch, 0 workers"
+TORCH_BATCH_2 = "DataLoader whole-batch, 2 workers"
+SERVICE_TCP = "service tcp (named .npy source)"
+SERVICE_IPC = "service ipc (named .npy source)"
+SERVICE_DROPIN = "service drop-in (embedded server)"
+RAW_TCP = "raw pyzmq PUSH/PULL tcp"
+RAW_IPC = "raw pyzmq PUSH/PULL ipc"
+
+SYSTEMS = [
+    BATCHUP,
+    TORCH_SAMPLE_0,
+    TORCH_SAMPLE_2,
+    TORCH_BATCH_0,
+    TORCH_BATCH_2,
+    SERVICE_TCP,
+    SERVICE_IPC,
+    SERVICE_DROPIN,
+    RAW_TCP,
+    RAW_IPC,
+]
+TORCH_SYSTEMS = [TORCH_SAMPLE_0, TORCH_SAMPLE_2, TORCH_BATCH_0, TORCH_BATCH_2]
+
+
+def _count(batches: Any) -> tuple[int, int]:
+    samples = n = 0
+    for batch in batches:
+        samples += len(batch[0])
+        n += 1
+    return samples, n
+
+
+def iterator_epoch(source: Any, batch_size: int) -> EpochFn:
+    """``source.batch_iterator(batch_size, shuffle=rng)``: batchup's, the service's, the drop-in's."""
+
+    def epoch(rng: np.random.RandomState) -> tuple[int, int]:
+        return _count(source.batch_iterator(batch_size, shuffle=rng))
+
+    return epoch
+
+
+# ---------------------------------------------------------------------- PyTorch DataLoader
+class TorchLoaders:
+    """The four DataLoader set-ups of one cell; :meth:`close` shuts their workers down."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, batch_size: int):
+        import torch
+        from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+        class BatchDataset(Dataset):  # type: ignore[type-arg]
+            """Whole-batch fetching: ``__getitem__`` takes an index array (one numpy gather)."""
+
+            def __init__(self, X: np.ndarray, y: np.ndarray):
+                self.X, self.y = X, y
+
+            def __len__(self) -> int:
+                return len(self.X)
+
+            def __getitem__(self, idx: np.ndarray) -> tuple[Any, Any]:
+                return torch.from_numpy(self.X[idx]), torch.from_numpy(self.y[idx])
+
+        class ShuffledBatches(Sampler):  # type: ignore[type-arg]
+            """batchup's shuffled StandardSampler: a RandomState permutation cut into batches."""
+
+            def __init__(self, n: int, batch_size: int):
+                self.n, self.batch_size = n, batch_size
+                self.rng = np.random.RandomState(SEED)
+
+            def __len__(self) -> int:
+                return math.ceil(self.n / self.batch_size)
+
+            def __iter__(self) -> Any:
+                order = self.rng.permutation(self.n)
+                for i in range(0, self.n, self.batch_size):
+                    yield order[i : i + self.batch_size]
+
+        self.loaders: dict[str, tuple[Any, Any]] = {}
+        #: first epoch's ``iter()`` → first batch, per system (includes forking workers)
+        self.first_batch: dict[str, float] = {}
+        for system in TORCH_SYSTEMS:
+            workers = 2 if system.endswith("2 workers") else 0
+            extra: dict[str, Any] = {}
+            if workers:
+                # persistent, forked workers (they see the arrays without a copy); a hung
+                # worker raises after `timeout` instead of stalling the run
+                extra = {"persistent_workers": True, "multiprocessing_context": "fork", "timeout": 120}
+            if "per-sample" in system:
+                ds = TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
+                loader = DataLoader(
+                    ds,
+                    batch_size=batch_size,
+                    shuffle=True,
+                    num_workers=workers,
+                    generator=torch.Generator().manual_seed(SEED),
+                    **extra,
+                )
+                self.loaders[system] = (loader, None)
+            else:
+                sampler = ShuffledBatches(len(X), batch_size)
+                loader = DataLoader(
+                    BatchDataset(X, y), batch_size=None, sampler=sampler, num_workers=workers, **extra
+                )
+                self.loaders[system] = (loader, sampler)
+
+    def epochs(self) -> list[tuple[str, EpochFn]]:
+        return [(system, self._epoch(system)) for system in TORCH_SYSTEMS]
+
+    def _epoch(self, system: str) -> EpochFn:
+        def epoch(rng: np.random.RandomState) -> tuple[int, int]:
+            loader, sampler = self.loaders[system]
+            if sampler is not None:
+                sampler.rng = rng
+            samples = n = 0
+            t0 = time.perf_counter()
+            for xb, _yb in loader:
+                if system not in self.first_batch:
+                    self.first_batch[system] = time.perf_counter() - t0
+                samples += len(xb)
+                n += 1
+            return samples, n
+
+        return epoch
+
+    def close(self) -> None:
+        """Drop the loaders: their persistent workers shut down with their iterators."""
+        self.loaders.clear()
+        gc.collect()
+        for proc in multiprocessing.active_children():  # be sure
+            proc.terminate()
+            proc.join(5)
+
+
+# ---------------------------------------------------------------------- raw pyzmq
+class RawPeer:
+    """PUSH in a child process (``_raw_push.py``), PULL here; same X and y frame sizes."""
+
+    def __init__(self, children: Children, scheme: str, folder: str):
+        self.ctx = zmq.Context()
+        self.proc: subprocess.Popen[Any] | None = None
+        try:
+            self.commands = self.ctx.socket(zmq.PUSH)
+            self.commands.setsockopt(zmq.LINGER, 0)
+            self.data = self.ctx.socket(zmq.PULL)
+            self.data.setsockopt(zmq.LINGER, 0)
+            self.data.setsockopt(zmq.RCVHWM, 32)
+            self.data.setsockopt(zmq.RCVTIMEO, 60_000)
+            if scheme == "tcp":
+                cmd_ep = f"tcp://127.0.0.1:{self.commands.bind_to_random_port('tcp://127.0.0.1')}"
+                data_ep = f"tcp://127.0.0.1:{self.data.bind_to_random_port('tcp://127.0.0.1')}"
+            else:
+                cmd_ep, data_ep = f"ipc://{folder}/raw-cmd", f"ipc://{folder}/raw-data"
+                self.commands.bind(cmd_ep)
+                self.data.bind(data_ep)
+            self.proc = children.popen(
+                [sys.executable, os.path.join(BENCH_DIR, "_raw_push.py"), cmd_ep, data_ep, str(os.getpid())],
+                stdin=subprocess.DEVNULL,
+            )
+            self.commands.send(json.dumps({"op": "hello"}).encode())
+            try:
+                self.data.recv_multipart()
+            except zmq.Again:
+                raise RuntimeError("the raw PUSH process did not connect within 60 s") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def epoch_fn(self, w: Workload, batch_size: int) -> EpochFn:
+        cmd = json.dumps(
+            {"op": "send", "rows": w.rows, "batch": batch_size, "x_row": w.x_row_bytes, "y_row": 4}
+        ).encode()
+        n_batches = math.ceil(w.rows / batch_size)
+
+        def epoch(rng: np.random.RandomState) -> tuple[int, int]:
+            self.commands.send(cmd)
+            samples = 0
+            for _ in range(n_batches):
+                frames = self.data.recv_multipart(copy=False)
+                X = np.frombuffer(frames[0].buffer, dtype=np.float32).reshape(-1, *w.shape)
+                np.frombuffer(frames[1].buffer, dtype=np.int32)
+                samples += len(X)
+            return samples, n_batches
+
+        return epoch
+
+    def close(self) -> None:
+        with shielded():
+            if self.proc is not None:
+                try:
+                    self.commands.send(json.dumps({"op": "stop"}).encode(), zmq.NOBLOCK)
+                    self.proc.wait(10)
+                except (zmq.ZMQError, subprocess.TimeoutExpired):
+                    pass
+                Children.stop(self.proc)
+            self.ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------------- the service
+def connect_latency(settings: Settings, endpoint: str, source: str, batch_size: int) -> dict[str, Any]:
+    """connect() → source() → first batch of a shuffled epoch, on a warm named source."""
+    import batchup_client
+
+    rows: list[tuple[float, float, float]] = []
+    for r in range(settings.latency_repeats):
+        t0 = time.perf_counter()
+        client = batchup_client.connect(endpoint)
+        try:
+            t1 = time.perf_counter()
+            src = client.source(source)
+            t2 = time.perf_counter()
+            it = src.batch_iterator(batch_size, shuffle=np.random.RandomState(SEED + r))
+            next(it)
+            t3 = time.perf_counter()
+            it.close()  # type: ignore[attr-defined]
+        finally:
+            with shielded():
+                client.close()
+        rows.append((t1 - t0, t2 - t1, t3 - t2))
+    totals = [sum(r) for r in rows]
+    return {
+        "total_median": statistics.median(totals),
+        "total_min": min(totals),
+        "connect": statistics.median(r[0] for r in rows),
+        "source": statistics.median(r[1] for r in rows),
+        "first_batch": statistics.median(r[2] for r in rows),
+        "repeats": len(rows),
+        "source_name": source,
+        "batch": batch_size,
+    }
+
+
+def embedded_start(settings: Settings) -> dict[str, Any]:
+    """``batchup_client.connect()`` with no address: starting a private server until it returns."""
+    import batchup_client
+
+    starts, closes = [], []
+    for _ in range(settings.embedded_repeats):
+        client = None
+        try:
+            t0 = time.perf_counter()
+            client = batchup_client.connect()
+            t1 = time.perf_counter()
+        finally:
+            if client is not None:
+                with shielded():
+                    client.close()
+        t2 = time.perf_counter()
+        starts.append(t1 - t0)
+        closes.append(t2 - t1)
+    return {
+        "start_median": statistics.median(starts),
+        "start_min": min(starts),
+        "close_median": statistics.median(closes),
+        "repeats": len(starts),
+    }
+
+
+# ---------------------------------------------------------------------- concurrency
+def concurrency(
+    settings: Settings,
+    children: Children,
+    endpoint: str,
+    workload: Workload,
+    batch_size: int,
+    counts: tuple[int, ...],
+    log: Log,
+) -> list[dict[str, Any]]:
+    """N client processes on one server, released together; aggregate samples/s."""
+    script = os.path.join(BENCH_DIR, "_client_proc.py")
+    out = []
+    for n in counts:
+        procs = []
+        try:
+            for i in range(n):
+                procs.append(
+                    children.popen(
+                        [
+                            sys.executable,
+                            script,
+                            endpoint,
+                            workload.name,
+                            str(batch_size),
+                            str(settings.concurrency_epochs),
+                            str(SEED + 1000 * (i + 1)),
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            for i, p in enumerate(procs):
+                line = read_line(p, 120.0, f"client process {i}")
+                if line != "ready":
+                    raise RuntimeError(f"client process {i} said {line!r} instead of ready")
+            aggregates, per_client = [], []
+            for _ in range(settings.concurrency_runs):
+                for p in procs:
+                    assert p.stdin is not None
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                rows = [json.loads(read_line(p, 600.0, f"client process {i}")) for i, p in enumerate(procs)]
+                span = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
+                aggregates.append(sum(r["samples"] for r in rows) / span)
+                per_client += [r["samples"] / (r["t1"] - r["t0"]) for r in rows]
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.close()  # EOF: the client closes its connection and exits
+            for p in procs:
+                p.wait(30)
+        finally:
+            with shielded():
+                for p in procs:
+                    Children.stop(p)
+        row = {
+            "clients": n,
+            "aggregate": statistics.median(aggregates),
+            "aggregates": aggregates,
+            "per_client": statistics.median(per_client),
+        }
+        log(
+            f"  {n} client(s): aggregate {row['aggregate']:,.0f} samples/s "
+            f"(per client {row['per_client']:,.0f})"
+        )
+        out.append(row)
+    return out
