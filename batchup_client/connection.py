@@ -27,7 +27,7 @@ import zmq
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
-from batchup_protocol.host import content_key, host_id, sweep_stale
+from batchup_protocol.host import content_key, host_id, sweep_stale, tune_malloc
 
 from .errors import (
     BatchupTimeout,
@@ -125,6 +125,7 @@ class Client:
         self.client_id = secrets.token_bytes(16)
         self._on_close = on_close
         self._closed = False
+        tune_malloc()
         self._request_id = 0
         self._inboxes: dict[int, Inbox] = {}
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
@@ -327,9 +328,12 @@ class Client:
     def _recv_data(self, timeout_ms: int) -> bool:
         """File one message from the data socket into its inbox; False if none arrived."""
         try:
-            if not self._data.poll(timeout_ms):
-                return False
-            frames = self._data.recv_multipart(copy=False)
+            try:  # the common case under load: a message is already waiting
+                frames = self._data.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not self._data.poll(timeout_ms):
+                    return False
+                frames = self._data.recv_multipart(copy=False)
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"data connection failed: {exc}") from exc
         msg, arrays = self._decode(frames)
@@ -389,8 +393,9 @@ class Client:
             if item is not None:
                 return item
             self._check()
-            self._drain_control()
-            self._recv_data(POLL_SLICE_MS)
+            if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait
+                self._drain_control()
+                self._recv_data(POLL_SLICE_MS)
 
     def _drain_control(self) -> None:
         """While streaming, errors about streams (a refused Credit...) come on the control socket."""

@@ -31,6 +31,7 @@ import zmq
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
+from batchup_protocol.host import tune_malloc
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
 from .errors import RequestError
@@ -198,11 +199,10 @@ class Router:
             event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
         except zmq.Again:
             return
-        log.warning(
-            "rejected a connection that does not speak ZMTP (event %s from %s)",
-            event.get("event"),
-            event.get("endpoint"),
-        )
+        if event.get("event") == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            log.warning("rejected a connection that does not speak ZMTP (from %s)", event.get("endpoint"))
+        else:  # a peer that went away mid-handshake (e.g. a client closed right after connecting)
+            log.debug("a connection closed during its handshake (from %s)", event.get("endpoint"))
 
     # ------------------------------------------------------------------ control messages
     def _on_control(self, frames: list[Any]) -> None:
@@ -670,6 +670,7 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()  # gathered batches reuse freed heap memory instead of faulting fresh pages
     ctx = zmq.Context()
     tasks = ctx.socket(zmq.PULL)
     tasks.setsockopt(zmq.LINGER, 0)

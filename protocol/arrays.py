@@ -42,8 +42,20 @@ def check_dtype(dtype: np.dtype[Any]) -> str:
     return dtype.str
 
 
+_PARSED: dict[str, np.dtype[Any]] = {}
+
+
 def dtype_from_wire(text: Any) -> np.dtype[Any]:
     """Parse a wire dtype string, checking the allow-list and the byte-order mark."""
+    cached = _PARSED.get(text) if isinstance(text, str) else None
+    if cached is not None:
+        return cached
+    dtype = _parse_dtype(text)
+    _PARSED[text] = dtype  # only allowed dtypes get here: at most ~40 entries
+    return dtype
+
+
+def _parse_dtype(text: Any) -> np.dtype[Any]:
     if not isinstance(text, str) or len(text) < 2 or len(text) > 16 or text[0] not in "<>|":
         raise MalformedFrame(f"dtype should be like '<f4' with explicit byte order, got {text!r:.40}")
     try:

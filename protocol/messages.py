@@ -301,21 +301,35 @@ MESSAGE_TYPES: dict[str, type[Any]] = {cls.TYPE: cls for cls in typing.get_args(
 _HINTS: dict[type[Any], dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in MESSAGE_TYPES.values()}
 
 
-def _check(value: Any, hint: Any) -> bool:
+def _accepted_types(hint: Any) -> tuple[tuple[type[Any], ...], bool]:
+    """``isinstance`` types a hint admits, and whether ``bool`` must be refused (int/float)."""
     origin = typing.get_origin(hint)
     if origin is Union or origin is types.UnionType:
-        return any(_check(value, h) for h in typing.get_args(hint))
+        parts = [_accepted_types(h) for h in typing.get_args(hint)]
+        return tuple(t for p in parts for t in p[0]), any(p[1] for p in parts)
     if hint is type(None):
-        return value is None
-    if origin is not None:
-        hint = origin
+        return (type(None),), False
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return (int,), True
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (int, float), True
     if hint is Any:
-        return True
-    return isinstance(value, hint)
+        return (object,), False
+    return ((origin if origin is not None else hint),), False
+
+
+#: per message class: (field name, accepted types, refuse bool, required) in declaration order
+_SCHEMA: dict[type[Any], tuple[tuple[str, tuple[type[Any], ...], bool, bool], ...]] = {
+    cls: tuple(
+        (
+            f.name,
+            *_accepted_types(_HINTS[cls][f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    )
+    for cls in MESSAGE_TYPES.values()
+}
 
 
 def message_from_fields(fields: dict[str, Any]) -> Any:
@@ -331,15 +345,14 @@ def message_from_fields(fields: dict[str, Any]) -> Any:
     if cls is None:
         raise UnknownMessage(f"unknown message type {name!r}")
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in fields:
-            value = fields[f.name]
-            if not _check(value, _HINTS[cls][f.name]):
+    for field, accepted, no_bool, required in _SCHEMA[cls]:
+        if field in fields:
+            value = fields[field]
+            if not isinstance(value, accepted) or (no_bool and value.__class__ is bool):
                 raise MalformedFrame(
-                    f"{name}.{f.name} should be {_HINTS[cls][f.name]}, "
-                    f"but got {type(value).__name__} {value!r:.80}"
+                    f"{name}.{field} should be {_HINTS[cls][field]}, but got {type(value).__name__} {value!r:.80}"
                 )
-            kwargs[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise MalformedFrame(f"{name} is missing required field {f.name!r}")
+            kwargs[field] = value
+        elif required:
+            raise MalformedFrame(f"{name} is missing required field {field!r}")
     return cls(**kwargs)
