@@ -39,7 +39,7 @@ from .errors import (
     VersionMismatchError,
     remote_error,
 )
-from .streaming import Inbox
+from .streaming import Inbox, SlotPool
 
 __all__ = ["Client", "UPLOAD_CHUNK_BYTES"]
 
@@ -132,6 +132,9 @@ class Client:
         self._next_stream = 0
         #: credit each stream grants: (batches, bytes) in flight; the server caps batches at 64
         self.prefetch: tuple[int, int] = (32, 64 << 20)
+        #: on the server's host, receive batches in shared-memory slots instead of frames
+        self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
+        self._pools: dict[int, SlotPool] = {}
         self._stats = {
             "arrays_shared": 0,
             "arrays_uploaded": 0,
@@ -139,6 +142,9 @@ class Client:
             "bytes_shared": 0,
             "bytes_uploaded": 0,
             "streams_opened": 0,
+            "streams_shared_memory": 0,
+            "streams_socket": 0,
+            "batches_copied_out": 0,
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
         self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
@@ -248,13 +254,18 @@ class Client:
     def info(self) -> dict[str, Any]:
         """How this client talks to its server, and what it has sent so far."""
         return {
+            **self._stats,
             "address": self.address,
             "server_id": self.server_id,
             "data_endpoint": self.data_endpoint,
             "transport": self.address.split("://", 1)[0],
             "array_transfer": "shared-memory file" if self.same_host else "chunked upload",
+            "batch_transport": "shared memory"
+            if self.same_host and self.shared_memory_batches
+            else f"{self.address.split('://', 1)[0]} socket",
+            "batches_copied_out": self._stats["batches_copied_out"]
+            + sum(p.copied for p in self._pools.values()),
             "open_streams": len(self._inboxes),
-            **self._stats,
         }
 
     @property
@@ -342,8 +353,17 @@ class Client:
             return True
         stream_id = getattr(msg, "stream_id", None)
         inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
-        if inbox is not None:
-            inbox.put(msg, arrays)
+        if inbox is None:
+            return True
+        if isinstance(msg, proto.Batch) and msg.slot >= 0:
+            pool = self._pools.get(msg.stream_id)
+            if pool is None:
+                raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
+            try:
+                arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
+            except proto.ProtocolError as exc:
+                raise ProtocolViolation(f"the server sent an invalid slot batch: {exc}") from exc
+        inbox.put(msg, arrays)
         return True
 
     # ------------------------------------------------------------------ streams
@@ -362,8 +382,9 @@ class Client:
         self._next_stream += 1
         sid = self._next_stream
         self._inboxes[sid] = Inbox()
+        shm = self.same_host and self.shared_memory_batches
         try:
-            self.request(
+            reply, _ = self.request(
                 lambda rid: proto.OpenStream(
                     rid,
                     sid,
@@ -374,14 +395,22 @@ class Client:
                     credit_batches,
                     credit_bytes,
                     fields,
+                    shm,
                 ),
                 plan_arrays,
             )
+            if reply.pool_path:
+                self._pools[sid] = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
         except BaseException:
-            self._inboxes.pop(sid, None)
+            self.close_stream(sid)
             raise
         self._stats["streams_opened"] += 1
+        self._stats["streams_shared_memory" if sid in self._pools else "streams_socket"] += 1
         return sid
+
+    def pool(self, stream_id: int) -> SlotPool | None:
+        """The stream's shared-memory slots, or ``None`` when its batches come as frames."""
+        return self._pools.get(stream_id)
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         """Wait for item ``seq`` of a stream (a Batch, an EndOfStream or an Error)."""
@@ -427,9 +456,9 @@ class Client:
         inbox = self._inboxes.get(stream_id)
         return 0 if inbox is None else len(inbox)
 
-    def send_credit(self, stream_id: int, batches: int, consumed: int) -> None:
+    def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
         self._check()
-        self._send(proto.Credit(stream_id, batches, consumed))
+        self._send(proto.Credit(stream_id, batches, consumed, list(freed)))
 
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:
         self._check()
@@ -439,6 +468,9 @@ class Client:
 
     def close_stream(self, stream_id: int) -> None:
         """Release a stream's credits and buffers at once. Idempotent; quiet after close."""
+        pool = self._pools.pop(stream_id, None)  # the mapping lives on in batches still held
+        if pool is not None:
+            self._stats["batches_copied_out"] += pool.copied
         if self._inboxes.pop(stream_id, None) is None or self._closed:
             return
         try:

@@ -14,6 +14,8 @@ from that batch with the caller's current state, and the speculative batches are
 
 from __future__ import annotations
 
+import collections
+import weakref
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +24,7 @@ import batchup_protocol as proto
 
 from .errors import remote_error
 
-__all__ = ["Inbox", "UnsupportedShuffle", "iterate", "resolve_shuffle"]
+__all__ = ["Inbox", "SlotPool", "UnsupportedShuffle", "iterate", "resolve_shuffle"]
 
 
 class UnsupportedShuffle(TypeError, AttributeError):
@@ -95,7 +97,8 @@ class Connection(Protocol):
     ) -> int: ...
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
     def ready(self, stream_id: int, seq: int) -> bool: ...
-    def send_credit(self, stream_id: int, batches: int, consumed: int) -> None: ...
+    def pool(self, stream_id: int) -> SlotPool | None: ...
+    def send_credit(self, stream_id: int, batches: int, consumed: int, freed: list[int] = ...) -> None: ...
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
     def close_stream(self, stream_id: int) -> None: ...
 
@@ -122,9 +125,16 @@ def iterate(
     )
     grant_every = max(1, prefetch // 4)
     consumed = granted = generation = 0
+    pool = conn.pool(sid)
+    freed: list[int] = []
     try:
         while True:
-            if consumed > granted and not conn.ready(sid, consumed):
+            if pool is not None:  # credit comes back as slots are freed, not as batches are read
+                freed += pool.take_freed()
+                if freed and (len(freed) >= grant_every or not conn.ready(sid, consumed)):
+                    conn.send_credit(sid, len(freed), consumed, freed)
+                    freed = []
+            elif consumed > granted and not conn.ready(sid, consumed):
                 # about to wait: report every consumed batch first, or a byte budget
                 # smaller than grant_every batches would never be released (deadlock)
                 conn.send_credit(sid, consumed - granted, consumed)
@@ -144,9 +154,73 @@ def iterate(
             if isinstance(msg, proto.EndOfStream):
                 return
             consumed += 1
-            if consumed - granted >= grant_every:
+            if pool is None and consumed - granted >= grant_every:
                 conn.send_credit(sid, consumed - granted, consumed)
                 granted = consumed
-            yield tuple(arrays)
+            batch = pool.hand_out(arrays) if pool is not None else tuple(arrays)
+            del msg, arrays  # hold no view of a slot while the user has the batch
+            yield batch
+            del batch
     finally:
         conn.close_stream(sid)
+
+
+class _Lease:
+    """Owner of one slot's arrays: when the last view is gone, the slot is free again."""
+
+    __slots__ = ("__weakref__", "pool", "state")
+
+    def __init__(self, pool: SlotPool, state: list[Any]):
+        self.pool = pool  # keeps the mapping alive as long as any view is
+        self.state = state  # [slot, handed_out]
+
+
+class SlotPool:
+    """A stream's shared-memory slots, mapped into this process.
+
+    Batches are views of a slot; a slot is reported free only when every view of its
+    batch has been garbage collected, so a batch the user keeps never changes under them.
+    When the user holds all but one slot, further batches are copied out of their slot
+    (never blocking), so at least one slot keeps circulating.
+    """
+
+    def __init__(self, path: str, slots: int, slot_bytes: int):
+        import mmap
+
+        with open(path, "r+b") as f:
+            self.map = mmap.mmap(f.fileno(), slots * slot_bytes)
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self._freed: collections.deque[int] = collections.deque()
+        self.handed = 0  #: slots whose batch the user holds right now
+        self.copied = 0  #: batches copied out because the user held too many slots
+
+    def _release(self, state: list[Any]) -> None:  # runs when a lease is collected
+        if state[1]:
+            self.handed -= 1
+        self._freed.append(state[0])
+
+    def arrays(self, slot: int, layout: Any) -> list[np.ndarray[Any, Any]]:
+        if not 0 <= slot < self.slots:
+            raise proto.MalformedFrame(f"slot {slot} is outside the pool of {self.slots}")
+        state: list[Any] = [slot, False]
+        lease = _Lease(self, state)
+        weakref.finalize(lease, self._release, state)
+        return proto.arrays.arrays_in_slot(self.map, slot * self.slot_bytes, layout, self.slot_bytes, lease)
+
+    def hand_out(self, arrays: list[np.ndarray[Any, Any]]) -> tuple[Any, ...]:
+        """The batch for the user: the slot's views, or copies when slots run short."""
+        lease = getattr(getattr(arrays[0], "base", None), "owner", None) if arrays else None
+        if not isinstance(lease, _Lease):
+            return tuple(arrays)
+        if self.handed + 1 > self.slots - 1:
+            self.copied += 1
+            return tuple(a.copy() for a in arrays)  # the views die with `arrays`: slot freed
+        lease.state[1] = True
+        self.handed += 1
+        return tuple(arrays)
+
+    def take_freed(self) -> list[int]:
+        out = []
+        while self._freed:
+            out.append(self._freed.popleft())
+        return out

@@ -35,9 +35,10 @@ from batchup_protocol.host import tune_malloc
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
 from .errors import RequestError
-from .sources import FieldSpec, OpenedSource, SourceError, SourceSpec, open_source
+from .sources import FieldSpec, SourceError, SourceSpec, open_source
 from .streams import CreditWindow, End, Stream, StreamError, Task
 from .uploads import Uploads
+from .worker import TaskRunner
 
 __all__ = ["Router", "worker_main"]
 
@@ -45,6 +46,9 @@ log = logging.getLogger("batchup_server")
 
 WORKER_DEPTH = 4  #: tasks queued per worker, so a worker never waits for the router
 POLL_MS = 100
+#: fewest slots in a pool: the user's previous batch is still alive when the next is handed
+#: out, so with fewer slots every batch would be copied out of its slot
+MIN_SLOTS = 4
 
 
 @dataclasses.dataclass
@@ -74,6 +78,22 @@ class StreamEntry:
     fields: list[int]
     include_indices: bool
     failed: bool = False
+    pool: str = ""  #: shared-memory slot pool file ("" = batches go as frames)
+    slot_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Where a task's result goes and what it gathers (a stream's batches, or a gather)."""
+
+    client: ClientState
+    stream_id: int
+    source: SourceSpec
+    fields: list[int]
+    include_indices: bool
+    gather: bool = False
+    pool: str = ""
+    slot_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -82,7 +102,7 @@ class WorkerHandle:
     endpoint: str
     socket: zmq.Socket[Any]
     process: Any
-    outstanding: dict[int, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    outstanding: dict[int, tuple[Job, Task]] = dataclasses.field(default_factory=dict)
 
 
 class Router:
@@ -288,7 +308,7 @@ class Router:
         elif isinstance(msg, proto.OpenStream):
             self._on_open(self._client(routing_id), msg, arrays)
         elif isinstance(msg, proto.Credit):
-            self._stream(routing_id, msg.stream_id).stream.credit(msg.batches, msg.consumed)
+            self._stream(routing_id, msg.stream_id).stream.credit(msg.batches, msg.consumed, msg.freed)
         elif isinstance(msg, proto.Reseed):
             entry = self._stream(routing_id, msg.stream_id)
             if msg.rng is None:
@@ -297,7 +317,9 @@ class Router:
             entry.failed = False
         elif isinstance(msg, proto.CloseStream):
             client = self._client(routing_id)
-            client.streams.pop(msg.stream_id, None)
+            closed = client.streams.pop(msg.stream_id, None)
+            if closed is not None:
+                self._discard(closed)
         elif isinstance(msg, proto.Describe):
             self._client(routing_id)
             found = self._resolve(msg.source)
@@ -464,9 +486,54 @@ class Router:
             fields,
             msg.include_indices,
         )
+        slots = 0
+        if msg.shm:
+            slots = self._make_pool(stream, batch_size, row_bytes, len(fields) + 1, msg)
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)
-        self._reply(client.routing_id, proto.StreamOpened(msg.request_id, msg.stream_id))
+        self._reply(
+            client.routing_id,
+            proto.StreamOpened(msg.request_id, msg.stream_id, stream.pool, stream.slot_bytes, slots),
+        )
+
+    def _make_pool(
+        self, stream: StreamEntry, batch_size: int, row_bytes: int, n_arrays: int, msg: Any
+    ) -> int:
+        """Create the stream's slot pool in the shared folder; 0 slots (frames) if impossible."""
+        need = batch_size * (row_bytes + 8) + n_arrays * proto.arrays.SLOT_ALIGN
+        slot_bytes = -(-need // 4096) * 4096
+        slots = max(MIN_SLOTS, min(msg.credit_batches, msg.credit_bytes // slot_bytes))
+        path = os.path.join(
+            self.shm_dir, f"pool-{stream.client.client_id.hex()[:8]}-{stream.stream_id}-{self._tasks}.bin"
+        )
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, slots * slot_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot create a slot pool (%s); stream %d uses frames", exc, stream.stream_id)
+            return 0
+        stream.pool, stream.slot_bytes = path, slot_bytes
+        stream.stream.use_slots(slots)
+        log.debug("stream %d: %d shared-memory slots of %d bytes", stream.stream_id, slots, slot_bytes)
+        return slots
+
+    def _discard(self, stream: StreamEntry) -> None:
+        """A stream is gone: remove its pool (mappings stay valid until their owners unmap)."""
+        if not stream.pool:
+            return
+        try:
+            os.unlink(stream.pool)
+        except OSError:
+            pass
+        forget = msgpack.packb({"op": "forget_pool", "path": stream.pool})
+        for worker in self.workers:
+            try:
+                worker.socket.send(forget, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
 
     def _on_gather(self, client: ClientState, msg: proto.Gather, arrays: list[Any]) -> None:
         entry = self._resolve(msg.source)
@@ -490,7 +557,9 @@ class Router:
                 return
             client, request_id, spec, fields, idx = self._gathers.popleft()
             if client.client_id in self.clients:
-                self._send_task(worker, client, 0, Task(request_id, 0, idx, None), spec, fields, False, True)
+                self._send_task(
+                    worker, Job(client, 0, spec, fields, False, True), Task(request_id, 0, idx, None)
+                )
         idle = 0
         while self._rr and idle < len(self._rr):
             entry = self._rr[0]
@@ -514,42 +583,30 @@ class Router:
                 msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng)
                 self._send_data(entry.client, proto.encode(msg))
             else:
-                self._send_task(
-                    worker,
-                    entry.client,
-                    entry.stream_id,
-                    item,
-                    entry.source,
-                    entry.fields,
-                    entry.include_indices,
-                    False,
-                )
+                job = Job(
+                    entry.client, entry.stream_id, entry.source, entry.fields, entry.include_indices,
+                    False, entry.pool, entry.slot_bytes,
+                )  # fmt: skip
+                self._send_task(worker, job, item)
 
-    def _send_task(
-        self,
-        worker: WorkerHandle,
-        client: ClientState,
-        stream_id: int,
-        task: Task,
-        source: SourceSpec,
-        fields: list[int],
-        include_indices: bool,
-        gather: bool,
-    ) -> None:
+    def _send_task(self, worker: WorkerHandle, job: Job, task: Task) -> None:
         self._tasks += 1
         header = {
             "op": "task",
             "task": self._tasks,
-            "endpoint": client.data_endpoint,
-            "stream": stream_id,
+            "endpoint": job.client.data_endpoint,
+            "stream": job.stream_id,
             "seq": task.seq,
             "gen": task.generation,
             "rng": task.rng,
-            "source": source.to_wire(),
-            "fields": fields,
-            "include_indices": include_indices,
-            "gather": gather,
+            "source": job.source.to_wire(),
+            "fields": job.fields,
+            "include_indices": job.include_indices,
+            "gather": job.gather,
             "index_dtype": task.indices.dtype.str,
+            "slot": task.slot,
+            "pool": job.pool,
+            "slot_bytes": job.slot_bytes,
         }
         try:
             worker.socket.send_multipart(
@@ -559,7 +616,7 @@ class Router:
         except zmq.ZMQError as exc:
             log.error("cannot send a task to worker %d: %s", worker.index, exc)
             return
-        worker.outstanding[self._tasks] = (client, stream_id, task, source, fields, include_indices, gather)
+        worker.outstanding[self._tasks] = (job, task)
 
     def _send_data(self, client: ClientState, frames: list[Any]) -> None:
         try:
@@ -587,7 +644,8 @@ class Router:
         info = worker.outstanding.pop(result["task"], None)
         if info is None or result["ok"]:
             return
-        client, stream_id, task = info[0], info[1], info[2]
+        job, task = info
+        client, stream_id = job.client, job.stream_id
         entry = client.streams.get(stream_id)
         if entry is not None and entry.stream.generation == task.generation:
             entry.failed = True  # the worker already sent the Error to the client
@@ -604,11 +662,10 @@ class Router:
             worker.process.join(0)
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
-            for client, stream_id, task, source, fields, include_indices, gather in lost.values():
-                if client.client_id not in self.clients:
+            for job, task in lost.values():
+                if job.client.client_id not in self.clients:
                     continue
-                target = self._free_worker() or worker
-                self._send_task(target, client, stream_id, task, source, fields, include_indices, gather)
+                self._send_task(self._free_worker() or worker, job, task)
 
     def _reap_clients(self, now: float) -> None:
         for client in list(self.clients.values()):
@@ -619,6 +676,8 @@ class Router:
         log.info(
             "client %s %s: reclaiming %d stream(s)", client.client_id.hex()[:8], why, len(client.streams)
         )
+        for stream in client.streams.values():
+            self._discard(stream)
         client.streams.clear()
         self.clients.pop(client.routing_id, None)
         self.uploads.forget_owner(client.routing_id)
@@ -679,7 +738,7 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
     results.setsockopt(zmq.LINGER, 0)
     results.connect(results_endpoint)
     clients: dict[str, zmq.Socket[Any]] = {}
-    opened: dict[tuple[Any, ...], OpenedSource] = {}
+    runner = TaskRunner()
     try:
         while True:
             if not tasks.poll(500):
@@ -696,61 +755,24 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
                 if sock is not None:
                     sock.close(linger=0)
                 continue
-            ok, error = _run_task(header, frames, clients, opened, ctx)
-            results.send(msgpack.packb({"worker": index, "task": header["task"], "ok": ok, "error": error}))
+            if op == "forget_pool":
+                runner.forget_pool(header["path"])
+                continue
+            indices = np.frombuffer(frames[1].buffer, dtype=np.dtype(header["index_dtype"]))
+            msg, arrays, error = runner.run(header, indices)
+            endpoint = header["endpoint"]
+            sock = clients.get(endpoint)
+            if sock is None:
+                sock = clients[endpoint] = ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 10000)
+                sock.connect(endpoint)
+            try:
+                sock.send_multipart(proto.encode(msg, arrays), zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                error = error or f"cannot send to {endpoint}: {exc}"
+            reply = {"worker": index, "task": header["task"], "ok": not error, "error": error}
+            results.send(msgpack.packb(reply))
     finally:
-        for src in opened.values():
-            src.close()
+        runner.close()
         ctx.destroy(linger=0)
-
-
-def _run_task(
-    header: dict[str, Any],
-    frames: list[Any],
-    clients: dict[str, zmq.Socket[Any]],
-    opened: dict[tuple[Any, ...], OpenedSource],
-    ctx: zmq.Context[Any],
-) -> tuple[bool, str]:
-    endpoint = header["endpoint"]
-    sock = clients.get(endpoint)
-    if sock is None:
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.connect(endpoint)
-        clients[endpoint] = sock
-    try:
-        spec = SourceSpec.from_wire(header["source"])
-        key = tuple((f.kind, f.path, f.dataset) for f in spec.fields)
-        source = opened.get(key)
-        if source is None:
-            source = opened[key] = open_source(spec)
-        indices = np.frombuffer(frames[1].buffer, dtype=np.dtype(header["index_dtype"]))
-        arrays = source.gather(indices, header["fields"])
-        if header["include_indices"]:
-            arrays = [indices, *arrays]
-        if header["gather"]:
-            out = proto.encode(proto.GatherResult(header["seq"]), arrays)
-        else:
-            out = proto.encode(
-                proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays
-            )
-        ok, error = True, ""
-    except Exception as exc:
-        err = proto.Error(
-            ErrorCode.REMOTE_EXCEPTION,
-            str(exc),
-            header["seq"] if header["gather"] else 0,
-            header["stream"],
-            -1 if header["gather"] else header["seq"],
-            type(exc).__name__,
-            "".join(traceback.format_exception(exc)),
-            -1 if header["gather"] else header["gen"],
-        )
-        out = proto.encode(err)
-        ok, error = False, f"{type(exc).__name__}: {exc}"
-    try:
-        sock.send_multipart(out, zmq.NOBLOCK, copy=False)
-    except zmq.ZMQError as exc:
-        return False, f"cannot send to {endpoint}: {exc}"
-    return ok, error

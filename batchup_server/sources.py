@@ -112,18 +112,36 @@ class OpenedSource:
             raise KeyError(f"source {self.spec.name!r} has no field(s) {missing}; it has {self.names}")
         return [self.names.index(n) for n in names]
 
-    def gather(self, indices: np.ndarray[Any, Any], fields: list[int]) -> list[np.ndarray[Any, Any]]:
-        """Rows ``indices`` of each selected field, as new C-contiguous arrays."""
+    def _check_range(self, indices: np.ndarray[Any, Any]) -> None:
         if len(indices) and (indices.min() < -self.length or indices.max() >= self.length):
             raise IndexError(f"indices out of range for source {self.spec.name!r} of length {self.length}")
-        out = []
-        for i in fields:
-            a = self.arrays[i]
-            if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
-                out.append(np.take(a.view(np.ndarray), indices, axis=0))
-            else:  # h5py: increasing, unique indices only
-                uniq, inverse = np.unique(indices % self.length, return_inverse=True)
-                out.append(np.asarray(a[uniq])[inverse])
+
+    def gather(self, indices: np.ndarray[Any, Any], fields: list[int]) -> list[np.ndarray[Any, Any]]:
+        """Rows ``indices`` of each selected field, as new C-contiguous arrays."""
+        self._check_range(indices)
+        return [self._take(self.arrays[i], indices, None) for i in fields]
+
+    def gather_into(
+        self, indices: np.ndarray[Any, Any], fields: list[int], outs: list[np.ndarray[Any, Any]]
+    ) -> None:
+        """Like :meth:`gather`, writing into ``outs`` (views of a shared-memory slot)."""
+        self._check_range(indices)
+        for i, out in zip(fields, outs):
+            self._take(self.arrays[i], indices, out)
+
+    def out_spec(self, field: int, n: int) -> tuple[np.dtype[Any], tuple[int, ...]]:
+        a = self.arrays[field]
+        return np.dtype(a.dtype), (n, *a.shape[1:])
+
+    def _take(self, a: Any, indices: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None) -> Any:
+        if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
+            # mode="wrap" is unbuffered (range already checked; wraps negatives as Python does)
+            return np.take(a.view(np.ndarray), indices, axis=0, out=out, mode="wrap")
+        uniq, inverse = np.unique(indices % self.length, return_inverse=True)  # h5py: sorted, unique
+        rows = np.asarray(a[uniq])[inverse]
+        if out is None:
+            return rows
+        out[...] = rows
         return out
 
     def close(self) -> None:

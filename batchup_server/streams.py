@@ -85,6 +85,7 @@ class Task:
     generation: int
     indices: np.ndarray[Any, Any]
     rng: dict[str, Any] | None
+    slot: int = -1  #: the shared-memory slot to fill, -1 when the batch goes as frames
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,11 +116,19 @@ class Stream:
         self.consumed = 0
         self.finished = False
         self._checkpoints: dict[int, PlanState] = {}
+        self.free_slots: list[int] | None = None  #: set for shared-memory streams
+
+    def use_slots(self, slots: int) -> None:
+        """Deliver through a pool of ``slots`` slots: a batch needs a free one."""
+        self.free_slots = list(range(slots))
+        self.n_slots = slots
 
     def _batch_bytes(self) -> int:
         return int(getattr(self.plan, "batch_size", 1)) * self.row_bytes
 
     def can_produce(self) -> bool:
+        if self.free_slots is not None and not self.free_slots:
+            return False
         return not self.finished and self.window.allows(self._batch_bytes())
 
     def produce(self) -> Task | End:
@@ -136,15 +145,30 @@ class Stream:
             return End(seq, self.generation, rng)
         self.window.take(seq, len(indices) * self.row_bytes)
         self.next_seq = seq + 1
-        return Task(seq, self.generation, indices, rng)
+        slot = self.free_slots.pop(0) if self.free_slots is not None else -1
+        return Task(seq, self.generation, indices, rng, slot)
 
-    def credit(self, batches: int, consumed: int) -> None:
-        """The client consumed ``consumed`` batches in all and grants ``batches`` more."""
+    def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]
+        """The client consumed ``consumed`` batches in all and grants ``batches`` more.
+
+        ``freed`` are shared-memory slots the client no longer uses.
+        """
         if batches < 0 or consumed < self.consumed or consumed > self.next_seq:
             raise StreamError(
                 f"credit should grant >= 0 batches and report consumed in "
                 f"[{self.consumed}, {self.next_seq}], got batches={batches}, consumed={consumed}"
             )
+        if freed:
+            if self.free_slots is None:
+                raise StreamError("freed slots on a stream without a shared-memory pool")
+            bad = [
+                s
+                for s in freed
+                if not isinstance(s, int) or s in self.free_slots or not 0 <= s < self.n_slots
+            ]
+            if bad:
+                raise StreamError(f"freed slots {bad} are not in use")
+            self.free_slots.extend(freed)
         self.window.grant(batches)
         self.window.release_below(consumed)
         for s in [s for s in self._checkpoints if s < consumed]:

@@ -12,6 +12,7 @@ from _common import REPO_DIR, Result, Settings
 from _systems import (
     BATCHUP,
     RAW_TCP,
+    SERVICE_SHM,
     SERVICE_TCP,
     SYSTEMS,
     TORCH_SAMPLE_2,
@@ -117,16 +118,19 @@ def key_targets(
         return []
     rows = []
 
-    def add(kind: str, label: str, other: Result | None, goal: float | None) -> None:
+    def add(
+        kind: str, label: str, other: Result | None, goal: float | None, mine: Result | None = None
+    ) -> None:
+        own = svc if mine is None else mine
         if other is None:
             return
-        ratio = svc.samples / other.samples
+        ratio = own.samples / other.samples
         verdict = "info" if goal is None else ("PASS" if ratio >= goal else "MISS")
         rows.append(
             {
                 "kind": kind,
                 "label": label,
-                "service": svc.samples,
+                "service": own.samples,
                 "other": other.samples,
                 "other_name": other.system,
                 "ratio": ratio,
@@ -152,6 +156,23 @@ def key_targets(
         best = max(torch_rows, key=lambda r: r.samples)
         add("best", f"service tcp vs DataLoader best config ({best.system})", best, None)
     add("batchup", "service tcp vs batchup 0.2.3 in-process", _find(results, BATCHUP, workload, batch), None)
+    shm = _find(results, SERVICE_SHM, workload, batch)
+    if shm is not None:
+        batchup_row = _find(results, BATCHUP, workload, batch)
+        add(
+            "shm",
+            "service shared memory vs batchup 0.2.3 in-process (issue 5: ≥ 1.0×)",
+            batchup_row,
+            1.0,
+            shm,
+        )
+        add(
+            "shm-torch",
+            "service shared memory vs DataLoader per-sample, 2 workers (issue 5: ≥ 10×)",
+            _find(results, TORCH_SAMPLE_2, workload, batch),
+            10.0,
+            shm,
+        )
     return rows
 
 
@@ -198,7 +219,7 @@ def write_markdown(
         f"medians of {settings.runs} run(s))"
     )
     L.append("")
-    L.append("| target | service tcp samples/s | other samples/s | ratio | goal | verdict |")
+    L.append("| target | service samples/s | other samples/s | ratio | goal | verdict |")
     L.append("|---|---:|---:|---:|---|---|")
     for row in key_targets(results):
         L.append(

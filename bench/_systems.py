@@ -40,9 +40,10 @@ TORCH_SAMPLE_0 = "DataLoader per-sample, 0 workers"
 TORCH_SAMPLE_2 = "DataLoader per-sample, 2 workers"
 TORCH_BATCH_0 = "DataLoader whole-batch, 0 workers"
 TORCH_BATCH_2 = "DataLoader whole-batch, 2 workers"
-SERVICE_TCP = "service tcp (named .npy source)"
-SERVICE_IPC = "service ipc (named .npy source)"
-SERVICE_DROPIN = "service drop-in (embedded server)"
+SERVICE_TCP = "service tcp socket (named .npy source)"
+SERVICE_IPC = "service ipc socket (named .npy source)"
+SERVICE_SHM = "service shared memory (named .npy source, same host)"
+SERVICE_DROPIN = "service drop-in (embedded server, shared memory)"
 RAW_TCP = "raw pyzmq PUSH/PULL tcp"
 RAW_IPC = "raw pyzmq PUSH/PULL ipc"
 
@@ -54,6 +55,7 @@ SYSTEMS = [
     TORCH_BATCH_2,
     SERVICE_TCP,
     SERVICE_IPC,
+    SERVICE_SHM,
     SERVICE_DROPIN,
     RAW_TCP,
     RAW_IPC,

@@ -93,8 +93,10 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             for peer in raw.values():
                 stack.callback(peer.close)
             clients = {}
-            for name, server in (("tcp", tcp), ("ipc", ipc)):
+            for name, server in (("tcp", tcp), ("ipc", ipc), ("shm", tcp)):
                 clients[name] = batchup_client.connect(server.endpoint)
+                # tcp and ipc rows measure the socket path; "shm" the same-host slot pool
+                clients[name].shared_memory_batches = name == "shm"
                 stack.callback(_close, clients[name])
             t0 = time.perf_counter()
             default = batchup_client.default_client()  # the drop-in's embedded server
@@ -116,6 +118,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                 X, y = data[w.name]
                 in_process = batchup.data_source.ArrayDataSource([X, y], repeats=1)
                 tcp_src, ipc_src = clients["tcp"].source(w.name), clients["ipc"].source(w.name)
+                shm_src = clients["shm"].source(w.name)
                 for bs in settings.batch_sizes:
                     load.start(f"throughput {w.name} batch {bs}")
                     log(f"{w.label}, batch {bs}")
@@ -126,6 +129,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                             *torch_loaders.epochs(),
                             (S.SERVICE_TCP, S.iterator_epoch(tcp_src, bs)),
                             (S.SERVICE_IPC, S.iterator_epoch(ipc_src, bs)),
+                            (S.SERVICE_SHM, S.iterator_epoch(shm_src, bs)),
                             (S.SERVICE_DROPIN, S.iterator_epoch(dropin[w.name], bs)),
                             (S.RAW_TCP, raw["tcp"].epoch_fn(w, bs)),
                             (S.RAW_IPC, raw["ipc"].epoch_fn(w, bs)),

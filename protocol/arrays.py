@@ -17,10 +17,13 @@ from .errors import FrameTooLarge, MalformedFrame, UnsupportedDtype
 __all__ = [
     "ALLOWED_DTYPES",
     "MAX_NDIM",
+    "SLOT_ALIGN",
     "array_from_buffer",
+    "arrays_in_slot",
     "as_wire_array",
     "check_dtype",
     "dtype_from_wire",
+    "slot_layout",
     "spec_of",
 ]
 
@@ -133,3 +136,48 @@ def array_from_buffer(buffer: Any, spec: Any, max_bytes: int, owner: Any = None)
         return np.frombuffer(view, dtype=dtype).reshape(shape).copy()
     address = np.frombuffer(view, dtype=np.uint8).ctypes.data
     return np.asarray(_Writable(owner, address, dtype, tuple(shape)))
+
+
+SLOT_ALIGN = 64  #: byte alignment of each array inside a shared-memory slot
+
+
+def slot_layout(arrays: list[tuple[np.dtype[Any], tuple[int, ...]]]) -> tuple[list[list[Any]], int]:
+    """Place arrays one after another in a slot: ``[[dtype_str, shape, offset], ...]`` and bytes used."""
+    layout: list[list[Any]] = []
+    offset = 0
+    for dtype, shape in arrays:
+        layout.append([check_dtype(dtype), list(shape), offset])
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset += -(-nbytes // SLOT_ALIGN) * SLOT_ALIGN
+    return layout, offset
+
+
+def arrays_in_slot(
+    buffer: Any, base: int, layout: Any, slot_bytes: int, owner: Any
+) -> list[np.ndarray[Any, Any]]:
+    """Writable views of the arrays a :func:`slot_layout` placed at ``buffer[base:]``.
+
+    ``owner`` is kept alive by every view (the slot is reused only once it is collected).
+    Raises :class:`MalformedFrame` when the layout does not fit inside the slot.
+    """
+    if not isinstance(layout, list):
+        raise MalformedFrame("batch layout should be a list of [dtype, shape, offset]")
+    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data + base
+    out = []
+    for entry in layout:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], int)):
+            raise MalformedFrame(f"layout entry should be [dtype, shape, offset], got {entry!r:.60}")
+        dtype = dtype_from_wire(entry[0])
+        shape = entry[1]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise MalformedFrame(f"layout shape should be sizes >= 0, got {shape!r:.60}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if entry[2] < 0 or entry[2] + nbytes > slot_bytes:
+            raise MalformedFrame(
+                f"array of {nbytes} bytes at offset {entry[2]} overflows a {slot_bytes}-byte slot"
+            )
+        if nbytes == 0:
+            out.append(np.empty(shape, dtype))
+            continue
+        out.append(np.asarray(_Writable(owner, address + entry[2], dtype, tuple(shape))))
+    return out

@@ -130,6 +130,7 @@ class OpenStream:
     credit_batches: int
     credit_bytes: int
     fields: list[str] | None = None
+    shm: bool = False  #: (1.1) deliver batches through a shared-memory slot pool if possible
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,6 +140,9 @@ class StreamOpened:
     TYPE: ClassVar[str] = "stream_opened"
     request_id: int
     stream_id: int
+    pool_path: str = ""  #: (1.1) the slot pool file; "" = batches come as frames
+    slot_bytes: int = 0  #: (1.1) bytes per slot (a multiple of 4096)
+    slots: int = 0  #: (1.1) number of slots in the pool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +153,7 @@ class Credit:
     stream_id: int
     batches: int
     consumed: int
+    freed: list[int] = dataclasses.field(default_factory=list)  #: (1.1) pool slots free again
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,6 +184,8 @@ class Batch:
     seq: int
     generation: int
     rng: dict[str, Any] | None = None
+    slot: int = -1  #: (1.1) >= 0: the arrays are in this pool slot, not in frames
+    layout: list[Any] = dataclasses.field(default_factory=list)  #: (1.1) [dtype, shape, offset] per array
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
     msgs: list[tuple[Any, list[np.ndarray[Any, Any]]]] = [
         (
             proto.Hello(
-                [1, 0],
+                [1, 1],
                 CLIENT_ID,
                 "tcp://10.0.0.2:40123",
                 "trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a",
@@ -60,7 +60,7 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         ),
         (
             proto.Welcome(
-                [1, 0],
+                [1, 1],
                 "5e1f0c2a9b3d4e6f",
                 "data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
                 SHM_DIR,
@@ -95,11 +95,12 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
                 8,
                 1 << 28,
                 ["X", "y"],
+                True,
             ),
             [np.array([5, 3, 9, 0, 7, 1, 8, 2], dtype="<i4")],
         ),
-        (proto.StreamOpened(2, 1), []),
-        (proto.Credit(1, 2, 2), []),
+        (proto.StreamOpened(2, 1, "/dev/shm/batchup-4242-0a1b2c3d/pool-00112233-1-7.bin", 8192, 6), []),
+        (proto.Credit(1, 2, 2, [3, 0]), []),
         (proto.Reseed(1, 2, 1, _rng_state(7)), []),
         (proto.CloseStream(1), []),
         (

@@ -1,4 +1,8 @@
-"""Credit-based flow control, observed from a real client against a real server."""
+"""Credit-based flow control, observed from a real client against a real server.
+
+These tests receive batches as frames (``shared_memory_batches = False``): with shared
+memory the pool's slots bound the batches in flight too (tests/integration/test_shared_memory.py).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def drain(client):
 
 def test_server_never_sends_beyond_granted_batches(server):
     with batchup_client.connect(server.endpoint) as client:
+        client.shared_memory_batches = False
         sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 4, 1 << 30)
         drain(client)
         assert client.buffered(sid) == 4
@@ -35,6 +40,7 @@ def test_server_never_sends_beyond_granted_batches(server):
 
 def test_byte_budget_bounds_batches_in_flight(server):
     with batchup_client.connect(server.endpoint) as client:
+        client.shared_memory_batches = False
         budget = 64 * ROW_BYTES * 2  # room for two batches of 64
         sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 32, budget)
         drain(client)
@@ -47,6 +53,7 @@ def test_byte_budget_bounds_batches_in_flight(server):
 
 def test_stalled_stream_does_not_slow_the_others(server):
     with batchup_client.connect(server.endpoint) as client:
+        client.shared_memory_batches = False
         stalled = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 512, False, None, 2, 1 << 30)
         it = client.source("demo", repeats=3).batch_iterator(batch_size=100, shuffle=np.random.RandomState(0))
         assert sum(1 for _ in it) == 360
@@ -57,6 +64,7 @@ def test_stalled_stream_does_not_slow_the_others(server):
 
 def test_consuming_returns_credit(server):
     with batchup_client.connect(server.endpoint) as client:
+        client.shared_memory_batches = False
         it = client.source("demo", repeats=-1).batch_iterator(batch_size=10)
         for _ in range(500):  # far more batches than the window: credits come back
             next(it)
@@ -66,6 +74,7 @@ def test_consuming_returns_credit(server):
 
 def test_small_byte_budget_with_many_batch_credits_streams_to_the_end(server):
     with batchup_client.connect(server.endpoint) as client:
+        client.shared_memory_batches = False
         client.prefetch = (32, 2 * 100 * ROW_BYTES)  # two batches fit, credit batched by 8
         it = client.source("demo").batch_iterator(batch_size=100, shuffle=np.random.RandomState(2))
         assert sum(1 for _ in it) == 120

@@ -65,7 +65,10 @@ class FakeServer:
     def ready(self, stream_id, seq):
         return self.inbox.has(seq)
 
-    def send_credit(self, stream_id, batches, consumed):
+    def pool(self, stream_id):
+        return None  # batches as frames
+
+    def send_credit(self, stream_id, batches, consumed, freed=()):
         self.credits.append((batches, consumed))
         self.stream.credit(batches, consumed)
 

@@ -45,7 +45,7 @@ def rng_state(seed: int, permute: int = 0) -> dict[str, Any]:
 EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     "hello": (
         proto.Hello(
-            version=[1, 0],
+            version=[1, 1],
             client_id=CLIENT_ID,
             data_endpoint="tcp://10.0.0.2:40123",
             host_id="trainer-1/0d6f3c1e-8a55-4b7e-9c1a-2f4e5d6c7b8a",
@@ -56,7 +56,7 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     ),
     "welcome": (
         proto.Welcome(
-            version=[1, 0],
+            version=[1, 1],
             server_id="5e1f0c2a9b3d4e6f",
             host_id="data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
             shm_dir=SHM_DIR,
@@ -91,11 +91,21 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
             credit_batches=8,
             credit_bytes=268435456,
             fields=["X", "y"],
+            shm=True,
         ),
         [np.array([5, 3, 9, 0, 7, 1, 8, 2], dtype="<i4")],
     ),
-    "stream_opened": (proto.StreamOpened(request_id=2, stream_id=1), []),
-    "credit": (proto.Credit(stream_id=1, batches=2, consumed=2), []),
+    "stream_opened": (
+        proto.StreamOpened(
+            request_id=2,
+            stream_id=1,
+            pool_path="/dev/shm/batchup-4242-0a1b2c3d/pool-00112233-1-7.bin",
+            slot_bytes=8192,
+            slots=6,
+        ),
+        [],
+    ),
+    "credit": (proto.Credit(stream_id=1, batches=2, consumed=2, freed=[3, 0]), []),
     "reseed": (proto.Reseed(stream_id=1, from_seq=2, generation=1, rng=rng_state(7)), []),
     "close_stream": (proto.CloseStream(stream_id=1), []),
     "batch": (
@@ -230,6 +240,7 @@ def test_golden_header_field_order() -> None:
         "credit_batches",
         "credit_bytes",
         "fields",
+        "shm",
         "arrays",
     ]
     assert header["arrays"] == [["<i4", [8]]]

@@ -130,7 +130,7 @@ def test_roundtrip_without_converting_frames(name: str) -> None:
 def test_header_is_type_then_fields_in_declaration_order_then_arrays() -> None:
     msg, arrays = SAMPLES["batch"]
     fields = msgpack.unpackb(proto.encode(msg, arrays)[0], raw=False)
-    assert list(fields) == ["type", "stream_id", "seq", "generation", "rng", "arrays"]
+    assert list(fields) == ["type", "stream_id", "seq", "generation", "rng", "slot", "layout", "arrays"]
     assert fields["type"] == "batch"
     assert fields["arrays"] == [[">f8", [2, 3]], ["|b1", [2]]]
 
@@ -601,7 +601,7 @@ def test_rng_state_of_wrong_type_is_malformed(data: Any) -> None:
 
 # ---------------------------------------------------------------------- versions
 def test_protocol_version() -> None:
-    assert proto.PROTOCOL_VERSION == (1, 0)
+    assert proto.PROTOCOL_VERSION == (1, 1)
 
 
 @pytest.mark.parametrize(
@@ -614,7 +614,7 @@ def test_same_major_is_compatible(peer: tuple[int, int], ok: bool) -> None:
 
 def test_hello_carries_the_version_as_a_list() -> None:
     msg, _ = proto.decode(wire(proto.encode(proto.Hello(list(proto.PROTOCOL_VERSION), CLIENT_ID, "ipc://x"))))
-    assert msg.version == [1, 0]
+    assert msg.version == [1, 1]
     assert proto.is_compatible(tuple(msg.version))
 
 

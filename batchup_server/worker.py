@@ -1,0 +1,102 @@
+"""What a worker process does with a task: open sources, gather rows, build the reply.
+
+Pure of sockets (the worker's socket loop is :func:`batchup_server.router.worker_main`).
+Sources and slot pools are opened here, in the worker, after it started: open HDF5
+handles and memory maps must not cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import numpy as np
+
+import batchup_protocol as proto
+from batchup_protocol import ErrorCode
+from batchup_protocol.arrays import slot_layout
+
+from .sources import OpenedSource, SourceSpec, open_source
+
+__all__ = ["TaskRunner"]
+
+
+class TaskRunner:
+    """Runs gather tasks; keeps sources and slot pools open between tasks."""
+
+    def __init__(self) -> None:
+        self._sources: dict[tuple[Any, ...], OpenedSource] = {}
+        self._pools: dict[str, np.memmap[Any, Any]] = {}
+
+    def _source(self, wire: dict[str, Any]) -> OpenedSource:
+        spec = SourceSpec.from_wire(wire)
+        key = tuple((f.kind, f.path, f.dataset) for f in spec.fields)
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = open_source(spec)
+        return source
+
+    def _pool(self, path: str) -> np.memmap[Any, Any]:
+        pool = self._pools.get(path)
+        if pool is None:
+            pool = self._pools[path] = np.memmap(path, dtype=np.uint8, mode="r+")
+        return pool
+
+    def forget_pool(self, path: str) -> None:
+        self._pools.pop(path, None)
+
+    def run(self, header: dict[str, Any], indices: np.ndarray[Any, Any]) -> tuple[Any, list[Any], str]:
+        """The reply to a task: ``(message, arrays, error text or "")``."""
+        try:
+            source = self._source(header["source"])
+            if header["slot"] >= 0:
+                return self._into_slot(header, source, indices), [], ""
+            arrays = source.gather(indices, header["fields"])
+            if header["include_indices"]:
+                arrays = [indices, *arrays]
+            if header["gather"]:
+                return proto.GatherResult(header["seq"]), arrays, ""
+            return proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays, ""
+        except Exception as exc:
+            gather = header["gather"]
+            err = proto.Error(
+                ErrorCode.REMOTE_EXCEPTION,
+                str(exc),
+                header["seq"] if gather else 0,
+                header["stream"],
+                -1 if gather else header["seq"],
+                type(exc).__name__,
+                "".join(traceback.format_exception(exc)),
+                -1 if gather else header["gen"],
+            )
+            return err, [], f"{type(exc).__name__}: {exc}"
+
+    def _into_slot(self, header: dict[str, Any], source: OpenedSource, indices: np.ndarray[Any, Any]) -> Any:
+        """Gather straight into the stream's shared-memory slot; the reply only describes it."""
+        n = len(indices)
+        specs = [source.out_spec(f, n) for f in header["fields"]]
+        if header["include_indices"]:
+            specs.insert(0, (indices.dtype, (n,)))
+        layout, used = slot_layout(specs)
+        slot_bytes = header["slot_bytes"]
+        if used > slot_bytes:
+            raise ValueError(f"a batch of {used} bytes does not fit a {slot_bytes}-byte slot")
+        pool = self._pool(header["pool"])
+        base = header["slot"] * slot_bytes
+        views = [
+            np.ndarray(tuple(shape), np.dtype(dtype), buffer=pool, offset=base + offset)
+            for dtype, shape, offset in layout
+        ]
+        if header["include_indices"]:
+            views[0][...] = indices
+            views = views[1:]
+        source.gather_into(indices, header["fields"], views)
+        return proto.Batch(
+            header["stream"], header["seq"], header["gen"], header["rng"], header["slot"], layout
+        )
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
+        self._pools.clear()

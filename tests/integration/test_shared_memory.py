@@ -1,0 +1,98 @@
+"""Same-host batches through shared-memory slots: correct, stable while held, bounded, cleaned up."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import batchup_client
+from batchup_server.demo import make_demo_arrays
+from tests.integration.test_streaming import assert_same, expected_batches
+
+pytestmark = pytest.mark.integration
+
+DEMO_PLAN = {"kind": "standard", "length": 12000, "repeats": -1}
+
+
+def test_same_host_streams_use_shared_memory_and_match(server):
+    X, y = make_demo_arrays()
+    with batchup_client.connect(server.endpoint) as client:
+        assert client.info()["batch_transport"] == "shared memory"
+        got = list(client.source("demo").batch_iterator(batch_size=700, shuffle=np.random.RandomState(6)))
+        assert client.info()["streams_shared_memory"] == 1
+        assert_same(got, expected_batches([X, y], 700, 6))
+
+
+def test_a_batch_the_user_keeps_never_changes(server):
+    with batchup_client.connect(server.endpoint) as client:
+        it = client.source("demo", repeats=3).batch_iterator(batch_size=100, shuffle=np.random.RandomState(1))
+        kept = []
+        for i, (X, y) in enumerate(it):
+            if i % 7 == 0:
+                kept.append((X, y, X.copy(), y.copy()))
+            X += 1.0  # scripts write into their batches
+        assert len(kept) > 20
+        for X, y, X0, y0 in kept:
+            np.testing.assert_array_equal(X, X0 + 1.0)
+            np.testing.assert_array_equal(y, y0)
+
+
+def test_keeping_every_batch_copies_out_instead_of_blocking(server):
+    X, y = make_demo_arrays()
+    with batchup_client.connect(server.endpoint) as client:
+        batches = list(client.source("demo", repeats=2).batch_iterator(batch_size=50))
+        assert client.info()["batches_copied_out"] > 0
+    assert len(batches) == 480
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), np.concatenate([y, y]))
+    assert len({b[0].ctypes.data for b in batches}) == 480  # no two batches share memory
+
+
+def test_slots_bound_the_batches_in_flight(server):
+    with batchup_client.connect(server.endpoint) as client:
+        sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 6, 1 << 30)
+        pool = client.pool(sid)
+        assert pool is not None and pool.slots == 6
+        assert client.poll_data(15)
+        while client.poll_data(0.5):
+            pass
+        assert client.buffered(sid) == 6
+        client.send_credit(sid, 5, 0)  # credit without free slots: nothing more may come
+        assert not client.poll_data(0.5)
+        first, arrays = client.next_item(sid, 0)
+        del first, arrays
+        gc.collect()
+        client.send_credit(sid, 0, 1, pool.take_freed())  # the slot is free: one more batch
+        assert client.poll_data(10)
+        assert client.buffered(sid) == 6
+        client.close_stream(sid)
+
+
+def test_pool_files_are_removed_with_their_stream(server):
+    shm_dirs = [d for d in os.listdir("/dev/shm") if d.startswith(f"batchup-{server.pid}-")]
+    assert len(shm_dirs) == 1
+    folder = os.path.join("/dev/shm", shm_dirs[0])
+    with batchup_client.connect(server.endpoint) as client:
+        it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+        X, _ = next(it)
+        assert any(name.startswith("pool-") for name in os.listdir(folder))
+        it.close()
+        client.source("demo")  # a round trip: the close was handled
+        assert not any(name.startswith("pool-") for name in os.listdir(folder))
+        X[:] = 3.0  # the batch stays valid after its pool file is gone
+        assert (X == 3.0).all()
+
+
+@pytest.mark.parametrize("how", ["share_memory=False", "attribute"])
+def test_socket_path_when_asked(server, how):
+    X, y = make_demo_arrays()
+    kwargs = {"share_memory": False} if how == "share_memory=False" else {}
+    with batchup_client.connect(server.endpoint, **kwargs) as client:
+        if how == "attribute":
+            client.shared_memory_batches = False
+        assert client.info()["batch_transport"] == "tcp socket"
+        got = list(client.source("demo").batch_iterator(batch_size=5000, shuffle=np.random.RandomState(2)))
+        assert client.info()["streams_socket"] == 1
+    assert_same(got, expected_batches([X, y], 5000, 2))
