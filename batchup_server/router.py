@@ -528,12 +528,18 @@ class Router:
             os.unlink(stream.pool)
         except OSError:
             pass
-        forget = msgpack.packb({"op": "forget_pool", "path": stream.pool})
-        for worker in self.workers:
+        self._tell_workers({"op": "forget_pool", "path": stream.pool})
+
+    def _tell_workers(self, message: dict[str, Any]) -> list[WorkerHandle]:
+        """Send a control message to every worker; returns those that could not take it."""
+        packed = msgpack.packb(message)
+        missed = []
+        for worker in getattr(self, "workers", []):
             try:
-                worker.socket.send(forget, zmq.NOBLOCK)
+                worker.socket.send(packed, zmq.NOBLOCK)
             except zmq.ZMQError:
-                pass
+                missed.append(worker)
+        return missed
 
     def _on_gather(self, client: ClientState, msg: proto.Gather, arrays: list[Any]) -> None:
         entry = self._resolve(msg.source)
@@ -682,12 +688,7 @@ class Router:
         self.clients.pop(client.routing_id, None)
         self.uploads.forget_owner(client.routing_id)
         client.data.close(linger=0)
-        forget = msgpack.packb({"op": "forget", "endpoint": client.data_endpoint})
-        for worker in self.workers:
-            try:
-                worker.socket.send(forget, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        self._tell_workers({"op": "forget", "endpoint": client.data_endpoint})
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
@@ -698,12 +699,8 @@ class Router:
                 self._send_data(client, proto.encode(notice))
             client.data.close(linger=500)  # let the notices out
         self.clients.clear()
-        stop = msgpack.packb({"op": "stop"})
-        for worker in getattr(self, "workers", []):
-            try:
-                worker.socket.send(stop, zmq.NOBLOCK)
-            except zmq.ZMQError:  # not connected yet (still starting): it cannot hear us
-                worker.process.terminate()
+        for worker in self._tell_workers({"op": "stop"}):
+            worker.process.terminate()  # not connected yet (still starting): it cannot hear us
         deadline = time.monotonic() + 3.0
         for worker in getattr(self, "workers", []):
             worker.process.join(max(0.0, deadline - time.monotonic()))
