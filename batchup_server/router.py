@@ -103,6 +103,7 @@ class WorkerHandle:
     socket: zmq.Socket[Any]
     process: Any
     outstanding: dict[int, tuple[Job, Task]] = dataclasses.field(default_factory=dict)
+    ready: bool = False  #: the process connected and said so; before that a send could block
 
 
 class Router:
@@ -133,6 +134,7 @@ class Router:
         self._tasks = 0
         self._rr: collections.deque[StreamEntry] = collections.deque()
         self._gathers: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._retry: collections.deque[tuple[Job, Task]] = collections.deque()
         self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
         try:
             self.control = self._socket(zmq.ROUTER)
@@ -553,10 +555,21 @@ class Router:
 
     # ------------------------------------------------------------------ scheduling
     def _free_worker(self) -> WorkerHandle | None:
-        best = min(self.workers, key=lambda w: len(w.outstanding))
+        """A started worker with room in its queue (a send to it cannot block)."""
+        ready = [w for w in self.workers if w.ready]
+        if not ready:
+            return None
+        best = min(ready, key=lambda w: len(w.outstanding))
         return best if len(best.outstanding) < WORKER_DEPTH else None
 
     def _schedule(self) -> None:
+        while self._retry:  # tasks of a dead worker, or that could not be sent
+            worker = self._free_worker()
+            if worker is None:
+                return
+            job, task = self._retry.popleft()
+            if job.client.client_id in self.clients:
+                self._send_task(worker, job, task)
         while self._gathers:
             worker = self._free_worker()
             if worker is None:
@@ -617,10 +630,12 @@ class Router:
         try:
             worker.socket.send_multipart(
                 [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices).data],
+                zmq.NOBLOCK,
                 copy=False,
             )
-        except zmq.ZMQError as exc:
-            log.error("cannot send a task to worker %d: %s", worker.index, exc)
+        except zmq.ZMQError as exc:  # never block the router: try again on the next round
+            log.warning("cannot send a task to worker %d (%s); will retry", worker.index, exc)
+            self._retry.append((job, task))
             return
         worker.outstanding[self._tasks] = (job, task)
 
@@ -647,6 +662,9 @@ class Router:
     def _on_result(self, frames: list[Any]) -> None:
         result = msgpack.unpackb(frames[0].bytes, raw=False)
         worker = self.workers[result["worker"]]
+        if result.get("ready"):
+            worker.ready = True
+            return
         info = worker.outstanding.pop(result["task"], None)
         if info is None or result["ok"]:
             return
@@ -666,12 +684,10 @@ class Router:
                 continue
             log.error("worker %d died (exit code %s); restarting it", worker.index, worker.process.exitcode)
             worker.process.join(0)
+            worker.ready = False  # until the new process says it listens
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
-            for job, task in lost.values():
-                if job.client.client_id not in self.clients:
-                    continue
-                self._send_task(self._free_worker() or worker, job, task)
+            self._retry.extend(lost.values())
 
     def _reap_clients(self, now: float) -> None:
         for client in list(self.clients.values()):
@@ -734,6 +750,7 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
     results = ctx.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 0)
     results.connect(results_endpoint)
+    results.send(msgpack.packb({"worker": index, "ready": True}))  # tasks may come now
     clients: dict[str, zmq.Socket[Any]] = {}
     runner = TaskRunner()
     try:
