@@ -134,7 +134,8 @@ class Client:
         self.prefetch: tuple[int, int] = (32, 64 << 20)
         #: on the server's host, receive batches in shared-memory slots instead of frames
         self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
-        self._pools: dict[int, SlotPool] = {}
+        self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)
+        self._pool_maps: dict[str, SlotPool] = {}  #: pool file → mapping, reused by later streams
         self._stats = {
             "arrays_shared": 0,
             "arrays_uploaded": 0,
@@ -263,8 +264,7 @@ class Client:
             "batch_transport": "shared memory"
             if self.same_host and self.shared_memory_batches
             else f"{self.address.split('://', 1)[0]} socket",
-            "batches_copied_out": self._stats["batches_copied_out"]
-            + sum(p.copied for p in self._pools.values()),
+            "batches_copied_out": sum(p.copied for p in self._pool_maps.values()),
             "open_streams": len(self._inboxes),
         }
 
@@ -353,17 +353,19 @@ class Client:
             return True
         stream_id = getattr(msg, "stream_id", None)
         inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
-        if inbox is None:
-            return True
         if isinstance(msg, proto.Batch) and msg.slot >= 0:
             pool = self._pools.get(msg.stream_id)
             if pool is None:
                 raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
+            if inbox is None:  # a late batch of a closed stream: its slot is free again
+                pool.free_unused(msg.slot)
+                return True
             try:
                 arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
             except proto.ProtocolError as exc:
                 raise ProtocolViolation(f"the server sent an invalid slot batch: {exc}") from exc
-        inbox.put(msg, arrays)
+        if inbox is not None:
+            inbox.put(msg, arrays)
         return True
 
     # ------------------------------------------------------------------ streams
@@ -400,7 +402,11 @@ class Client:
                 plan_arrays,
             )
             if reply.pool_path:
-                self._pools[sid] = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
+                pool = self._pool_maps.get(reply.pool_path)
+                if pool is None or (pool.slots, pool.slot_bytes) != (reply.slots, reply.slot_bytes):
+                    pool = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
+                    self._pool_maps[reply.pool_path] = pool
+                self._pools[sid] = pool
         except BaseException:
             self.close_stream(sid)
             raise
@@ -410,7 +416,7 @@ class Client:
 
     def pool(self, stream_id: int) -> SlotPool | None:
         """The stream's shared-memory slots, or ``None`` when its batches come as frames."""
-        return self._pools.get(stream_id)
+        return self._pools.get(stream_id) if stream_id in self._inboxes else None
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         """Wait for item ``seq`` of a stream (a Batch, an EndOfStream or an Error)."""
@@ -468,9 +474,6 @@ class Client:
 
     def close_stream(self, stream_id: int) -> None:
         """Release a stream's credits and buffers at once. Idempotent; quiet after close."""
-        pool = self._pools.pop(stream_id, None)  # the mapping lives on in batches still held
-        if pool is not None:
-            self._stats["batches_copied_out"] += pool.copied
         if self._inboxes.pop(stream_id, None) is None or self._closed:
             return
         try:

@@ -148,6 +148,7 @@ def iterate(
                     generation += 1
                     conn.reseed(sid, consumed, generation, proto.encode_rng_state(current))  # type: ignore[arg-type]
                     expected = current
+                    del msg, arrays  # a void batch must not pin its shared-memory slot
                     continue
                 expected = proto.decode_rng_state(msg.rng)
                 rng.set_state(expected)
@@ -162,6 +163,8 @@ def iterate(
             yield batch
             del batch
     finally:
+        if pool is not None and freed:
+            pool.unreported(freed)  # the pool's next stream reports them: no slot leaks
         conn.close_stream(sid)
 
 
@@ -176,7 +179,8 @@ class _Lease:
 
 
 class SlotPool:
-    """A stream's shared-memory slots, mapped into this process.
+    """A pool of shared-memory slots, mapped into this process (one stream at a time uses it;
+    later streams of the same client and geometry reuse it, so its pages stay warm).
 
     Batches are views of a slot; a slot is reported free only when every view of its
     batch has been garbage collected, so a batch the user keeps never changes under them.
@@ -218,6 +222,15 @@ class SlotPool:
         lease.state[1] = True
         self.handed += 1
         return tuple(arrays)
+
+    def free_unused(self, slot: int) -> None:
+        """A batch was written into ``slot`` but will never be handed out (closed stream)."""
+        if 0 <= slot < self.slots:
+            self._freed.append(slot)
+
+    def unreported(self, slots: list[int]) -> None:
+        """Freed slots a closed stream could not report; the pool's next stream will."""
+        self._freed.extend(slots)
 
     def take_freed(self) -> list[int]:
         out = []

@@ -49,6 +49,7 @@ POLL_MS = 100
 #: fewest slots in a pool: the user's previous batch is still alive when the next is handed
 #: out, so with fewer slots every batch would be copied out of its slot
 MIN_SLOTS = 4
+IDLE_POOLS = 4  #: pools a client keeps for its next streams (e.g. one iterator per epoch)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,17 @@ class SourceEntry:
 
 
 @dataclasses.dataclass
+class Pool:
+    """A client's shared-memory slot pool; reused by its next stream of the same geometry,
+    so its pages are not faulted in afresh every epoch."""
+
+    path: str
+    slots: int
+    slot_bytes: int
+    free: list[int]
+
+
+@dataclasses.dataclass
 class ClientState:
     client_id: bytes
     routing_id: bytes
@@ -67,6 +79,7 @@ class ClientState:
     data: zmq.Socket[Any]
     last_seen: float
     streams: dict[int, StreamEntry] = dataclasses.field(default_factory=dict)
+    idle_pools: list[Pool] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -78,8 +91,7 @@ class StreamEntry:
     fields: list[int]
     include_indices: bool
     failed: bool = False
-    pool: str = ""  #: shared-memory slot pool file ("" = batches go as frames)
-    slot_bytes: int = 0
+    slot_pool: Pool | None = None  #: shared-memory slots (None = batches go as frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +147,7 @@ class Router:
         self._rr: collections.deque[StreamEntry] = collections.deque()
         self._gathers: collections.deque[tuple[Any, ...]] = collections.deque()
         self._retry: collections.deque[tuple[Job, Task]] = collections.deque()
+        self._pools_made = 0
         self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
         try:
             self.control = self._socket(zmq.ROUTER)
@@ -493,44 +506,65 @@ class Router:
             slots = self._make_pool(stream, batch_size, row_bytes, len(fields) + 1, msg)
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)
+        pool = stream.slot_pool
         self._reply(
             client.routing_id,
-            proto.StreamOpened(msg.request_id, msg.stream_id, stream.pool, stream.slot_bytes, slots),
+            proto.StreamOpened(
+                msg.request_id,
+                msg.stream_id,
+                pool.path if pool else "",
+                pool.slot_bytes if pool else 0,
+                slots,
+            ),
         )
 
     def _make_pool(
         self, stream: StreamEntry, batch_size: int, row_bytes: int, n_arrays: int, msg: Any
     ) -> int:
-        """Create the stream's slot pool in the shared folder; 0 slots (frames) if impossible."""
+        """Give the stream a slot pool (an idle one of its client's, or a new file in the
+        shared folder); 0 slots (frames) if none can be made."""
         need = batch_size * (row_bytes + 8) + n_arrays * proto.arrays.SLOT_ALIGN
         slot_bytes = -(-need // 4096) * 4096
         slots = max(MIN_SLOTS, min(msg.credit_batches, msg.credit_bytes // slot_bytes))
-        path = os.path.join(
-            self.shm_dir, f"pool-{stream.client.client_id.hex()[:8]}-{stream.stream_id}-{self._tasks}.bin"
-        )
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        client = stream.client
+        pool = next((p for p in client.idle_pools if (p.slots, p.slot_bytes) == (slots, slot_bytes)), None)
+        if pool is not None:
+            client.idle_pools.remove(pool)
+        else:
+            self._pools_made += 1
+            path = os.path.join(self.shm_dir, f"pool-{client.client_id.hex()[:8]}-{self._pools_made}.bin")
             try:
-                os.ftruncate(fd, slots * slot_bytes)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.warning("cannot create a slot pool (%s); stream %d uses frames", exc, stream.stream_id)
-            return 0
-        stream.pool, stream.slot_bytes = path, slot_bytes
-        stream.stream.use_slots(slots)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    os.ftruncate(fd, slots * slot_bytes)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.warning("cannot create a slot pool (%s); stream %d uses frames", exc, stream.stream_id)
+                return 0
+            pool = Pool(path, slots, slot_bytes, list(range(slots)))
+        stream.slot_pool = pool
+        stream.stream.use_slots(pool.free, slots)
         log.debug("stream %d: %d shared-memory slots of %d bytes", stream.stream_id, slots, slot_bytes)
         return slots
 
     def _discard(self, stream: StreamEntry) -> None:
-        """A stream is gone: remove its pool (mappings stay valid until their owners unmap)."""
-        if not stream.pool:
+        """A stream is gone: its pool waits for the client's next stream (a few per client)."""
+        pool = stream.slot_pool
+        if pool is None:
             return
+        client = stream.client
+        client.idle_pools.append(pool)
+        while len(client.idle_pools) > IDLE_POOLS:
+            self._remove_pool(client.idle_pools.pop(0))
+
+    def _remove_pool(self, pool: Pool) -> None:
+        """Delete a pool file (mappings stay valid until their owners unmap them)."""
         try:
-            os.unlink(stream.pool)
+            os.unlink(pool.path)
         except OSError:
             pass
-        self._tell_workers({"op": "forget_pool", "path": stream.pool})
+        self._tell_workers({"op": "forget_pool", "path": pool.path})
 
     def _tell_workers(self, message: dict[str, Any]) -> list[WorkerHandle]:
         """Send a control message to every worker; returns those that could not take it."""
@@ -604,7 +638,9 @@ class Router:
             else:
                 job = Job(
                     entry.client, entry.stream_id, entry.source, entry.fields, entry.include_indices,
-                    False, entry.pool, entry.slot_bytes,
+                    False,
+                    entry.slot_pool.path if entry.slot_pool else "",
+                    entry.slot_pool.slot_bytes if entry.slot_pool else 0,
                 )  # fmt: skip
                 self._send_task(worker, job, item)
 
@@ -700,6 +736,9 @@ class Router:
         )
         for stream in client.streams.values():
             self._discard(stream)
+        for pool in client.idle_pools:
+            self._remove_pool(pool)
+        client.idle_pools.clear()
         client.streams.clear()
         self.clients.pop(client.routing_id, None)
         self.uploads.forget_owner(client.routing_id)

@@ -118,9 +118,10 @@ class Stream:
         self._checkpoints: dict[int, PlanState] = {}
         self.free_slots: list[int] | None = None  #: set for shared-memory streams
 
-    def use_slots(self, slots: int) -> None:
-        """Deliver through a pool of ``slots`` slots: a batch needs a free one."""
-        self.free_slots = list(range(slots))
+    def use_slots(self, free: list[int], slots: int) -> None:
+        """Deliver through a pool of ``slots`` slots whose free ones are ``free`` (shared,
+        since a client's pool outlives a stream): a batch needs a free slot."""
+        self.free_slots = free
         self.n_slots = slots
 
     def _batch_bytes(self) -> int:

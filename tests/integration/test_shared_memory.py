@@ -11,6 +11,7 @@ import pytest
 import batchup_client
 from batchup_server.demo import make_demo_arrays
 from tests.integration.test_streaming import assert_same, expected_batches
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,19 +71,29 @@ def test_slots_bound_the_batches_in_flight(server):
         client.close_stream(sid)
 
 
-def test_pool_files_are_removed_with_their_stream(server):
+def test_pools_are_reused_by_later_streams_and_removed_with_their_client(server):
     shm_dirs = [d for d in os.listdir("/dev/shm") if d.startswith(f"batchup-{server.pid}-")]
     assert len(shm_dirs) == 1
     folder = os.path.join("/dev/shm", shm_dirs[0])
+
+    def pools():
+        return sorted(name for name in os.listdir(folder) if name.startswith("pool-"))
+
     with batchup_client.connect(server.endpoint) as client:
-        it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
-        X, _ = next(it)
-        assert any(name.startswith("pool-") for name in os.listdir(folder))
-        it.close()
-        client.source("demo")  # a round trip: the close was handled
-        assert not any(name.startswith("pool-") for name in os.listdir(folder))
-        X[:] = 3.0  # the batch stays valid after its pool file is gone
-        assert (X == 3.0).all()
+        for _ in range(3):  # one iterator per epoch: the same pool each time (warm pages)
+            assert sum(1 for _ in client.source("demo").batch_iterator(batch_size=64)) == 188
+        assert len(pools()) == 1
+        for _ in range(10):  # iterators left early, batches still in flight: no slot leaks
+            it = client.source("demo").batch_iterator(batch_size=64)
+            next(it)
+            it.close()
+        assert sum(1 for _ in client.source("demo").batch_iterator(batch_size=64)) == 188
+        assert client.info()["batches_copied_out"] == 0
+        assert len(pools()) == 1
+        X, _ = next(client.source("demo").batch_iterator(batch_size=64))
+    wait_until(lambda: not pools(), what="the pools of a client that said goodbye to go")
+    X[:] = 3.0  # a batch stays valid after its pool file is gone
+    assert (X == 3.0).all()
 
 
 @pytest.mark.parametrize("how", ["share_memory=False", "attribute"])
@@ -96,3 +107,26 @@ def test_socket_path_when_asked(server, how):
         got = list(client.source("demo").batch_iterator(batch_size=5000, shuffle=np.random.RandomState(2)))
         assert client.info()["streams_socket"] == 1
     assert_same(got, expected_batches([X, y], 5000, 2))
+
+
+def test_iterators_closed_early_leak_no_slot(server):
+    """Slots freed but not yet reported when an iterator closes go to the pool's next stream."""
+    with batchup_client.connect(server.endpoint) as client:
+        src = client.source("demo", repeats=-1)
+        for _ in range(25):
+            it = src.batch_iterator(batch_size=64, shuffle=np.random.RandomState(0))
+            for _ in range(5):
+                next(it)
+            it.close()
+        while client.poll_data(0.5):  # late batches of the closed streams free their slots
+            pass
+        gc.collect()
+        batches, nbytes = client.prefetch  # the same geometry as the iterators': the same pool
+        sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, batches, nbytes)
+        pool = client.pool(sid)
+        client.send_credit(sid, 0, 0, pool.take_freed())
+        assert client.poll_data(15)
+        while client.poll_data(0.5):
+            pass
+        assert client.buffered(sid) == pool.slots  # every slot came back
+        client.close_stream(sid)
