@@ -17,10 +17,11 @@ _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="parity-hypothesis-")
 set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[batchup_client.Client]:
-    """One private local server (2 workers) shared by the whole parity session."""
+@pytest.fixture(scope="session", params=["shared-memory batches", "socket batches"])
+def client(request: pytest.FixtureRequest) -> Iterator[batchup_client.Client]:
+    """One private local server (2 workers) per batch transport, shared by the session."""
     c = batchup_client.connect(workers=2)
+    c.shared_memory_batches = request.param == "shared-memory batches"
     try:
         yield c
     finally:
