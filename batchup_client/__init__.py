@@ -84,15 +84,7 @@ class Client(_ConnectionClient):
         sampler: Any = None,
     ) -> RemoteDataSource:
         """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
-        if not isinstance(data, list):
-            raise TypeError(f"data must be a list of array-like objects, not a {type(data)}")
-        length = len(data[0])  # IndexError for [], as batchup
-        for i, d in enumerate(data[1:]):
-            if len(d) != length:
-                raise ValueError(
-                    f"Arrays have inconsistent length; array 0 has length {length}, while array "
-                    f"{i + 1} has length {len(d)}"
-                )
+        data_source.check_array_list(data)
         keys = self.ensure_arrays(data)
         return RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
 

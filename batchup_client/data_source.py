@@ -75,6 +75,20 @@ def plan_for(sampler: Any) -> tuple[dict[str, Any], list[Any]] | None:
     return None
 
 
+def check_array_list(data: Any) -> int:
+    """batchup's checks on ``ArrayDataSource`` data (same types and messages); the length."""
+    if not isinstance(data, list):
+        raise TypeError(f"data must be a list of array-like objects, not a {type(data)}")
+    length = len(data[0])  # IndexError for [], as batchup
+    for i, d in enumerate(data[1:]):
+        if len(d) != length:
+            raise ValueError(
+                f"Arrays have inconsistent length; array 0 has length {length}, while array "
+                f"{i + 1} has length {len(d)}"
+            )
+    return length
+
+
 class AbstractDataSource:
     """A source of mini-batches (batchup's base class)."""
 
@@ -248,15 +262,7 @@ class ArrayDataSource(RandomAccessDataSource):
         sampler: Any = None,
         include_indices: bool = False,
     ):
-        if not isinstance(data, list):
-            raise TypeError(f"data must be a list of array-like objects, not a {type(data)}")
-        length = len(data[0])
-        for i, d in enumerate(data[1:]):
-            if len(d) != length:
-                raise ValueError(
-                    f"Arrays have inconsistent length; array 0 has length {length}, while array "
-                    f"{i + 1} has length {len(d)}"
-                )
+        length = check_array_list(data)
         super().__init__(
             length, indices=indices, repeats=repeats, sampler=sampler, include_indices=include_indices
         )
