@@ -706,6 +706,11 @@ class Router:
             return
         job, task = info
         client, stream_id = job.client, job.stream_id
+        if task.slot >= 0:  # the client never got this slot's batch: it is free again
+            pools = [e.slot_pool for e in client.streams.values()] + client.idle_pools
+            pool = next((p for p in pools if p is not None and p.path == job.pool), None)
+            if pool is not None and task.slot not in pool.free:
+                pool.free.append(task.slot)
         entry = client.streams.get(stream_id)
         if entry is not None and entry.stream.generation == task.generation:
             entry.failed = True  # the worker already sent the Error to the client

@@ -130,3 +130,30 @@ def test_iterators_closed_early_leak_no_slot(server):
             pass
         assert client.buffered(sid) == pool.slots  # every slot came back
         client.close_stream(sid)
+
+
+def test_a_failed_batch_gives_its_slot_back(tmp_path):
+    from tests.servers import RunningServer
+
+    X = np.arange(400, dtype=np.float32).reshape(200, 2)
+    np.save(tmp_path / "bad.npy", X)
+    np.save(tmp_path / "good.npy", X)
+    (tmp_path / "s.toml").write_text(
+        '[sources.bad]\nnpy = { X = "bad.npy" }\n[sources.good]\nnpy = { X = "good.npy" }\n'
+    )
+    with RunningServer("--config", str(tmp_path / "s.toml"), "--workers", "1") as srv:
+        (tmp_path / "bad.npy").write_bytes(b"no longer an npy file")
+        with batchup_client.connect(srv.endpoint) as client:
+            it = client.source("bad").batch_iterator(batch_size=10)
+            with pytest.raises(batchup_client.RemoteException):
+                next(it)
+            it.close()
+            batches, nbytes = client.prefetch  # same geometry: the failed stream's pool
+            plan = {"kind": "standard", "length": 200, "repeats": -1}
+            sid = client.open_stream({"name": "good"}, plan, [], 10, False, None, batches, nbytes)
+            pool = client.pool(sid)
+            client.send_credit(sid, 0, 0, pool.take_freed())
+            assert client.poll_data(15)
+            while client.poll_data(0.5):
+                pass
+            assert client.buffered(sid) == pool.slots
