@@ -42,7 +42,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with batchup_client.connect(args.server) as client:
-        print(f"connected to {client.address} (server {client.server_id}); sources: {client.sources}")
+        print(
+            f"connected to {client.address} (server {client.server_id}); sources: {client.sources}; "
+            f"batches via {client.info()['batch_transport']}"
+        )
         train = client.source("demo", indices=np.arange(0, 10000))
         val = client.source("demo", indices=np.arange(10000, 12000))
         n_features, n_classes = 64, 10
