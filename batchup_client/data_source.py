@@ -10,6 +10,7 @@ arrays, RNGs other than ``RandomState``) iterate in process, exactly as batchup 
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import logging
 import os
@@ -30,6 +31,9 @@ __all__ = [
     "AbstractDataSource",
     "ArrayDataSource",
     "CallableDataSource",
+    "ChoiceBatch",
+    "ChoiceDataSource",
+    "CompositeDataSource",
     "IteratorDataSource",
     "MapDataSource",
     "RandomAccessDataSource",
@@ -307,6 +311,183 @@ class ArrayDataSource(RandomAccessDataSource):
             yield from self._local_batches(batch_size, shuffle)
         else:
             yield from remote
+
+
+class CompositeDataSource(AbstractDataSource):
+    """Several sources stepped together: batch ``i`` joins batch ``i`` of every child.
+
+    As batchup: children get the same ``batch_iterator`` arguments (one shared RNG, drawn
+    from in child order), iteration stops at the first child that runs out (earlier
+    children's last batch is dropped), sub-batches are trimmed to the shortest when
+    ``trim``, and flattened one level when ``flatten``. Each child streams from the server
+    on its own; the shared RNG stays exact through the client's replanning.
+    """
+
+    def __init__(self, datasets: list[Any], flatten: bool = True, trim: bool = True):
+        self.datasets = datasets
+        self.flatten = flatten
+        self.trim = trim
+        self._random_access = all(ds.is_random_access for ds in datasets)
+
+    @property
+    def is_random_access(self) -> bool:
+        return self._random_access
+
+    def _trimmed(self, batch: tuple[Any, ...]) -> Any:
+        lengths = [length_of_batch(sub) for sub in batch]
+        shortest = min(lengths)
+        return _trim_batch(batch, shortest) if shortest != max(lengths) else batch
+
+    def _prepare_batch(self, batch: tuple[Any, ...]) -> Any:
+        if self.trim:
+            batch = self._trimmed(batch)
+        return sum(batch, ()) if self.flatten else tuple(batch)
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        return min([d.num_samples(**kwargs) for d in self.datasets])
+
+    def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        iterators = [d.batch_iterator(batch_size, **kwargs) for d in self.datasets]
+        for batch in zip(*iterators):
+            yield self._prepare_batch(batch)
+
+    def _check_indices(self, indices: Any, method: str) -> None:
+        if not self._random_access:
+            raise TypeError(
+                f"{method} method not supported as one or more of the underlying data sources "
+                "does not support random access"
+            )
+        if len(indices) != len(self.datasets):
+            raise ValueError(
+                f"length mis-match: indices has {len(indices)} items, self has "
+                f"{len(self.datasets)} data sources, should be equal"
+            )
+
+    def samples_by_indices_nomapping(self, indices: Any) -> Any:
+        self._check_indices(indices, "samples_by_indices_nomapping")
+        return self._prepare_batch(
+            tuple(ds.samples_by_indices_nomapping(ndx) for ds, ndx in zip(self.datasets, indices))
+        )
+
+    def samples_by_indices(self, indices: Any) -> Any:
+        self._check_indices(indices, "samples_by_indices")
+        return self._prepare_batch(
+            tuple(ds.samples_by_indices(ndx) for ds, ndx in zip(self.datasets, indices))
+        )
+
+    def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        if not self._random_access:
+            raise TypeError(
+                "batch_indices_iterator method not supported as one or more of the underlying "
+                "data sources does not support random access"
+            )
+        iterators = [d.batch_indices_iterator(batch_size, **kwargs) for d in self.datasets]
+        for batch in zip(*iterators):
+            yield self._trimmed(batch)  # index batches: always trimmed, never flattened
+
+
+ChoiceBatch = collections.namedtuple("ChoiceBatch", ["sample_indices", "ds_index"])
+
+
+class ChoiceDataSource(AbstractDataSource):
+    """Each mini-batch comes whole from one child, chosen as batchup 0.2.3 chooses.
+
+    Stratified with finite children: every child's batches once, in a fixed interleave
+    (in order) or one ``rng.shuffle`` of the child sequence (shuffled), drawn before any
+    child draws. Otherwise rounds over the children, in order or in an
+    ``rng.permutation`` per round, stopping at the first child that runs out.
+    """
+
+    def __init__(self, datasets: list[Any], stratified: bool = False):
+        self.datasets = datasets
+        self.stratified = stratified
+        self._random_access = all(ds.is_random_access for ds in datasets)
+
+    @property
+    def is_random_access(self) -> bool:
+        return self._random_access
+
+    def num_samples(self, **kwargs: Any) -> Any:
+        return sum(n if n is not None else 0 for n in (d.num_samples(**kwargs) for d in self.datasets))
+
+    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        iterators = [d.batch_iterator(batch_size, shuffle=shuffle, **kwargs) for d in self.datasets]
+        rng = self._get_shuffle_rng(shuffle)
+        for batch, _ in self._ds_iterator(batch_size, iterators, rng, **kwargs):
+            yield batch
+
+    def _choose(self, indices: Any, method: str) -> tuple[Any, Any]:
+        if not self._random_access:
+            raise TypeError(
+                f"{method} method not supported as one or more of the underlying data sources "
+                "does not support random access"
+            )
+        if not isinstance(indices, ChoiceBatch):
+            raise TypeError(f"indices should be a _ChoiceBatch, not a {type(indices)}")
+        return self.datasets[indices.ds_index], indices.sample_indices
+
+    def samples_by_indices_nomapping(self, indices: Any) -> Any:
+        ds, sample_indices = self._choose(indices, "samples_by_indices_nomapping")
+        return ds.samples_by_indices_nomapping(sample_indices)
+
+    def samples_by_indices(self, indices: Any) -> Any:
+        ds, sample_indices = self._choose(indices, "samples_by_indices")
+        return ds.samples_by_indices(sample_indices)
+
+    def batch_indices_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        if not self._random_access:
+            raise TypeError(
+                "batch_indices_iterator method not supported as one or more of the underlying "
+                "data sources does not support random access"
+            )
+        rng = self._get_shuffle_rng(shuffle)
+        iterators = [d.batch_indices_iterator(batch_size, shuffle=rng, **kwargs) for d in self.datasets]
+        return self._ds_iterator(batch_size, iterators, rng, **kwargs)
+
+    def _ds_iterator(self, batch_size: int, iterators: list[Any], rng: Any, **kwargs: Any) -> Iterator[Any]:
+        counts = [d.num_samples(shuffle=rng, **kwargs) for d in self.datasets]
+        if self.stratified and not (np.array(counts) == np.inf).any():
+            per_ds = [sampling.num_batches(n, batch_size) for n in counts]
+            if rng:
+                order = self._ds_indices_stratified_shuffled(per_ds, rng)
+            else:
+                order = self._ds_indices_stratified_in_order(per_ds)
+            for ds_i in order:
+                yield ChoiceBatch(sample_indices=next(iterators[ds_i]), ds_index=ds_i)
+            return
+        while True:
+            round_order = rng.permutation(len(iterators)) if rng is not None else range(len(iterators))
+            for ds_i in round_order:
+                try:
+                    batch = next(iterators[ds_i])
+                except StopIteration:
+                    return
+                yield ChoiceBatch(sample_indices=batch, ds_index=ds_i)
+
+    @staticmethod
+    def _ds_indices_stratified_in_order(batches_per_ds: list[int]) -> np.ndarray[Any, Any]:
+        """Spread each child's batches evenly: child i appears when floor(k * b_i / max_b) steps up."""
+        counts = np.array(batches_per_ds)
+        max_b = counts.max()
+        eps = 0.25 / max_b
+        step = counts.astype(float) / max_b
+        position = np.zeros_like(step)
+        previous = np.full(counts.shape, -1, dtype=int)
+        ds = np.arange(len(counts))
+        picks = []
+        for _ in range(max_b):
+            level = np.floor(position + eps).astype(int)
+            picks.append(ds[level > previous])
+            previous = level
+            position += step
+        return np.concatenate(picks, axis=0)
+
+    @staticmethod
+    def _ds_indices_stratified_shuffled(batches_per_ds: list[int], rng: Any) -> np.ndarray[Any, Any]:
+        """Each child's index once per batch it has, in one ``rng.shuffle``d order."""
+        order = np.repeat(np.arange(len(batches_per_ds)), batches_per_ds).astype(int)
+        rng.shuffle(order)
+        return order  # type: ignore[no-any-return]
 
 
 class CallableDataSource(AbstractDataSource):
