@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Any
 
-from . import data_source, sampling
+from . import data_source, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
 from .connection import Client as _ConnectionClient
 from .errors import (
@@ -57,6 +57,7 @@ __all__ = [
     "data_source",
     "default_client",
     "sampling",
+    "work_pool",
 ]
 
 
