@@ -93,6 +93,15 @@ def check_array_list(data: Any) -> int:
     return length
 
 
+def _require_random_access(random_access: bool, method: str) -> None:
+    """batchup's error for a random-access method on a source with a non-random-access child."""
+    if not random_access:
+        raise TypeError(
+            f"{method} method not supported as one or more of the underlying data sources "
+            "does not support random access"
+        )
+
+
 class AbstractDataSource:
     """A source of mini-batches (batchup's base class)."""
 
@@ -352,11 +361,7 @@ class CompositeDataSource(AbstractDataSource):
             yield self._prepare_batch(batch)
 
     def _check_indices(self, indices: Any, method: str) -> None:
-        if not self._random_access:
-            raise TypeError(
-                f"{method} method not supported as one or more of the underlying data sources "
-                "does not support random access"
-            )
+        _require_random_access(self._random_access, method)
         if len(indices) != len(self.datasets):
             raise ValueError(
                 f"length mis-match: indices has {len(indices)} items, self has "
@@ -376,11 +381,7 @@ class CompositeDataSource(AbstractDataSource):
         )
 
     def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
-        if not self._random_access:
-            raise TypeError(
-                "batch_indices_iterator method not supported as one or more of the underlying "
-                "data sources does not support random access"
-            )
+        _require_random_access(self._random_access, "batch_indices_iterator")
         iterators = [d.batch_indices_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
             yield self._trimmed(batch)  # index batches: always trimmed, never flattened
@@ -417,11 +418,7 @@ class ChoiceDataSource(AbstractDataSource):
             yield batch
 
     def _choose(self, indices: Any, method: str) -> tuple[Any, Any]:
-        if not self._random_access:
-            raise TypeError(
-                f"{method} method not supported as one or more of the underlying data sources "
-                "does not support random access"
-            )
+        _require_random_access(self._random_access, method)
         if not isinstance(indices, ChoiceBatch):
             raise TypeError(f"indices should be a _ChoiceBatch, not a {type(indices)}")
         return self.datasets[indices.ds_index], indices.sample_indices
@@ -435,11 +432,7 @@ class ChoiceDataSource(AbstractDataSource):
         return ds.samples_by_indices(sample_indices)
 
     def batch_indices_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        if not self._random_access:
-            raise TypeError(
-                "batch_indices_iterator method not supported as one or more of the underlying "
-                "data sources does not support random access"
-            )
+        _require_random_access(self._random_access, "batch_indices_iterator")
         rng = self._get_shuffle_rng(shuffle)
         iterators = [d.batch_indices_iterator(batch_size, shuffle=rng, **kwargs) for d in self.datasets]
         return self._ds_iterator(batch_size, iterators, rng, **kwargs)
@@ -553,27 +546,15 @@ class MapDataSource(AbstractDataSource):
         return self.source.num_samples(**kwargs)
 
     def samples_by_indices_nomapping(self, indices: Any) -> Any:
-        if not self._random_access:
-            raise TypeError(
-                "samples_by_indices_nomapping method not supported as one or more of the "
-                "underlying data sources does not support random access"
-            )
+        _require_random_access(self._random_access, "samples_by_indices_nomapping")
         return self.fn(*self.source.samples_by_indices_nomapping(indices))  # type: ignore[attr-defined]
 
     def samples_by_indices(self, indices: Any) -> Any:
-        if not self._random_access:
-            raise TypeError(
-                "samples_by_indices method not supported as one or more of the "
-                "underlying data sources does not support random access"
-            )
+        _require_random_access(self._random_access, "samples_by_indices")
         return self.fn(*self.source.samples_by_indices(indices))  # type: ignore[attr-defined]
 
     def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
-        if not self._random_access:
-            raise TypeError(
-                "batch_indices_iterator method not supported as one or more of the "
-                "underlying data sources does not support random access"
-            )
+        _require_random_access(self._random_access, "batch_indices_iterator")
         return self.source.batch_indices_iterator(batch_size, **kwargs)  # type: ignore[attr-defined, no-any-return]
 
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:

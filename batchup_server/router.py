@@ -479,11 +479,7 @@ class Router:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for arr in arrays:
-            if (
-                arr.size
-                and (arr.min() < -entry.length or arr.max() >= entry.length)
-                and arr.dtype.kind in "iu"
-            ):
+            if arr.dtype.kind in "iu" and not _in_range(arr, entry.length):
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"plan indices out of range for a source of length {entry.length}",
@@ -583,7 +579,7 @@ class Router:
         if len(arrays) != 1 or arrays[0].ndim != 1 or arrays[0].dtype.kind not in "iu":
             raise RequestError(ErrorCode.INVALID_ARGUMENT, "gather should carry one 1-D integer index array")
         idx = arrays[0]
-        if idx.size and (idx.min() < -entry.length or idx.max() >= entry.length):
+        if not _in_range(idx, entry.length):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"indices out of range for length {entry.length}")
         self._gathers.append((client, msg.request_id, entry.spec, fields, np.array(idx)))
 
@@ -768,6 +764,11 @@ class Router:
                 worker.process.kill()
                 worker.process.join(1.0)
         self.ctx.destroy(linger=0)
+
+
+def _in_range(indices: np.ndarray[Any, Any], length: int) -> bool:
+    """Whether every index is valid for ``length`` rows (negatives count from the end)."""
+    return not indices.size or (indices.min() >= -length and indices.max() < length)
 
 
 def _alive(pid: int) -> bool:
