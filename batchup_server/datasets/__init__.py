@@ -1,0 +1,1 @@
+"""Standard datasets (MNIST, CIFAR, ...): download, conversion to HDF5, serving by name."""
