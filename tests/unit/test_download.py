@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from batchup_server.datasets.download import (
     ChecksumError,
@@ -337,3 +338,29 @@ def test_file_names_cannot_escape_the_folder() -> None:
     for bad in ["", "..", "../evil", "a/b"]:
         with pytest.raises(ValueError):
             RemoteFile(bad, ("http://example.invalid/x",), None)
+
+
+def test_file_server_speaks_ranges_and_head() -> None:
+    """The test server itself, since other tests (end-to-end dataset ones) rely on it too."""
+    data = payload(1_000)
+    with FileServer({"f.bin": data}) as srv:
+        assert requests.get(srv.url("f.bin"), timeout=5).content == data
+        part = requests.get(srv.url("f.bin"), headers={"Range": "bytes=990-"}, timeout=5)
+        assert (part.status_code, part.headers["Content-Range"], part.content) == (
+            206,
+            "bytes 990-999/1000",
+            data[990:],
+        )
+        beyond = requests.get(srv.url("/f.bin"), headers={"Range": "bytes=1000-"}, timeout=5)
+        assert (beyond.status_code, beyond.headers["Content-Range"]) == (416, "bytes */1000")
+        head = requests.head(srv.url("f.bin"), timeout=5)
+        assert (head.status_code, head.headers["Content-Length"], head.content) == (200, "1000", b"")
+        assert requests.get(srv.url("nope"), timeout=5).status_code == 404
+        assert srv.requests == [
+            ("f.bin", None),
+            ("f.bin", "bytes=990-"),
+            ("f.bin", "bytes=1000-"),
+            ("nope", None),
+        ]
+        with pytest.raises(ValueError):
+            srv.set_behaviour("f.bin", "explode")
