@@ -69,6 +69,8 @@ class _NextMirror(Exception):
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks so that memory stays bounded for any file size."""
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -142,6 +144,7 @@ class _Fetcher:
     attempts: int
     backoff: float
     progress: bool
+    inherited: bool = False  # whether the part holds bytes that did not come from the current URL
 
     @property
     def name(self) -> str:
@@ -168,6 +171,8 @@ class _Fetcher:
     def _try_url(self, url: str) -> DownloadError | None:
         """Up to ``attempts`` tries of one URL; None on success, else the reason to report."""
         last = DownloadError("not tried")
+        # A part left by an earlier run or mirror may hold bad bytes that this URL is not to blame for.
+        self.inherited = _size(self.part) > 0
         for k in range(self.attempts):
             if k:
                 time.sleep(self.backoff * 2 ** (k - 1))
@@ -180,7 +185,13 @@ class _Fetcher:
             except _NextMirror as exc:
                 log.warning("%s from %s failed: %s (not retrying this URL)", self.name, url, exc)
                 return DownloadError(str(exc))
-            return self._verify_and_install(url)
+            error = self._verify_and_install(url)
+            if not (isinstance(error, ChecksumError) and self.inherited and k + 1 < self.attempts):
+                return error
+            last, self.inherited = error, False
+            log.warning(
+                "%s began from an earlier partial download; trying %s again from zero", self.name, url
+            )
         return last
 
     def _verify_and_install(self, url: str) -> DownloadError | None:
@@ -267,6 +278,8 @@ class _Fetcher:
         total = None if length is None else start + length
         written = 0
         began = time.monotonic()
+        if not start:
+            self.inherited = False
         try:
             with (
                 open(self.part, "ab" if start else "wb", buffering=CHUNK) as out,
@@ -305,7 +318,7 @@ class _Fetcher:
         _discard(self.part)
         free = shutil.disk_usage(self.folder).free
         needs = f"needs {total} bytes" if total is not None else "size unknown"
-        message = f"disk full while downloading {self.name} into {self.folder} ({needs}, {free} free)"
+        message = f"disk full while downloading {self.name} into {self.folder} ({needs}, {free} bytes free)"
         log.error("%s", message)
         return DiskFullError(message)
 
