@@ -563,9 +563,16 @@ def _tar_files(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, io
                 yield name, fobj, member.size
 
 
-def _open_tar(path: str) -> tarfile.TarFile:
-    """Stream mode: members are decompressed once, in order, and never extracted to disk."""
-    return tarfile.open(path, mode="r|gz", bufsize=_PIECE)
+@contextlib.contextmanager
+def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
+    """Stream mode: members are decompressed once, in order, and never extracted to disk.
+
+    gzip is undone by ``gzip.GzipFile``, which never inflates more than it is asked for, rather
+    than by tarfile's "r|gz", which inflates whole input blocks: with a highly compressible
+    member one block can expand a thousandfold.
+    """
+    with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|", bufsize=_PIECE) as tar:
+        yield tar
 
 
 def _require_all(filename: str, wanted: set[str], seen: set[str]) -> None:
