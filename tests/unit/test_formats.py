@@ -193,6 +193,51 @@ def test_mat_reader_matches_loadmat(tmp_path, compressed: bool) -> None:
     assert seen == list(data)
 
 
+def hand_built_mat(order: str, variables: list[tuple[str, int, int, np.ndarray]]) -> bytes:
+    """An uncompressed MAT v5 file in byte order ``order``: (name, mx class, mi type, values)."""
+    mark = b"IM" if order == "<" else b"MI"
+    out = [
+        b"MATLAB 5.0 MAT-file, hand-built".ljust(116) + b"\0" * 8 + struct.pack(order + "H", 0x0100) + mark
+    ]
+
+    def element(mtype: int, data: bytes) -> bytes:
+        return struct.pack(order + "II", mtype, len(data)) + data + b"\0" * (-len(data) % 8)
+
+    for name, mx_class, mi_type, values in variables:
+        stored = values.astype(values.dtype.newbyteorder(order)).tobytes(order="F")
+        matrix = element(6, struct.pack(order + "II", mx_class, 0))
+        matrix += element(5, struct.pack(f"{order}{values.ndim}i", *values.shape))
+        matrix += element(1, name.encode()) + element(mi_type, stored)
+        out.append(element(14, matrix))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_mat_reader_byte_order_and_narrowed_storage(tmp_path, order: str) -> None:
+    """MATLAB may store a double array of small integers as uint8; big-endian files exist too."""
+    from scipy.io import loadmat
+
+    rng = np.random.RandomState(3)
+    x = rng.randint(0, 256, size=(32, 32, 3, 4)).astype(np.uint8)
+    y = np.array([[10], [1], [2], [10]], dtype=np.uint8)
+    scores = np.linspace(-1.5, 2.5, 6).reshape(2, 3)
+    path = tmp_path / "extra_32x32.mat"
+    path.write_bytes(hand_built_mat(order, [("X", 9, 2, x), ("scores", 6, 9, scores), ("y", 6, 2, y)]))
+    reference = loadmat(str(path))
+    variables = []
+    for var in iter_mat_variables(str(path)):
+        variables.append((var.name, var.dtype, var.stored.str))
+        np.testing.assert_array_equal(var.read(var.size).reshape(var.dims, order="F"), reference[var.name])
+    assert variables == [
+        ("X", np.uint8, "|u1"),
+        ("scores", np.float64, order + "f8"),
+        ("y", np.float64, "|u1"),
+    ]
+    with h5py.File(convert("svhn_extra", {"extra_32x32.mat": str(path)}, str(tmp_path / "out.h5")), "r") as f:
+        np.testing.assert_array_equal(f["svhn/extra_X_u8"][...], x.transpose(3, 2, 0, 1))
+        np.testing.assert_array_equal(f["svhn/extra_y"][...], [0, 1, 2, 0])
+
+
 def test_mat_reader_skips_unread_data(tmp_path) -> None:
     from scipy.io import savemat
 
