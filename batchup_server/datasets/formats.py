@@ -180,6 +180,8 @@ def _idx_header(reader: _Reader, filename: str, magic: int, ndim: int) -> tuple[
     found, *dims = struct.unpack(f">{1 + ndim}i", head)
     if found != magic:
         raise FormatError(f"{filename}: idx magic number is {found}, expected {magic}")
+    if min(dims) < 0:
+        raise FormatError(f"{filename}: idx header has negative dimensions {tuple(dims)}")
     return tuple(dims)
 
 
@@ -344,6 +346,8 @@ def _mat_matrix(reader: _Reader, order: str, what: str) -> MatVariable:
     dims_raw = _mat_element(reader, order, what, (_MI_INT32,))
     name = _mat_element(reader, order, what, (_MI_INT8, _MI_UINT8)).decode("latin1")
     what = f"{what} variable {name!r}"
+    if len(flags) != 8 or len(dims_raw) % 4:
+        raise FormatError(f"{what}: malformed array flags or dimensions")
     (word,) = struct.unpack(order + "I", flags[:4])
     dims = struct.unpack(f"{order}{len(dims_raw) // 4}i", dims_raw)
     mx = word & 0xFF
@@ -372,16 +376,19 @@ def _mat_element_reader(
 
     No padding follows a top-level element: miCOMPRESSED sizes are exact (as scipy reads them).
     """
-    start = f.tell()
-    tag = f.read(8)
-    if not tag:
-        return None
-    if len(tag) < 8:
-        raise FormatError(f"{filename}: truncated data element tag at byte {start}")
-    mtype, nbytes = struct.unpack(order + "II", tag)
-    end = start + 8 + nbytes
-    if end > size:
-        raise FormatError(f"{filename} is truncated: element at byte {start} needs {nbytes} bytes")
+    while True:
+        start = f.tell()
+        tag = f.read(8)
+        if not tag:
+            return None
+        if len(tag) < 8:
+            raise FormatError(f"{filename}: truncated data element tag at byte {start}")
+        mtype, nbytes = struct.unpack(order + "II", tag)
+        end = start + 8 + nbytes
+        if end > size:
+            raise FormatError(f"{filename} is truncated: element at byte {start} needs {nbytes} bytes")
+        if mtype != _MI_MATRIX or nbytes:
+            break  # an empty miMATRIX holds no variable: skip it
     if mtype == _MI_MATRIX:
         return _LimitedReader(f, nbytes), end
     if mtype != _MI_COMPRESSED:
@@ -563,9 +570,16 @@ def _tar_files(tar: tarfile.TarFile, wanted: set[str]) -> Iterator[tuple[str, io
                 yield name, fobj, member.size
 
 
-def _open_tar(path: str) -> tarfile.TarFile:
-    """Stream mode: members are decompressed once, in order, and never extracted to disk."""
-    return tarfile.open(path, mode="r|gz", bufsize=_PIECE)
+@contextlib.contextmanager
+def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
+    """Stream mode: members are decompressed once, in order, and never extracted to disk.
+
+    gzip is undone by ``gzip.GzipFile``, which never inflates more than it is asked for, rather
+    than by tarfile's "r|gz", which inflates whole input blocks: with a highly compressible
+    member one block can expand a thousandfold.
+    """
+    with gzip.open(path, "rb") as gz, tarfile.open(fileobj=gz, mode="r|", bufsize=_PIECE) as tar:
+        yield tar
 
 
 def _require_all(filename: str, wanted: set[str], seen: set[str]) -> None:
