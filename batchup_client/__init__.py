@@ -24,6 +24,8 @@ from .errors import (
     BatchupTimeout,
     ClientClosed,
     ConnectionLost,
+    DatasetNotReady,
+    DatasetUnavailableError,
     InvalidArgumentError,
     ProtocolViolation,
     RemoteError,
@@ -42,6 +44,8 @@ __all__ = [
     "Client",
     "ClientClosed",
     "ConnectionLost",
+    "DatasetNotReady",
+    "DatasetUnavailableError",
     "InvalidArgumentError",
     "ProtocolViolation",
     "RemoteDataSource",
@@ -72,9 +76,22 @@ class Client(_ConnectionClient):
         include_indices: bool = False,
         sampler: Any = None,
         fields: list[str] | None = None,
+        wait: float | None = None,
+        **params: Any,
     ) -> RemoteDataSource:
-        """A named source of the server, as a batchup ``RandomAccessDataSource``."""
-        return RemoteDataSource(self, {"name": name}, indices, repeats, sampler, include_indices, fields)
+        """A named source of the server, as a batchup ``RandomAccessDataSource``.
+
+        ``name`` is a source of the server's config, or a standard dataset (``"mnist"``,
+        ``"cifar10"``, ...) with its split and batchup's parameters as keywords::
+
+            client.source("cifar10", split="train", n_val=10000, val_lower=-1.0, val_upper=1.0)
+
+        ``fields`` picks fields (a dataset's: ``X``, ``X_u8``, ``y``, ``y_coarse``; by
+        default what batchup's attributes hold: ``X`` and ``y``). A dataset the server is
+        still fetching is waited for, up to ``wait`` seconds (``None``: as long as it takes).
+        """
+        ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
+        return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
 
     def array_source(
         self,

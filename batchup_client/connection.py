@@ -33,6 +33,7 @@ from .errors import (
     BatchupTimeout,
     ClientClosed,
     ConnectionLost,
+    DatasetNotReady,
     InvalidArgumentError,
     ProtocolViolation,
     UnsupportedDtypeError,
@@ -48,6 +49,8 @@ log = logging.getLogger("batchup_client")
 UPLOAD_CHUNK_BYTES = 8 << 20
 GOODBYE_LINGER_MS = 250
 POLL_SLICE_MS = 100
+NOT_READY_POLL_S = 0.5  #: how often to ask again for a dataset the server is fetching
+NOT_READY_REPORT_S = 15.0  #: how often to say so in the log
 
 
 def _local_address_towards(host: str, port: int) -> str:
@@ -482,9 +485,23 @@ class Client:
             pass
 
     # ------------------------------------------------------------------ one-off requests
-    def describe(self, source: dict[str, Any]) -> proto.SourceInfo:
-        reply, _ = self.request(lambda rid: proto.Describe(rid, source))
-        return reply  # type: ignore[no-any-return]
+    def describe(self, source: dict[str, Any], wait: float | None = None) -> proto.SourceInfo:
+        """Length, fields and metadata of a source. A standard dataset the server is still
+        fetching is waited for (up to ``wait`` seconds; ``None``: as long as it takes)."""
+        deadline = None if wait is None else time.monotonic() + wait
+        told = 0.0
+        while True:
+            try:
+                reply, _ = self.request(lambda rid: proto.Describe(rid, source))
+                return reply  # type: ignore[no-any-return]
+            except DatasetNotReady as exc:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise BatchupTimeout(f"{exc} (gave up after waiting {wait:g}s)") from exc
+                if now - told >= NOT_READY_REPORT_S:
+                    log.warning("waiting: %s", exc)
+                    told = now
+                time.sleep(NOT_READY_POLL_S if deadline is None else min(NOT_READY_POLL_S, deadline - now))
 
     def gather(
         self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None

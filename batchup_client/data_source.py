@@ -302,24 +302,41 @@ class ArrayDataSource(RandomAccessDataSource):
 
     def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
         remote = None
-        if os.environ.get("BATCHUP_SERVER") != "inprocess" and self._wire_ready():
-            try:
-                resolve_shuffle(shuffle)
-                travels = plan_for(self.sampler) is not None
-            except UnsupportedShuffle:
-                travels = False
-            if travels:
-                from . import default_client
-
-                client = default_client()
-                keys = client.ensure_arrays(self.data, [self._keys.key(d) for d in self.data])
+        if self._travels(shuffle):
+            target = self._server_source()
+            if target is not None:
+                client, ref, fields = target
                 remote = stream_from(
-                    client, {"arrays": keys}, self.sampler, batch_size, shuffle, self.include_indices
+                    client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields
                 )
         if remote is None:
             yield from self._local_batches(batch_size, shuffle)
         else:
             yield from remote
+
+    def _server_source(self) -> tuple[Any, dict[str, Any], list[str] | None] | None:
+        """Where the server finds this data: fields of one of its sources (datasets), or
+        the client's arrays handed over once; ``None`` to batch in process."""
+        from .remote import common_remote_source
+
+        on_server = common_remote_source(self.data)
+        if on_server is not None:
+            return on_server
+        if os.environ.get("BATCHUP_SERVER") == "inprocess" or not self._wire_ready():
+            return None
+        from . import default_client
+
+        client = default_client()
+        keys = client.ensure_arrays(self.data, [self._keys.key(d) for d in self.data])
+        return client, {"arrays": keys}, None
+
+    def _travels(self, shuffle: Any) -> bool:
+        """Can the server draw this sampler's batches for this ``shuffle``?"""
+        try:
+            resolve_shuffle(shuffle)
+            return plan_for(self.sampler) is not None
+        except UnsupportedShuffle:
+            return False
 
 
 class CompositeDataSource(AbstractDataSource):

@@ -13,6 +13,9 @@ Hierarchy::
         ├── InvalidArgumentError     a request argument is illegal (also a ValueError)
         ├── UnsupportedDtypeError    an array dtype outside the allow-list (also a TypeError)
         ├── TooLargeError            above a size limit (also a ValueError)
+        ├── DatasetNotReady          the server is fetching that dataset; ask again later
+        ├── DatasetUnavailableError  a standard dataset cannot be had (also a RuntimeError,
+        │                            which batchup's dataset classes raise)
         └── RemoteException          code on the server raised; carries its type and traceback
 """
 
@@ -25,6 +28,8 @@ __all__ = [
     "BatchupTimeout",
     "ClientClosed",
     "ConnectionLost",
+    "DatasetNotReady",
+    "DatasetUnavailableError",
     "InvalidArgumentError",
     "ProtocolViolation",
     "RemoteError",
@@ -103,7 +108,17 @@ class RemoteException(RemoteError):
     """Code running on the server raised while preparing a batch."""
 
 
+class DatasetNotReady(RemoteError):
+    """The server is downloading or converting the dataset (clients wait and ask again)."""
+
+
+class DatasetUnavailableError(RemoteError, RuntimeError):
+    """A standard dataset is not cached on the server and cannot be fetched now."""
+
+
 _BY_CODE: dict[int, type[RemoteError]] = {
+    ErrorCode.NOT_READY: DatasetNotReady,
+    ErrorCode.UNAVAILABLE: DatasetUnavailableError,
     ErrorCode.VERSION_MISMATCH: VersionMismatchError,
     ErrorCode.UNKNOWN_SOURCE: UnknownSourceError,
     ErrorCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -42,6 +42,7 @@ class LocalServer:
             str(os.getpid()),
             "--log-level",
             "warning",
+            "--download",  # as batchup: a dataset is fetched on first use
         ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None

@@ -9,7 +9,7 @@ import numpy as np
 
 from .data_source import RandomAccessDataSource, stream_from
 
-__all__ = ["RemoteDataSource"]
+__all__ = ["RemoteArray", "RemoteDataSource", "common_remote_source"]
 
 
 class RemoteDataSource(RandomAccessDataSource):
@@ -28,8 +28,9 @@ class RemoteDataSource(RandomAccessDataSource):
         sampler: Any = None,
         include_indices: bool = False,
         fields: list[str] | None = None,
+        wait: float | None = None,
     ):
-        info = client.describe(source)
+        info = client.describe(source, wait)
         self.client = client
         self.source_ref = source
         self.length = info.length
@@ -39,7 +40,9 @@ class RemoteDataSource(RandomAccessDataSource):
             missing = [f for f in fields if f not in available]
             if missing:
                 raise ValueError(f"source has no field(s) {missing}; it has {available}")
-        self.fields = list(fields) if fields is not None else available
+        if fields is None:
+            fields = self.metadata.get("default_fields") or available
+        self.fields = list(fields)
         self.field_info = {f["name"]: f for f in info.fields}
         super().__init__(
             self.length, indices=indices, repeats=repeats, sampler=sampler, include_indices=include_indices
@@ -81,3 +84,85 @@ class RemoteDataSource(RandomAccessDataSource):
             yield from self._local_batches(batch_size, shuffle)
         else:
             yield from remote
+
+
+class RemoteArray:
+    """One field of a source held by a server, as a read-only array-like.
+
+    It has ``len``, ``shape``, ``dtype`` and ``ndim``; indexing (an int, a slice or an
+    integer array) gathers those rows from the server, and ``np.asarray`` fetches them all.
+    Drop-in datasets hand these out as their ``train_X``, ``train_y``, ...: an
+    ``ArrayDataSource`` made only of fields of one source streams straight from it.
+    """
+
+    FETCH_ROWS_BYTES = 64 << 20  #: ``np.asarray`` gathers in pieces of about this size
+
+    def __init__(self, client: Any, source: dict[str, Any], field: str, length: int, info: dict[str, Any]):
+        self.client = client
+        self.source_ref = source
+        self.field = field
+        self.dtype = np.dtype(info["dtype"])
+        self.shape = (int(length), *(int(d) for d in info["shape"]))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<RemoteArray {self.source_ref} field {self.field!r} shape={self.shape} dtype={self.dtype}>"
+
+    def _rows(self, idx: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if not len(idx):
+            return np.zeros((0, *self.shape[1:]), self.dtype)
+        (rows,) = self.client.gather(self.source_ref, idx, [self.field])
+        return np.asarray(rows)
+
+    def __getitem__(self, key: Any) -> Any:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        n = len(self)
+        if isinstance(first, slice):
+            rows = self._rows(np.arange(*first.indices(n)))
+        elif isinstance(first, int | np.integer):
+            if not -n <= first < n:
+                raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
+            rows = self._rows(np.array([first]))[0]
+        else:
+            idx = np.asarray(first)
+            if idx.dtype == bool:
+                idx = np.flatnonzero(idx)
+            if idx.dtype.kind not in "iu":
+                raise IndexError(
+                    f"only integers, slices and integer or boolean arrays are valid indices, got {idx.dtype}"
+                )
+            bad = idx[(idx < -n) | (idx >= n)]
+            if len(bad):
+                raise IndexError(f"index {bad[0]} is out of bounds for axis 0 with size {n}")
+            rows = self._rows(idx.reshape(-1)).reshape(idx.shape + self.shape[1:])
+        return (
+            rows[(slice(None), *rest)]
+            if rest and not isinstance(first, int | np.integer)
+            else (rows[rest] if rest else rows)
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        row_bytes = max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize)
+        step = max(1, self.FETCH_ROWS_BYTES // row_bytes)
+        out = np.empty(self.shape, self.dtype)
+        for start in range(0, len(self), step):
+            stop = min(start + step, len(self))
+            out[start:stop] = self._rows(np.arange(start, stop))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def common_remote_source(data: list[Any]) -> tuple[Any, dict[str, Any], list[str]] | None:
+    """``(client, source, fields)`` when every array of ``data`` is a :class:`RemoteArray`
+    of one source on one server (an ``ArrayDataSource`` of them streams from it)."""
+    if not data or not all(isinstance(d, RemoteArray) for d in data):
+        return None
+    first = data[0]
+    if any(d.client is not first.client or d.source_ref != first.source_ref for d in data):
+        return None
+    return first.client, first.source_ref, [d.field for d in data]

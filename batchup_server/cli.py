@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import DEFAULT_BIND, ConfigError, load_config
@@ -18,8 +19,14 @@ With no arguments the server serves the built-in "demo" source on {DEFAULT_BIND}
 Sources come from a TOML file (--config): .npy files (memory-mapped), .npz archives
 and datasets inside HDF5 files, each a list of equally long arrays ("fields").
 
+The standard datasets (mnist, fashion_mnist, svhn, svhn_extra, cifar10, cifar100,
+stl10, usps) are served by name from batchup's cache (<home>/data/, home from
+~/.batchup.cfg [paths] data_dir, else $BATCHUP_HOME, else ~/.batchup).
+
 Subcommands:
   batchup-server ping ADDRESS     exit 0 when a server answers a handshake at ADDRESS
+  batchup-server fetch NAME...    download, verify and convert datasets into the cache
+  batchup-server datasets         list the known datasets, which are cached, and sizes
 """
 
 EPILOG = """\
@@ -28,6 +35,8 @@ examples:
   batchup-server --bind tcp://127.0.0.1:5555 --config server.toml --workers 2
   batchup-server --bind ipc:///tmp/batchup.sock --log-level debug
   batchup-server ping tcp://127.0.0.1:5555
+  batchup-server fetch cifar10 mnist
+  batchup-server --download          (fetch a dataset on a client's first request)
 
 SIGINT or SIGTERM stops the server cleanly: workers are reaped, sockets closed and
 its shared-memory folder removed."""
@@ -70,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token", help="require clients to present this token in their handshake")
     p.add_argument("--no-demo", action="store_true", help="do not serve the built-in demo source")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="download and convert a standard dataset on the first request for it "
+        "(default: only serve datasets already in the cache; see `batchup-server fetch`)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="HOME",
+        help="batchup home holding data/<dataset>.h5 (default: ~/.batchup.cfg, $BATCHUP_HOME, ~/.batchup)",
+    )
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--log-level",
@@ -99,16 +120,87 @@ def _ping(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "ping":
-        return _ping(argv[1:])
-    args = _parser().parse_args(argv)
+def _dataset_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", metavar="FILE", help="TOML file whose [datasets] table sets home and mirrors")
+    p.add_argument("--data-dir", metavar="HOME", help="batchup home (default: as batchup finds it)")
+    return p
+
+
+def _fetch(argv: list[str]) -> int:
+    from .datasets.catalog import DATASETS, UnknownDatasetError, lookup
+    from .datasets.store import DatasetStore, DatasetUnavailable
+
+    p = _dataset_parser(
+        "batchup-server fetch",
+        "Download the standard datasets' files (resuming, retrying, trying each mirror), verify "
+        "their SHA-256, and convert them into one HDF5 file each in the cache. A dataset "
+        f"already cached is not fetched again. Known: {', '.join(DATASETS)}.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="datasets to fetch ('all' for every one)")
+    p.add_argument("--verify", action="store_true", help="re-read cached files against their SHA-256")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    _log_to_stderr("info")
+    try:
+        store = DatasetStore(load_config(args.config, data_home=args.data_dir).datasets)
+        names = list(DATASETS) if args.names == ["all"] else args.names
+        infos = [lookup(n) for n in names]
+    except (ConfigError, UnknownDatasetError) as exc:
+        print(f"batchup-server fetch: error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for info in infos:
+        if args.verify and store.cached(info):
+            problem = store.verify(info)
+            if problem:
+                print(f"{info.name}: cached file is damaged ({problem}); fetching again")
+                store.delete(info)
+        try:
+            path = store.fetch(info, progress=not args.quiet)
+            print(f"{info.name}: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+        except DatasetUnavailable as exc:
+            print(f"batchup-server fetch: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _datasets(argv: list[str]) -> int:
+    from .datasets.store import DatasetStore
+
+    p = _dataset_parser("batchup-server datasets", "List the standard datasets, which are cached, and sizes.")
+    args = p.parse_args(argv)
+    try:
+        store = DatasetStore(load_config(args.config, data_home=args.data_dir).datasets)
+    except ConfigError as exc:
+        print(f"batchup-server datasets: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"cache: {store.data_dir}")
+    print(f"{'name':<14}{'cached':<8}{'size':>10}  {'download':>9}  {'splits':<28}title")
+    for row in store.status():
+        size = f"{row['size'] / 2**20:.1f} MiB" if row["cached"] else "-"
+        print(
+            f"{row['name']:<14}{'yes' if row['cached'] else 'no':<8}{size:>10}  "
+            f"~{row['download_bytes'] / 2**20:>4.0f} MiB  {','.join(row['splits']):<28}{row['title']}"
+        )
+    return 0
+
+
+def _log_to_stderr(level: str) -> None:
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s batchup-server[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"ping": _ping, "fetch": _fetch, "datasets": _datasets}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    args = _parser().parse_args(argv)
+    _log_to_stderr(args.log_level)
     try:
         config = load_config(
             args.config,
@@ -120,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             token=args.token,
             parent_pid=args.parent_pid,
             demo=False if args.no_demo else None,
+            download=args.download,
+            data_home=args.data_dir,
         )
         from .server import serve
 

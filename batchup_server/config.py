@@ -16,6 +16,13 @@ Example ``server.toml``::
     hdf5 = "big.h5"
     datasets = { X = "train/X", y = "train/y" }
 
+    [datasets]                             # the standard datasets (mnist, cifar10, ...)
+    home = "/data/batchup"                 # batchup home; default: ~/.batchup.cfg, $BATCHUP_HOME, ~/.batchup
+    download = true                        # fetch a dataset on its first request
+    mirrors = { mnist = ["https://mirror.example/mnist/"] }   # tried before the built-in URLs
+    builtin_mirrors = true
+    sha256 = { mnist = { "train-images-idx3-ubyte.gz" = "..." } }  # private copies
+
 Relative paths are resolved against the TOML file's folder.
 """
 
@@ -26,6 +33,7 @@ import os
 import tomllib
 from typing import Any
 
+from .datasets.store import DatasetSettings
 from .sources import FieldSpec, SourceSpec
 
 __all__ = ["ConfigError", "ServerConfig", "load_config"]
@@ -53,6 +61,7 @@ class ServerConfig:
     sources: dict[str, SourceSpec] = dataclasses.field(default_factory=dict)
     npz: dict[str, tuple[str, list[str] | None]] = dataclasses.field(default_factory=dict)
     demo: bool = True  #: serve the built-in "demo" source
+    datasets: DatasetSettings = dataclasses.field(default_factory=DatasetSettings)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -93,6 +102,45 @@ def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str
     return "spec", SourceSpec(name, tuple(FieldSpec(k, "h5", h5, str(v)) for k, v in datasets.items()))
 
 
+def _datasets_from_table(table: Any, base: str) -> DatasetSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("[datasets] should be a table")
+    known = {f.name for f in dataclasses.fields(DatasetSettings)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"[datasets] has unknown option(s) {unknown}; known: {sorted(known)}")
+    values = dict(table)
+    if "home" in values:
+        if not isinstance(values["home"], str):
+            raise ConfigError("datasets.home should be a path")
+        values["home"] = os.path.normpath(os.path.join(base, os.path.expanduser(values["home"])))
+    for key in ("download", "builtin_mirrors"):
+        if key in values and not isinstance(values[key], bool):
+            raise ConfigError(f"datasets.{key} should be true or false, got {values[key]!r}")
+    mirrors = values.get("mirrors", {})
+    if not isinstance(mirrors, dict) or not all(
+        isinstance(v, list) and all(isinstance(u, str) for u in v) for v in mirrors.values()
+    ):
+        raise ConfigError("datasets.mirrors should map dataset names to lists of base URLs")
+    values["mirrors"] = {k: tuple(v) for k, v in mirrors.items()}
+    sums = values.get("sha256", {})
+    if not isinstance(sums, dict) or not all(
+        isinstance(v, dict) and all(isinstance(h, str) for h in v.values()) for v in sums.values()
+    ):
+        raise ConfigError("datasets.sha256 should map dataset names to {file name = sha256} tables")
+    from .datasets.catalog import UnknownDatasetError, lookup
+
+    try:
+        values["mirrors"] = {lookup(k).name: v for k, v in values["mirrors"].items()}
+        values["sha256"] = {lookup(k).name: dict(v) for k, v in sums.items()}
+    except UnknownDatasetError as exc:
+        raise ConfigError(f"[datasets]: {exc}") from exc
+    for key in ("timeout", "attempts"):
+        if key in values and (not isinstance(values[key], int | float) or values[key] <= 0):
+            raise ConfigError(f"datasets.{key} should be a positive number, got {values[key]!r}")
+    return DatasetSettings(**values)
+
+
 def load_config(path: str | None, **overrides: Any) -> ServerConfig:
     """Read ``path`` (TOML) and apply command-line ``overrides`` (``None`` = not given)."""
     values: dict[str, Any] = {}
@@ -108,7 +156,7 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         base = os.path.dirname(os.path.abspath(path))
         server = doc.get("server", {})
-        known = {f.name for f in dataclasses.fields(ServerConfig)} - {"sources", "npz"}
+        known = {f.name for f in dataclasses.fields(ServerConfig)} - {"sources", "npz", "datasets"}
         for key, value in server.items():
             if key not in known:
                 raise ConfigError(f"[server] has unknown option {key!r}; known: {sorted(known)}")
@@ -121,5 +169,15 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
                 sources[name] = spec
             else:
                 npz[name] = spec
+        if "datasets" in doc:
+            values["datasets"] = _datasets_from_table(doc["datasets"], base)
+    data_home, download = overrides.pop("data_home", None), overrides.pop("download", None)
+    if data_home is not None or download is not None:
+        settings = values.get("datasets", DatasetSettings())
+        values["datasets"] = dataclasses.replace(
+            settings,
+            home=os.path.abspath(os.path.expanduser(data_home)) if data_home else settings.home,
+            download=settings.download if download is None else download,
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServerConfig(sources=sources, npz=npz, **values)

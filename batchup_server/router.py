@@ -34,6 +34,10 @@ from batchup_protocol import ErrorCode
 from batchup_protocol.host import tune_malloc
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
+from .datasets.catalog import DATASETS, UnknownDatasetError
+from .datasets.layout import DatasetRequestError
+from .datasets.service import DatasetNotReady, DatasetService
+from .datasets.store import DatasetStore, DatasetUnavailable
 from .errors import RequestError
 from .sources import FieldSpec, SourceError, SourceSpec, open_source
 from .streams import CreditWindow, End, Stream, StreamError, Task
@@ -140,6 +144,8 @@ class Router:
         for name, spec in sources.items():
             self.sources[name] = self._describe(spec)
         self.uploads = Uploads(shm_dir, config.max_upload_bytes)
+        self.datasets = DatasetService(DatasetStore(config.datasets), runtime_dir, config.datasets.download)
+        self._dataset_entries: dict[int, SourceEntry] = {}
         self.clients: dict[bytes, ClientState] = {}
         self.stopping = False
         self._spawn = spawn_worker
@@ -264,7 +270,8 @@ class Router:
                     if isinstance(exc, proto.ProtocolError)
                     else ErrorCode.INVALID_ARGUMENT
                 )
-            log.warning("request %s from %s failed: %s", msg.TYPE, routing_id.hex()[:8], exc)
+            level = logging.DEBUG if code == ErrorCode.NOT_READY else logging.WARNING
+            log.log(level, "request %s from %s failed: %s", msg.TYPE, routing_id.hex()[:8], exc)
             self._reply(routing_id, proto.Error(code, str(exc), request_id, getattr(msg, "stream_id", 0)))
         except Exception as exc:  # a bug: report it, keep serving everyone else
             log.exception("internal error handling %s", msg.TYPE)
@@ -421,12 +428,42 @@ class Router:
                 return self._describe(spec)
             except SourceError as exc:
                 raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-        name = source.get("name")
-        entry = self.sources.get(name) if isinstance(name, str) else None
-        if entry is None:
+        name, params = source.get("name"), source.get("params")
+        if not isinstance(name, str):
+            raise RequestError(ErrorCode.MALFORMED, f"source.name should be a string, got {name!r}")
+        if params is not None and not isinstance(params, dict):
+            raise RequestError(ErrorCode.MALFORMED, "source.params should be a map")
+        entry = self.sources.get(name)
+        if entry is not None:
+            if params:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"source {name!r} takes no parameters")
+            return entry
+        return self._dataset(name, params or {})
+
+    def _dataset(self, name: str, params: dict[str, Any]) -> SourceEntry:
+        """A standard dataset's split (see batchup_server.datasets)."""
+        try:
+            spec = self.datasets.spec(name, params)
+        except UnknownDatasetError:
             raise RequestError(
-                ErrorCode.UNKNOWN_SOURCE, f"unknown source {name!r}; this server has {sorted(self.sources)}"
-            )
+                ErrorCode.UNKNOWN_SOURCE,
+                f"unknown source {name!r}; this server has {sorted(self.sources)} and the datasets "
+                f"{sorted(DATASETS)}",
+            ) from None
+        except DatasetRequestError as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+        except DatasetNotReady as exc:
+            raise RequestError(ErrorCode.NOT_READY, str(exc)) from exc
+        except DatasetUnavailable as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, str(exc)) from exc
+        except SourceError as exc:
+            raise RequestError(ErrorCode.UNAVAILABLE, f"{name}: {exc}") from exc
+        entry = self._dataset_entries.get(id(spec))
+        if entry is None or entry.spec is not spec:
+            try:
+                entry = self._dataset_entries[id(spec)] = self._describe(spec)
+            except SourceError as exc:
+                raise RequestError(ErrorCode.UNAVAILABLE, f"{name}: {exc}") from exc
         return entry
 
     def _select(self, entry: SourceEntry, names: list[str] | None) -> list[int]:

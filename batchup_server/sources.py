@@ -24,19 +24,50 @@ class SourceError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FieldSpec:
-    """Where one field lives: an ``.npy`` file (memory-mapped) or an HDF5 dataset."""
+    """Where one field lives: an ``.npy`` file (memory-mapped) or an HDF5 dataset.
+
+    A field may be a view of its array: ``rows`` keeps rows ``[start, stop)``, ``row_index``
+    names an ``.npy`` of row numbers to keep (in that order), and ``scale`` maps uint8
+    values to float32 in ``[lower, upper]`` as batchup's ``ImageArrayUInt8ToFloat32``.
+    """
 
     name: str
     kind: str  # "npy" or "h5"
     path: str
     dataset: str = ""
+    rows: tuple[int, int] | None = None
+    row_index: str = ""
+    scale: tuple[float, float] | None = None
 
-    def to_wire(self) -> dict[str, str]:
-        return {"name": self.name, "kind": self.kind, "path": self.path, "dataset": self.dataset}
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"name": self.name, "kind": self.kind, "path": self.path}
+        if self.dataset:
+            wire["dataset"] = self.dataset
+        if self.rows is not None:
+            wire["rows"] = list(self.rows)
+        if self.row_index:
+            wire["row_index"] = self.row_index
+        if self.scale is not None:
+            wire["scale"] = list(self.scale)
+        return wire
 
     @staticmethod
     def from_wire(d: dict[str, Any]) -> FieldSpec:
-        return FieldSpec(str(d["name"]), str(d["kind"]), str(d["path"]), str(d.get("dataset", "")))
+        rows, scale = d.get("rows"), d.get("scale")
+        return FieldSpec(
+            str(d["name"]),
+            str(d["kind"]),
+            str(d["path"]),
+            str(d.get("dataset", "")),
+            (int(rows[0]), int(rows[1])) if rows is not None else None,
+            str(d.get("row_index", "")),
+            (float(scale[0]), float(scale[1])) if scale is not None else None,
+        )
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Identifies what a worker opens (equal keys share one opened field)."""
+        return (self.kind, self.path, self.dataset, self.rows, self.row_index, self.scale)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,21 +86,121 @@ class SourceSpec:
         return SourceSpec(str(d["name"]), tuple(FieldSpec.from_wire(f) for f in d["fields"]))
 
 
-def _open_field(field: FieldSpec) -> Any:
+def _h5_array(path: str, dataset: str) -> Any:
+    """An HDF5 dataset: memory-mapped when it is contiguous and unfiltered (fast gathers,
+    no h5py handle kept), else the h5py dataset itself (compressed or chunked files,
+    e.g. caches written by batchup with blosc; ``hdf5plugin`` is loaded to read them)."""
+    import h5py
+
+    try:
+        import hdf5plugin  # noqa: F401  (registers blosc & co. with HDF5)
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    f = h5py.File(path, "r")
+    try:
+        if dataset not in f:
+            raise SourceError(f"{path} has no dataset {dataset!r}")
+        d = f[dataset]
+        offset = d.id.get_offset() if d.chunks is None and d.compression is None else None
+        if offset is not None and d.dtype.kind in "biuf" and len(d.shape) >= 1:
+            if offset + d.nbytes > os.path.getsize(path):
+                raise SourceError(f"{path}: dataset {dataset!r} runs past the end of the file (truncated?)")
+            arr = np.memmap(path, dtype=d.dtype, mode="r", offset=offset, shape=d.shape)
+            f.close()
+            return arr
+        if len(d.shape) == 0 and d.size == 0:  # an empty dataset (h5py has no storage for it)
+            raise SourceError(f"{path}: dataset {dataset!r} is empty")
+        return d  # keeps the file open; closed by OpenedSource.close
+    except BaseException:
+        if f.id.valid:
+            f.close()
+        raise
+
+
+def _open_array(field: FieldSpec) -> Any:
     try:
         if field.kind == "npy":
             return np.load(field.path, mmap_mode="r", allow_pickle=False)
         if field.kind == "h5":
-            import h5py
-
-            f = h5py.File(field.path, "r")
-            if field.dataset not in f:
-                f.close()
-                raise SourceError(f"{field.path} has no dataset {field.dataset!r}")
-            return f[field.dataset]
+            return _h5_array(field.path, field.dataset)
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot open field {field.name!r} from {field.path}: {exc}") from exc
     raise SourceError(f"field kind should be 'npy' or 'h5', got {field.kind!r}")
+
+
+class _Field:
+    """One opened field: an array (memory map or h5py dataset), the rows of it the field
+    shows, and the uint8 -> float32 mapping if any. ``take`` gathers rows by field index."""
+
+    def __init__(self, spec: FieldSpec):
+        self.spec = spec
+        base = _open_array(spec)
+        self.base = base
+        self.index: np.ndarray[Any, Any] | None = None
+        n = len(base)
+        if spec.rows is not None:
+            start, stop = spec.rows
+            if not 0 <= start <= stop <= n:
+                raise SourceError(f"field {spec.name!r}: rows [{start}, {stop}) outside [0, {n}]")
+            if isinstance(base, np.ndarray):
+                self.base = base[start:stop]  # a view: free
+            else:
+                self.index = np.arange(start, stop, dtype=np.int64)
+        if spec.row_index:
+            index = np.load(spec.row_index, allow_pickle=False)
+            rows = len(self.index) if self.index is not None else len(self.base)  # after `rows`
+            if (
+                index.ndim != 1
+                or index.dtype.kind not in "iu"
+                or (len(index) and (index.min() < 0 or index.max() >= rows))
+            ):
+                raise SourceError(f"field {spec.name!r}: bad row index file {spec.row_index}")
+            self.index = index.astype(np.int64) if self.index is None else self.index[index]
+        self.length = len(self.index) if self.index is not None else len(self.base)
+        self.stored_dtype = np.dtype(base.dtype)
+        self.row_shape = tuple(int(d) for d in base.shape[1:])
+        self.scale: tuple[np.float32, np.float32] | None = None
+        if spec.scale is not None:
+            if self.stored_dtype != np.uint8:
+                raise SourceError(
+                    f"field {spec.name!r}: only uint8 data can be scaled, not {self.stored_dtype}"
+                )
+            lower, upper = spec.scale
+            self.scale = (np.float32((upper - lower) / 255.0), np.float32(lower))
+        self.dtype = np.dtype(np.float32) if self.scale is not None else self.stored_dtype
+        self._u8: np.ndarray[Any, Any] | None = None  # reused buffer for scaled gathers
+
+    def take(self, indices: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None) -> np.ndarray[Any, Any]:
+        rows = indices if self.index is None else self.index[indices]
+        if self.scale is None:
+            return self._read(rows, out)
+        n = len(rows)
+        if self._u8 is None or len(self._u8) < n:
+            self._u8 = np.empty((n, *self.row_shape), np.uint8)
+        raw = self._read(rows, self._u8[:n])
+        if out is None:
+            out = np.empty(raw.shape, np.float32)
+        # batchup: arr_u8.astype(np.float32) * scale + offset, all in float32 (bit for bit)
+        np.multiply(raw, self.scale[0], out=out, dtype=np.float32)
+        np.add(out, self.scale[1], out=out)
+        return out
+
+    def _read(self, rows: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None) -> np.ndarray[Any, Any]:
+        a = self.base
+        if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
+            # mode="wrap" is unbuffered (range already checked; wraps negatives as Python does)
+            return np.take(a.view(np.ndarray), rows, axis=0, out=out, mode="wrap")
+        uniq, inverse = np.unique(rows % len(a), return_inverse=True)  # h5py: sorted, unique
+        got = np.asarray(a[uniq])[inverse]
+        if out is None:
+            return got
+        out[...] = got
+        return out
+
+    def close(self) -> None:
+        f = getattr(self.base, "file", None)
+        if f is not None and hasattr(f, "close"):
+            f.close()
 
 
 class OpenedSource:
@@ -77,30 +208,38 @@ class OpenedSource:
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
-        self.arrays = [_open_field(f) for f in spec.fields]
+        self.fields: list[_Field] = []
+        try:
+            for field_spec in spec.fields:
+                self.fields.append(_Field(field_spec))
+        except BaseException:
+            self.close()
+            raise
         self.names = [f.name for f in spec.fields]
-        lengths = {len(a) for a in self.arrays}
+        lengths = {f.length for f in self.fields}
         if len(lengths) > 1:
-            detail = ", ".join(f"{n}: {len(a)}" for n, a in zip(self.names, self.arrays))
+            detail = ", ".join(f"{n}: {f.length}" for n, f in zip(self.names, self.fields))
+            self.close()
             raise SourceError(f"source {spec.name!r} has fields of different lengths ({detail})")
         self.length = lengths.pop() if lengths else 0
-        for name, a in zip(self.names, self.arrays):
+        for name, f in zip(self.names, self.fields):
             try:
-                check_dtype(np.dtype(a.dtype))
+                check_dtype(f.dtype)
             except TypeError as exc:
+                self.close()
                 raise SourceError(f"source {spec.name!r} field {name!r}: {exc}") from exc
 
     def field_info(self) -> list[dict[str, Any]]:
         return [
-            {"name": n, "dtype": np.dtype(a.dtype).str, "shape": list(a.shape[1:])}
-            for n, a in zip(self.names, self.arrays)
+            {"name": n, "dtype": f.dtype.str, "shape": list(f.row_shape)}
+            for n, f in zip(self.names, self.fields)
         ]
 
     def row_bytes(self, fields: list[int]) -> int:
         total = 0
         for i in fields:
-            a = self.arrays[i]
-            total += int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+            f = self.fields[i]
+            total += int(np.prod(f.row_shape, dtype=np.int64)) * f.dtype.itemsize
         return total
 
     def select(self, names: list[str] | None) -> list[int]:
@@ -119,7 +258,7 @@ class OpenedSource:
     def gather(self, indices: np.ndarray[Any, Any], fields: list[int]) -> list[np.ndarray[Any, Any]]:
         """Rows ``indices`` of each selected field, as new C-contiguous arrays."""
         self._check_range(indices)
-        return [self._take(self.arrays[i], indices, None) for i in fields]
+        return [self.fields[i].take(indices, None) for i in fields]
 
     def gather_into(
         self, indices: np.ndarray[Any, Any], fields: list[int], outs: list[np.ndarray[Any, Any]]
@@ -127,28 +266,15 @@ class OpenedSource:
         """Like :meth:`gather`, writing into ``outs`` (views of a shared-memory slot)."""
         self._check_range(indices)
         for i, out in zip(fields, outs):
-            self._take(self.arrays[i], indices, out)
+            self.fields[i].take(indices, out)
 
     def out_spec(self, field: int, n: int) -> tuple[np.dtype[Any], tuple[int, ...]]:
-        a = self.arrays[field]
-        return np.dtype(a.dtype), (n, *a.shape[1:])
-
-    def _take(self, a: Any, indices: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None) -> Any:
-        if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
-            # mode="wrap" is unbuffered (range already checked; wraps negatives as Python does)
-            return np.take(a.view(np.ndarray), indices, axis=0, out=out, mode="wrap")
-        uniq, inverse = np.unique(indices % self.length, return_inverse=True)  # h5py: sorted, unique
-        rows = np.asarray(a[uniq])[inverse]
-        if out is None:
-            return rows
-        out[...] = rows
-        return out
+        f = self.fields[field]
+        return f.dtype, (n, *f.row_shape)
 
     def close(self) -> None:
-        for a in self.arrays:
-            f = getattr(a, "file", None)
-            if f is not None and hasattr(f, "close"):
-                f.close()
+        for f in self.fields:
+            f.close()
 
 
 def open_source(spec: SourceSpec) -> OpenedSource:

@@ -30,7 +30,7 @@ class TaskRunner:
 
     def _source(self, wire: dict[str, Any]) -> OpenedSource:
         spec = SourceSpec.from_wire(wire)
-        key = tuple((f.kind, f.path, f.dataset) for f in spec.fields)
+        key = tuple(f.key for f in spec.fields)
         source = self._sources.get(key)
         if source is None:
             source = self._sources[key] = open_source(spec)

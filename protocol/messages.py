@@ -66,6 +66,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 10  #: a bug or resource failure in the server
     UNAUTHORIZED = 11  #: bad token / not allowed for this client
     SHUTTING_DOWN = 12  #: the server is stopping; open streams end with this error
+    NOT_READY = 13  #: (1.2) the server is fetching the named dataset; ask again shortly
+    UNAVAILABLE = 14  #: (1.2) the named dataset is not cached and cannot be fetched now
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ __all__ = ["PROTOCOL_VERSION", "is_compatible"]
 
 #: (major, minor). Minor bumps only add optional fields or message types;
 #: anything else bumps major. See PROTOCOL.md, "Evolution".
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 
 
 def is_compatible(peer: tuple[int, int]) -> bool:

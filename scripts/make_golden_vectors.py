@@ -146,7 +146,32 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
     missing = sorted(set(proto.MESSAGE_TYPES) - set(out))
     if missing:
         raise SystemExit(f"no golden message for type(s) {missing}; add one above")
+    out.update(variants())
     return out
+
+
+def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
+    """Further vectors for forms added by a minor version, as ``<type>.<what>``."""
+    return {
+        # (1.2) a standard dataset's split as a source reference
+        "describe.dataset": (
+            proto.Describe(
+                2,
+                {
+                    "name": "cifar10",
+                    "params": {"split": "val", "n_val": 5000, "val_lower": -1.0, "val_upper": 1.0},
+                },
+            ),
+            [],
+        ),
+        # (1.2) the server is fetching the dataset
+        "error.not_ready": (
+            proto.Error(
+                ErrorCode.NOT_READY, "the server is fetching cifar10 (converting); ask again shortly", 2
+            ),
+            [],
+        ),
+    }
 
 
 def frame_bytes(frame: Any) -> bytes:
@@ -175,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     targets = {name: os.path.join(args.out, f"{name}.bin") for name in sorted(messages)}
     existing = [p for p in targets.values() if os.path.exists(p)]
     if existing and not args.force:
+        missing = {n: p for n, p in targets.items() if not os.path.exists(p)}
+        if not missing:
+            print(f"all {len(targets)} golden vectors exist in {args.out}; nothing to write")
+            return 0
         print(
-            f"refusing to overwrite {len(existing)} existing golden vector(s) in {args.out} "
-            "(golden vectors are committed bytes; pass --force only for a deliberate "
-            "protocol change):\n  " + "\n  ".join(existing),
+            f"keeping {len(existing)} existing golden vector(s) (pass --force only for a "
+            f"deliberate protocol change); writing the {len(missing)} new one(s)",
             file=sys.stderr,
         )
-        return 1
+        targets = missing
     os.makedirs(args.out, exist_ok=True)
     for name, path in targets.items():
         msg, arrays = messages[name]

@@ -601,7 +601,7 @@ def test_rng_state_of_wrong_type_is_malformed(data: Any) -> None:
 
 # ---------------------------------------------------------------------- versions
 def test_protocol_version() -> None:
-    assert proto.PROTOCOL_VERSION == (1, 1)
+    assert proto.PROTOCOL_VERSION == (1, 2)
 
 
 @pytest.mark.parametrize(
@@ -614,7 +614,7 @@ def test_same_major_is_compatible(peer: tuple[int, int], ok: bool) -> None:
 
 def test_hello_carries_the_version_as_a_list() -> None:
     msg, _ = proto.decode(wire(proto.encode(proto.Hello(list(proto.PROTOCOL_VERSION), CLIENT_ID, "ipc://x"))))
-    assert msg.version == [1, 1]
+    assert msg.version == [1, 2]
     assert proto.is_compatible(tuple(msg.version))
 
 
@@ -633,6 +633,8 @@ def test_error_codes_are_stable() -> None:
         "INTERNAL": 10,
         "UNAUTHORIZED": 11,
         "SHUTTING_DOWN": 12,
+        "NOT_READY": 13,
+        "UNAVAILABLE": 14,
     }
 
 

@@ -1,0 +1,14 @@
+"""Drop-in for ``batchup.datasets.fashion_mnist``."""
+
+from __future__ import annotations
+
+from .mnist import _MNISTLike
+
+__all__ = ["FashionMNIST"]
+
+
+class FashionMNIST(_MNISTLike):
+    """Fashion-MNIST, with MNIST's attributes and split rule."""
+
+    _dataset = "fashion_mnist"
+    _error = "Could not load Fashion MNIST dataset"
