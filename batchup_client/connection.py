@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import secrets
@@ -172,6 +173,9 @@ class Client:
             raise
         self.server_id = welcome.server_id
         self.sources: list[str] = list(welcome.sources)
+        self.trusts_code = bool(welcome.trusts_code)  #: the server runs functions shipped for map(fn)
+        self.transforms: list[str] = list(welcome.transforms)  #: named transforms of its plugins
+        self._code_keys: dict[int, tuple[Any, str]] = {}
         self.welcome = welcome
         self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
@@ -382,6 +386,8 @@ class Client:
         fields: list[str] | None,
         credit_batches: int,
         credit_bytes: int,
+        transforms: list[dict[str, Any]] | None = None,
+        transform_seed: int = 0,
     ) -> int:
         """Open a stream; returns its id. Batches then arrive through :meth:`next_item`."""
         self._next_stream += 1
@@ -401,6 +407,8 @@ class Client:
                     credit_bytes,
                     fields,
                     shm,
+                    list(transforms or []),
+                    transform_seed,
                 ),
                 plan_arrays,
             )
@@ -485,6 +493,28 @@ class Client:
             pass
 
     # ------------------------------------------------------------------ one-off requests
+    def register_code(self, fn: Any) -> str:
+        """Ship ``fn`` (pickled with cloudpickle) to the server once; its key for transforms.
+
+        Functions of ``__main__`` travel by value (cloudpickle's rule); so do functions of
+        modules outside site-packages (a training script's own helper modules), which the
+        server could not import. Raises :class:`~batchup_client.errors.UnauthorizedError`
+        when the server does not trust client code.
+        """
+        known = self._code_keys.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        payload = pickle_function(fn)
+        key = "sha256:" + hashlib.sha256(payload).hexdigest()
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+        self.request(
+            lambda rid: proto.RegisterCode(rid, key, name),
+            [np.frombuffer(payload, dtype=np.uint8)],
+            timeout=max(self.timeout, 60.0),
+        )
+        self._code_keys[id(fn)] = (fn, key)
+        return key
+
     def describe(self, source: dict[str, Any], wait: float | None = None) -> proto.SourceInfo:
         """Length, fields and metadata of a source. A standard dataset the server is still
         fetching is waited for (up to ``wait`` seconds; ``None``: as long as it takes)."""
@@ -584,3 +614,28 @@ class Client:
                 self._stats["arrays_uploaded"] += 1
                 self._stats["bytes_uploaded"] += total
                 return
+
+
+def pickle_function(fn: Any) -> bytes:
+    """cloudpickle ``fn``, by value for code the server could not import (see register_code)."""
+    import sys
+    import sysconfig
+
+    import cloudpickle
+
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    registered = None
+    path = getattr(module, "__file__", None) if module is not None else None
+    if module is not None and module.__name__ != "__main__" and path:
+        installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+        if not any(os.path.abspath(path).startswith(os.path.abspath(p) + os.sep) for p in installed):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+                registered = module
+            except ValueError:  # pragma: no cover - e.g. a module missing from sys.modules
+                registered = None
+    try:
+        return cloudpickle.dumps(fn)  # type: ignore[no-any-return]
+    finally:
+        if registered is not None:
+            cloudpickle.unregister_pickle_by_value(registered)

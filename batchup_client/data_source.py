@@ -14,6 +14,7 @@ import collections
 import collections.abc
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,8 +116,11 @@ class AbstractDataSource:
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         raise NotImplementedError
 
-    def map(self, fn: Callable[..., Any]) -> MapDataSource:
-        return MapDataSource(self, fn)
+    def map(
+        self, fn: Callable[..., Any] | str, *, seed: int | None = None, where: str = "auto", **params: Any
+    ) -> MapDataSource:
+        """``fn(*batch)`` for every batch (batchup's ``map``); see :class:`MapDataSource`."""
+        return MapDataSource(self, fn, params, seed=seed, where=where)
 
     def _n_batches(self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]) -> int | None:
         if n_batches is None:
@@ -236,6 +240,7 @@ def stream_from(
     shuffle: Any,
     include_indices: bool,
     fields: list[str] | None = None,
+    maps: list[MapDataSource] | None = None,
 ) -> Iterator[Any] | None:
     """A remote batch generator for ``sampler`` over ``source``; ``None`` if it cannot travel."""
     plan = plan_for(sampler)
@@ -245,6 +250,13 @@ def stream_from(
     check_batch_size(batch_size)
     if plan[0]["kind"].startswith("weighted") and rng is None:
         raise NotImplementedError(f"In-order sampling not supported by {type(sampler).__name__}")
+    transforms: list[dict[str, Any]] = []
+    seed = 0
+    if maps:
+        wire = _transforms_for(client, maps)
+        if wire is None:
+            return None
+        transforms, seed = wire
     batches, nbytes = getattr(client, "prefetch", (32, 64 << 20))
     return iterate(  # type: ignore[no-any-return]
         client,
@@ -257,7 +269,24 @@ def stream_from(
         fields=fields,
         prefetch=batches,
         prefetch_bytes=nbytes,
+        transforms=transforms,
+        transform_seed=seed,
     )
+
+
+def _transforms_for(client: Any, maps: list[MapDataSource]) -> tuple[list[dict[str, Any]], int] | None:
+    """The wire transforms of ``maps`` (innermost first) and the stream's transform seed;
+    ``None`` when a function must run here (the server does not trust client code)."""
+    wire: list[dict[str, Any]] = []
+    for m in maps:
+        if isinstance(m.fn, str):
+            wire.append({"name": m.fn, "params": m.params} if m.params else {"name": m.fn})
+        elif m.where == "server" or getattr(client, "trusts_code", False):
+            wire.append({"code": client.register_code(m.fn)})
+        else:
+            return None
+    seeds = [m.seed for m in maps if m.seed is not None]
+    return wire, (seeds[-1] if seeds else secrets.randbits(63))
 
 
 class ArrayDataSource(RandomAccessDataSource):
@@ -301,18 +330,23 @@ class ArrayDataSource(RandomAccessDataSource):
         return True
 
     def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        remote = None
-        if self._travels(shuffle):
-            target = self._server_source()
-            if target is not None:
-                client, ref, fields = target
-                remote = stream_from(
-                    client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields
-                )
+        remote = self._stream(batch_size, shuffle)
         if remote is None:
             yield from self._local_batches(batch_size, shuffle)
         else:
             yield from remote
+
+    def _stream(
+        self, batch_size: int, shuffle: Any, maps: list[MapDataSource] | None = None
+    ) -> Iterator[Any] | None:
+        """Batches streamed by a server (``maps`` applied there), or ``None``."""
+        if not self._travels(shuffle):
+            return None
+        target = self._server_source()
+        if target is None:
+            return None
+        client, ref, fields = target
+        return stream_from(client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields, maps)
 
     def _server_source(self) -> tuple[Any, dict[str, Any], list[str] | None] | None:
         """Where the server finds this data: fields of one of its sources (datasets), or
@@ -548,11 +582,42 @@ class IteratorDataSource(AbstractDataSource):
 
 
 class MapDataSource(AbstractDataSource):
-    """``fn(*batch)`` for every batch of ``source`` (runs in this process for now)."""
+    """``fn(*batch)`` for every batch of ``source`` (batchup's ``MapDataSource``).
 
-    def __init__(self, source: AbstractDataSource, fn: Callable[..., Any]):
+    When ``source`` streams from a server, ``fn`` runs in the server's worker processes
+    (``where="auto"``) if the server trusts this client's code (the embedded local server
+    always does; a network server started with ``--trust-client-code``): ``fn`` is shipped
+    once with cloudpickle. Otherwise it runs here, as in batchup. ``where="server"``
+    requires the server (an error if it refuses), ``where="client"`` keeps it here.
+
+    ``fn`` may also name a transform registered by a server plugin, with ``params``
+    (``ds.map("crop_flip", pad=4)``); that needs no trust, only the plugin.
+
+    On the server, numpy's global RNG and ``random`` are seeded for each batch from
+    ``(seed, batch number)`` before ``fn`` runs: random augmentations do not depend on
+    which worker runs a batch. ``seed=None`` picks a fresh seed per iterator.
+    """
+
+    def __init__(
+        self,
+        source: AbstractDataSource,
+        fn: Callable[..., Any] | str,
+        params: dict[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        where: str = "auto",
+    ):
+        if where not in ("auto", "server", "client"):
+            raise ValueError(f"where should be 'auto', 'server' or 'client', got {where!r}")
+        if isinstance(fn, str) and where == "client":
+            raise ValueError(f"transform {fn!r} is a server plugin's: it cannot run in the client")
+        if params and not isinstance(fn, str):
+            raise TypeError("params are for named (plugin) transforms; bind a function's arguments yourself")
         self.source = source
         self.fn = fn
+        self.params = dict(params or {})
+        self.seed = seed
+        self.where = where
         self._random_access = source.is_random_access
 
     @property
@@ -562,21 +627,48 @@ class MapDataSource(AbstractDataSource):
     def num_samples(self, **kwargs: Any) -> Any:
         return self.source.num_samples(**kwargs)
 
+    def _local_fn(self) -> Callable[..., Any]:
+        if isinstance(self.fn, str):
+            raise ValueError(
+                f"transform {self.fn!r} is a server plugin's, but this source's batches are made here "
+                "(not streamed from a server): map a function instead"
+            )
+        return self.fn
+
     def samples_by_indices_nomapping(self, indices: Any) -> Any:
         _require_random_access(self._random_access, "samples_by_indices_nomapping")
-        return self.fn(*self.source.samples_by_indices_nomapping(indices))  # type: ignore[attr-defined]
+        return self._local_fn()(*self.source.samples_by_indices_nomapping(indices))  # type: ignore[attr-defined]
 
     def samples_by_indices(self, indices: Any) -> Any:
         _require_random_access(self._random_access, "samples_by_indices")
-        return self.fn(*self.source.samples_by_indices(indices))  # type: ignore[attr-defined]
+        return self._local_fn()(*self.source.samples_by_indices(indices))  # type: ignore[attr-defined]
 
     def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         _require_random_access(self._random_access, "batch_indices_iterator")
         return self.source.batch_indices_iterator(batch_size, **kwargs)  # type: ignore[attr-defined, no-any-return]
 
+    def _chain(self) -> tuple[AbstractDataSource, list[MapDataSource]]:
+        """The source under every map, and the maps from the innermost out."""
+        maps: list[MapDataSource] = [self]
+        base = self.source
+        while isinstance(base, MapDataSource):
+            maps.insert(0, base)
+            base = base.source
+        return base, maps
+
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        base, maps = self._chain()
+        remote = None
+        if all(m.where != "client" for m in maps) and hasattr(base, "_stream"):
+            remote = base._stream(batch_size, kwargs.get("shuffle"), maps)
+        if remote is not None:
+            yield from remote
+            return
+        if any(m.where == "server" for m in maps):
+            raise ValueError("where='server', but this source's batches are not streamed from a server")
+        fn = self._local_fn()
         for batch in self.source.batch_iterator(batch_size, **kwargs):
-            yield self.fn(*batch)
+            yield fn(*batch)
 
 
 def coerce_data_source(x: Any) -> AbstractDataSource:

@@ -13,6 +13,8 @@ Hierarchy::
         ├── InvalidArgumentError     a request argument is illegal (also a ValueError)
         ├── UnsupportedDtypeError    an array dtype outside the allow-list (also a TypeError)
         ├── TooLargeError            above a size limit (also a ValueError)
+        ├── UnauthorizedError        wrong token, or code the server does not run (also a
+        │                            PermissionError)
         ├── DatasetNotReady          the server is fetching that dataset; ask again later
         ├── DatasetUnavailableError  a standard dataset cannot be had (also a RuntimeError,
         │                            which batchup's dataset classes raise)
@@ -35,6 +37,7 @@ __all__ = [
     "RemoteError",
     "RemoteException",
     "TooLargeError",
+    "UnauthorizedError",
     "UnknownSourceError",
     "UnsupportedDtypeError",
     "VersionMismatchError",
@@ -108,6 +111,10 @@ class RemoteException(RemoteError):
     """Code running on the server raised while preparing a batch."""
 
 
+class UnauthorizedError(RemoteError, PermissionError):
+    """The server refuses this client: a wrong token, or client code it does not run."""
+
+
 class DatasetNotReady(RemoteError):
     """The server is downloading or converting the dataset (clients wait and ask again)."""
 
@@ -117,6 +124,7 @@ class DatasetUnavailableError(RemoteError, RuntimeError):
 
 
 _BY_CODE: dict[int, type[RemoteError]] = {
+    ErrorCode.UNAUTHORIZED: UnauthorizedError,
     ErrorCode.NOT_READY: DatasetNotReady,
     ErrorCode.UNAVAILABLE: DatasetUnavailableError,
     ErrorCode.VERSION_MISMATCH: VersionMismatchError,

@@ -43,6 +43,7 @@ class LocalServer:
             "--log-level",
             "warning",
             "--download",  # as batchup: a dataset is fetched on first use
+            "--trust-client-code",  # this process's own user, over a private 0700 ipc folder
         ]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None

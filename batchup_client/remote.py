@@ -70,8 +70,9 @@ class RemoteDataSource(RandomAccessDataSource):
             return (indices,) + batch
         return batch
 
-    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        remote = stream_from(
+    def _stream(self, batch_size: int, shuffle: Any, maps: list[Any] | None = None) -> Iterator[Any] | None:
+        """Batches streamed from the server (``maps`` applied there), or ``None``."""
+        return stream_from(
             self.client,
             self.source_ref,
             self.sampler,
@@ -79,7 +80,11 @@ class RemoteDataSource(RandomAccessDataSource):
             shuffle,
             self.include_indices,
             self.fields,
+            maps,
         )
+
+    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        remote = self._stream(batch_size, shuffle)
         if remote is None:
             yield from self._local_batches(batch_size, shuffle)
         else:

@@ -94,6 +94,8 @@ class Connection(Protocol):
         fields: list[str] | None,
         credit_batches: int,
         credit_bytes: int,
+        transforms: list[dict[str, Any]] | None = None,
+        transform_seed: int = 0,
     ) -> int: ...
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
     def ready(self, stream_id: int, seq: int) -> bool: ...
@@ -115,25 +117,39 @@ def iterate(
     fields: list[str] | None = None,
     prefetch: int = 32,
     prefetch_bytes: int = 64 << 20,
+    transforms: list[dict[str, Any]] | None = None,
+    transform_seed: int = 0,
 ) -> Any:
-    """Yield a stream's batches (tuples of arrays) in order; see the module docstring."""
+    """Yield a stream's batches (tuples of arrays, or what the stream's transforms return)
+    in order; see the module docstring."""
     expected = rng.get_state() if rng is not None else None
     if expected is not None:
         plan = {**plan, "rng": proto.encode_rng_state(expected)}  # type: ignore[arg-type]
     sid = conn.open_stream(
-        source, plan, plan_arrays, batch_size, include_indices, fields, prefetch, prefetch_bytes
+        source,
+        plan,
+        plan_arrays,
+        batch_size,
+        include_indices,
+        fields,
+        prefetch,
+        prefetch_bytes,
+        transforms,
+        transform_seed,
     )
     grant_every = max(1, prefetch // 4)
     consumed = granted = generation = 0
     pool = conn.pool(sid)
     freed: list[int] = []
+    framed = 0  # batches of a pool stream that came as frames (their credit is not a slot)
     try:
         while True:
             if pool is not None:  # credit comes back as slots are freed, not as batches are read
                 freed += pool.take_freed()
-                if freed and (len(freed) >= grant_every or not conn.ready(sid, consumed)):
-                    conn.send_credit(sid, len(freed), consumed, freed)
-                    freed = []
+                returned = len(freed) + framed
+                if returned and (returned >= grant_every or not conn.ready(sid, consumed)):
+                    conn.send_credit(sid, returned, consumed, freed)
+                    freed, framed = [], 0
             elif consumed > granted and not conn.ready(sid, consumed):
                 # about to wait: report every consumed batch first, or a byte budget
                 # smaller than grant_every batches would never be released (deadlock)
@@ -158,8 +174,13 @@ def iterate(
             if pool is None and consumed - granted >= grant_every:
                 conn.send_credit(sid, consumed - granted, consumed)
                 granted = consumed
-            batch = pool.hand_out(arrays) if pool is not None else tuple(arrays)
+            elif pool is not None and msg.slot < 0:
+                framed += 1
+            container = msg.container
+            batch: Any = pool.hand_out(arrays) if pool is not None else tuple(arrays)
             del msg, arrays  # hold no view of a slot while the user has the batch
+            if container:
+                batch = _contained(container, batch)
             yield batch
             del batch
     finally:
@@ -237,3 +258,14 @@ class SlotPool:
         while self._freed:
             out.append(self._freed.popleft())
         return out
+
+
+def _contained(container: str, arrays: tuple[Any, ...]) -> Any:
+    """A transform's result as it returned it (see ``Batch.container``)."""
+    if container == "array" and len(arrays) == 1:
+        return arrays[0]
+    if container == "list":
+        return list(arrays)
+    if container == "none":
+        return None
+    raise proto.MalformedFrame(f"unknown batch container {container!r} for {len(arrays)} array(s)")

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .config import DEFAULT_BIND, ConfigError, load_config
+from .plugins import PluginError
 from .sources import SourceError
 
 __all__ = ["main"]
@@ -78,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         help="largest batch or upload chunk served or accepted (default 1 GiB)",
     )
     p.add_argument("--token", help="require clients to present this token in their handshake")
+    p.add_argument(
+        "--trust-client-code",
+        action="store_true",
+        default=None,
+        help="run the functions clients ship for ds.map(fn) in the workers (unpickled with "
+        "cloudpickle: only for clients you trust, their code runs with this server's rights); "
+        "without it, only the named transforms of --plugin modules run here",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        dest="plugins",
+        help="import MODULE, whose @transform and @source functions clients can then name "
+        "(ds.map('name', ...), [sources.x] plugin = 'name'); repeatable",
+    )
     p.add_argument("--no-demo", action="store_true", help="do not serve the built-in demo source")
     p.add_argument(
         "--download",
@@ -210,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_interval=args.heartbeat_interval,
             max_message_bytes=args.max_message_bytes,
             token=args.token,
+            trust_client_code=args.trust_client_code,
+            plugins=args.plugins,
             parent_pid=args.parent_pid,
             demo=False if args.no_demo else None,
             download=args.download,
@@ -218,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve
 
         return serve(config)
-    except (ConfigError, SourceError) as exc:
+    except (ConfigError, SourceError, PluginError) as exc:
         print(f"batchup-server: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -5,6 +5,8 @@ Example ``server.toml``::
     [server]
     bind = "tcp://127.0.0.1:5555"
     workers = 2
+    plugins = ["mypkg.augment"]            # modules registering transforms and sources
+    trust_client_code = false              # run functions clients ship for map() (cloudpickle)
 
     [sources.train]                        # .npy files, memory-mapped
     npy = { X = "train_X.npy", y = "train_y.npy" }
@@ -15,6 +17,10 @@ Example ``server.toml``::
     [sources.big]                          # datasets inside an HDF5 file
     hdf5 = "big.h5"
     datasets = { X = "train/X", y = "train/y" }
+
+    [sources.photos]                       # a source a plugin registers (@source("image_folder"))
+    plugin = "image_folder"
+    args = { root = "/data/photos", size = 32 }
 
     [datasets]                             # the standard datasets (mnist, cifar10, ...)
     home = "/data/batchup"                 # batchup home; default: ~/.batchup.cfg, $BATCHUP_HOME, ~/.batchup
@@ -57,9 +63,12 @@ class ServerConfig:
     max_credit_batches: int = 64  #: a client may not grant more batches in flight
     max_upload_bytes: int = 16 << 30  #: largest client array accepted
     token: str = ""  #: when set, a Hello must carry this token
+    trust_client_code: bool = False  #: run functions clients ship for ``map`` (cloudpickle)
+    plugins: tuple[str, ...] = ()  #: modules whose transforms and sources the server offers
     parent_pid: int = 0  #: exit when this process dies (embedded servers)
     sources: dict[str, SourceSpec] = dataclasses.field(default_factory=dict)
     npz: dict[str, tuple[str, list[str] | None]] = dataclasses.field(default_factory=dict)
+    plugin_sources: dict[str, tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     demo: bool = True  #: serve the built-in "demo" source
     datasets: DatasetSettings = dataclasses.field(default_factory=DatasetSettings)
 
@@ -71,6 +80,10 @@ class ServerConfig:
                 "client_timeout should exceed heartbeat_interval > 0, but got "
                 f"heartbeat_interval={self.heartbeat_interval}, client_timeout={self.client_timeout}"
             )
+        if isinstance(self.plugins, list):
+            object.__setattr__(self, "plugins", tuple(self.plugins))
+        if not all(isinstance(m, str) and m for m in self.plugins):
+            raise ConfigError(f"plugins should be a list of module names, got {self.plugins!r}")
         if "://" not in self.bind:
             raise ConfigError(f"bind should be an endpoint like tcp://127.0.0.1:5555, got {self.bind!r}")
 
@@ -81,10 +94,15 @@ def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str
             raise ConfigError(f"sources.{name}: a path should be a string, got {p!r}")
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
-    kinds = [k for k in ("npy", "npz", "hdf5") if k in table]
+    kinds = [k for k in ("npy", "npz", "hdf5", "plugin") if k in table]
     if len(kinds) != 1:
-        raise ConfigError(f"sources.{name} should have exactly one of npy, npz, hdf5; got {kinds}")
+        raise ConfigError(f"sources.{name} should have exactly one of npy, npz, hdf5, plugin; got {kinds}")
     kind = kinds[0]
+    if kind == "plugin":
+        args = table.get("args", {})
+        if not isinstance(table["plugin"], str) or not isinstance(args, dict):
+            raise ConfigError(f"sources.{name}: plugin should name a plugin source and args be a table")
+        return "plugin", (table["plugin"], args)
     if kind == "npy":
         fields = table["npy"]
         if not isinstance(fields, dict) or not fields:
@@ -146,6 +164,7 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
     values: dict[str, Any] = {}
     sources: dict[str, SourceSpec] = {}
     npz: dict[str, tuple[str, list[str] | None]] = {}
+    plugin_sources: dict[str, tuple[str, dict[str, Any]]] = {}
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -156,7 +175,12 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         base = os.path.dirname(os.path.abspath(path))
         server = doc.get("server", {})
-        known = {f.name for f in dataclasses.fields(ServerConfig)} - {"sources", "npz", "datasets"}
+        known = {f.name for f in dataclasses.fields(ServerConfig)} - {
+            "sources",
+            "npz",
+            "datasets",
+            "plugin_sources",
+        }
         for key, value in server.items():
             if key not in known:
                 raise ConfigError(f"[server] has unknown option {key!r}; known: {sorted(known)}")
@@ -167,6 +191,8 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             kind, spec = _source_from_table(name, table, base)
             if kind == "spec":
                 sources[name] = spec
+            elif kind == "plugin":
+                plugin_sources[name] = spec
             else:
                 npz[name] = spec
         if "datasets" in doc:
@@ -180,4 +206,4 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             download=settings.download if download is None else download,
         )
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return ServerConfig(sources=sources, npz=npz, **values)
+    return ServerConfig(sources=sources, npz=npz, plugin_sources=plugin_sources, **values)

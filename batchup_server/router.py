@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import hashlib
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ from .datasets.layout import DatasetRequestError
 from .datasets.service import DatasetNotReady, DatasetService
 from .datasets.store import DatasetStore, DatasetUnavailable
 from .errors import RequestError
+from .plugins import load_plugins
 from .sources import FieldSpec, SourceError, SourceSpec, open_source
 from .streams import CreditWindow, End, Stream, StreamError, Task
 from .uploads import Uploads
@@ -96,6 +98,8 @@ class StreamEntry:
     include_indices: bool
     failed: bool = False
     slot_pool: Pool | None = None  #: shared-memory slots (None = batches go as frames)
+    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    transform_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Job:
     gather: bool = False
     pool: str = ""
     slot_bytes: int = 0
+    transforms: tuple[dict[str, Any], ...] = ()
+    transform_seed: int = 0
 
 
 @dataclasses.dataclass
@@ -120,6 +126,7 @@ class WorkerHandle:
     process: Any
     outstanding: dict[int, tuple[Job, Task]] = dataclasses.field(default_factory=dict)
     ready: bool = False  #: the process connected and said so; before that a send could block
+    code: set[str] = dataclasses.field(default_factory=set)  #: client functions it holds
 
 
 class Router:
@@ -140,10 +147,12 @@ class Router:
         self.host = host
         self.shm_dir = shm_dir
         self.ctx = zmq.Context()
+        self.registry = load_plugins(config.plugins)  # before plugin sources are described
         self.sources: dict[str, SourceEntry] = {}
         for name, spec in sources.items():
             self.sources[name] = self._describe(spec)
         self.uploads = Uploads(shm_dir, config.max_upload_bytes)
+        self.code: dict[str, tuple[bytes, str]] = {}  #: trusted clients' functions: key -> (pickle, name)
         self.datasets = DatasetService(DatasetStore(config.datasets), runtime_dir, config.datasets.download)
         self._dataset_entries: dict[int, SourceEntry] = {}
         self.clients: dict[bytes, ClientState] = {}
@@ -357,6 +366,10 @@ class Router:
             self._client(routing_id)
             self.uploads.register_file(msg.key, msg.path)
             self._reply(routing_id, proto.Ack(msg.request_id))
+        elif isinstance(msg, proto.RegisterCode):
+            self._client(routing_id)
+            self._on_register_code(msg, arrays)
+            self._reply(routing_id, proto.Ack(msg.request_id))
         elif isinstance(msg, proto.UploadChunk):
             self._client(routing_id)
             if len(arrays) != 1:
@@ -365,6 +378,47 @@ class Router:
             self._reply(routing_id, proto.Ack(msg.request_id))
         else:
             raise RequestError(ErrorCode.MALFORMED, f"{msg.TYPE} is not a request a server accepts")
+
+    def _on_register_code(self, msg: proto.RegisterCode, arrays: list[Any]) -> None:
+        """Keep a trusted client's pickled function (never unpickled here: workers do)."""
+        if not self.config.trust_client_code:
+            named = ", ".join(sorted(self.registry.transforms)) or "none"
+            raise RequestError(
+                ErrorCode.UNAUTHORIZED,
+                f"this server does not run client code, so it cannot run {msg.name or 'that function'} "
+                "for ds.map(fn): start the server with --trust-client-code (or trust_client_code = "
+                "true under [server]) if you trust every client that can reach it, or map with a "
+                f"transform a plugin registered, ds.map('name', ...) (this server has: {named})",
+            )
+        if len(arrays) != 1 or arrays[0].dtype != np.uint8 or arrays[0].ndim != 1:
+            raise RequestError(ErrorCode.MALFORMED, "register_code should carry one 1-D uint8 array")
+        payload = arrays[0].tobytes()
+        if msg.key != "sha256:" + hashlib.sha256(payload).hexdigest():
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, "register_code: the bytes do not match the key")
+        self.code[msg.key] = (payload, msg.name)
+
+    def _check_transforms(self, transforms: Any) -> list[dict[str, Any]]:
+        if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
+            raise RequestError(ErrorCode.MALFORMED, "transforms should be a list of maps")
+        for t in transforms:
+            if set(t) == {"code"} and isinstance(t["code"], str):
+                if t["code"] not in self.code:
+                    raise RequestError(
+                        ErrorCode.INVALID_ARGUMENT, f"no function registered with key {t['code']}"
+                    )
+            elif set(t) <= {"name", "params"} and isinstance(t.get("name"), str):
+                if not isinstance(t.get("params", {}), dict):
+                    raise RequestError(ErrorCode.MALFORMED, "a transform's params should be a map")
+                try:
+                    self.registry.transform(t["name"])
+                except KeyError as exc:
+                    raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc.args[0])) from None
+            else:
+                raise RequestError(
+                    ErrorCode.MALFORMED,
+                    f"a transform is {{'code': key}} or {{'name': str, 'params': map}}, got {t}",
+                )
+        return transforms
 
     def _stream(self, routing_id: bytes, stream_id: int) -> StreamEntry:
         client = self._client(routing_id)
@@ -410,6 +464,8 @@ class Router:
                 self.config.client_timeout,
                 self.config.max_message_bytes,
                 sorted(self.sources),
+                self.config.trust_client_code,
+                sorted(self.registry.transforms),
             ),
         )
 
@@ -484,6 +540,7 @@ class Router:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
         entry = self._resolve(msg.source)
         fields = self._select(entry, msg.fields)
+        transforms = self._check_transforms(msg.transforms)
         try:
             batch_size = check_batch_size(msg.batch_size)
         except (TypeError, ValueError) as exc:
@@ -533,6 +590,8 @@ class Router:
             entry.spec,
             fields,
             msg.include_indices,
+            transforms=transforms,
+            transform_seed=msg.transform_seed,
         )
         slots = 0
         if msg.shm:
@@ -674,6 +733,8 @@ class Router:
                     False,
                     entry.slot_pool.path if entry.slot_pool else "",
                     entry.slot_pool.slot_bytes if entry.slot_pool else 0,
+                    tuple(entry.transforms),
+                    entry.transform_seed,
                 )  # fmt: skip
                 self._send_task(worker, job, item)
 
@@ -696,7 +757,11 @@ class Router:
             "pool": job.pool,
             "slot_bytes": job.slot_bytes,
         }
+        if job.transforms:
+            header["transforms"] = list(job.transforms)
+            header["transform_seed"] = job.transform_seed
         try:
+            self._send_code(worker, job)
             worker.socket.send_multipart(
                 [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices).data],
                 zmq.NOBLOCK,
@@ -707,6 +772,18 @@ class Router:
             self._retry.append((job, task))
             return
         worker.outstanding[self._tasks] = (job, task)
+
+    def _send_code(self, worker: WorkerHandle, job: Job) -> None:
+        """Hand the worker the client functions the job needs, ahead of the task (the
+        worker's task socket is ordered). Raises ``zmq.Again`` when its queue is full."""
+        for t in job.transforms:
+            key = t.get("code")
+            if key is None or key in worker.code:
+                continue
+            payload, name = self.code[key]
+            header = msgpack.packb({"op": "code", "key": key, "name": name}, use_bin_type=True)
+            worker.socket.send_multipart([header, payload], zmq.NOBLOCK, copy=False)
+            worker.code.add(key)
 
     def _send_data(self, client: ClientState, frames: list[Any]) -> None:
         try:
@@ -735,7 +812,7 @@ class Router:
             worker.ready = True
             return
         info = worker.outstanding.pop(result["task"], None)
-        if info is None or result["ok"]:
+        if info is None or (result["ok"] and not result.get("slot_unused")):
             return
         job, task = info
         client, stream_id = job.client, job.stream_id
@@ -744,6 +821,8 @@ class Router:
             pool = next((p for p in pools if p is not None and p.path == job.pool), None)
             if pool is not None and task.slot not in pool.free:
                 pool.free.append(task.slot)
+        if result["ok"]:
+            return
         entry = client.streams.get(stream_id)
         if entry is not None and entry.stream.generation == task.generation:
             entry.failed = True  # the worker already sent the Error to the client
@@ -759,6 +838,7 @@ class Router:
             log.error("worker %d died (exit code %s); restarting it", worker.index, worker.process.exitcode)
             worker.process.join(0)
             worker.ready = False  # until the new process says it listens
+            worker.code = set()
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
             self._retry.extend(lost.values())
@@ -819,12 +899,15 @@ def _alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------------- worker process
-def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pid: int) -> None:
+def worker_main(
+    index: int, task_endpoint: str, results_endpoint: str, parent_pid: int, plugins: tuple[str, ...] = ()
+) -> None:
     """A worker process: gather rows for tasks and send batches straight to clients."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()  # gathered batches reuse freed heap memory instead of faulting fresh pages
+    registry = load_plugins(plugins)
     ctx = zmq.Context()
     tasks = ctx.socket(zmq.PULL)
     tasks.setsockopt(zmq.LINGER, 0)
@@ -834,7 +917,7 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
     results.connect(results_endpoint)
     results.send(msgpack.packb({"worker": index, "ready": True}))  # tasks may come now
     clients: dict[str, zmq.Socket[Any]] = {}
-    runner = TaskRunner()
+    runner = TaskRunner(registry)
     try:
         while True:
             if not tasks.poll(500):
@@ -854,6 +937,12 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
             if op == "forget_pool":
                 runner.forget_pool(header["path"])
                 continue
+            if op == "code":  # a trusted client's function, ahead of the tasks that use it
+                try:
+                    runner.code.add(header["key"], frames[1].bytes)
+                except Exception as exc:  # reported by the tasks that need it
+                    log.warning("worker %d cannot load %s: %r", index, header.get("name"), exc)
+                continue
             indices = np.frombuffer(frames[1].buffer, dtype=np.dtype(header["index_dtype"]))
             msg, arrays, error = runner.run(header, indices)
             endpoint = header["endpoint"]
@@ -868,6 +957,8 @@ def worker_main(index: int, task_endpoint: str, results_endpoint: str, parent_pi
             except zmq.ZMQError as exc:
                 error = error or f"cannot send to {endpoint}: {exc}"
             reply = {"worker": index, "task": header["task"], "ok": not error, "error": error}
+            if header["slot"] >= 0 and getattr(msg, "slot", 0) < 0:
+                reply["slot_unused"] = True  # a transformed batch too big for its slot went as frames
             results.send(msgpack.packb(reply))
     finally:
         runner.close()

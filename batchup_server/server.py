@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -18,8 +20,9 @@ from batchup_protocol.host import host_id, sweep_stale
 
 from .config import ConfigError, ServerConfig
 from .demo import write_demo_source
+from .plugins import load_plugins
 from .router import Router, worker_main
-from .sources import FieldSpec, SourceSpec
+from .sources import FieldSpec, SourceError, SourceSpec, plugin_fields
 
 __all__ = ["serve"]
 
@@ -58,11 +61,22 @@ def _extract_npz(name: str, path: str, keys: list[str] | None, folder: str) -> S
     return SourceSpec(name, tuple(fields))
 
 
-def _spawn_worker(index: int, task_endpoint: str, results_endpoint: str) -> Any:
+def _plugin_source(name: str, kind: str, args: dict[str, Any]) -> SourceSpec:
+    try:
+        names = plugin_fields(kind, args)
+    except SourceError as exc:
+        raise ConfigError(f"source {name!r}: {exc}") from None
+    key = json.dumps(args, sort_keys=True)
+    return SourceSpec(name, tuple(FieldSpec(field, "plugin", kind, key) for field in names))
+
+
+def _spawn_worker(
+    index: int, task_endpoint: str, results_endpoint: str, plugins: tuple[str, ...] = ()
+) -> Any:
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=worker_main,
-        args=(index, task_endpoint, results_endpoint, os.getpid()),
+        args=(index, task_endpoint, results_endpoint, os.getpid(), tuple(plugins)),
         name=f"batchup-worker-{index}",
         daemon=True,
     )
@@ -80,8 +94,12 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
             sources[name] = _extract_npz(name, path, keys, runtime)
         if config.demo:
             sources["demo"] = write_demo_source(runtime)
+        load_plugins(config.plugins)
+        for name, (kind, args) in config.plugin_sources.items():
+            sources[name] = _plugin_source(name, kind, args)
         server_id = secrets.token_hex(8)
-        router = Router(config, sources, runtime, shm, server_id, host_id(), _spawn_worker)
+        spawn = functools.partial(_spawn_worker, plugins=config.plugins)
+        router = Router(config, sources, runtime, shm, server_id, host_id(), spawn)
 
         def stop(signum: int, _frame: Any) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)

@@ -8,6 +8,7 @@ the router sends to workers; each worker opens the files itself after it starts
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -117,15 +118,75 @@ def _h5_array(path: str, dataset: str) -> Any:
         raise
 
 
+class _ArrayLike:
+    """A plugin source's field (anything with ``len`` and ``[int array]``, as batchup's
+    ``ArrayDataSource`` accepts), with the dtype and row shape of its first row."""
+
+    def __init__(self, obj: Any, what: str):
+        self.obj = obj
+        n = len(obj)
+        first = np.asarray(obj[np.array([0])]) if n else None
+        dtype = getattr(obj, "dtype", None)
+        shape = getattr(obj, "shape", None)
+        if first is not None and first.ndim >= 1 and len(first) != 1:
+            raise SourceError(f"{what}: [array of 1 index] gave {len(first)} rows")
+        self.dtype = np.dtype(dtype if dtype is not None else first.dtype if first is not None else "f4")
+        row = tuple(shape[1:]) if shape is not None else (first.shape[1:] if first is not None else ())
+        self.shape = (n, *row)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray[Any, Any]:
+        return np.asarray(self.obj[idx], dtype=self.dtype)
+
+
+_PLUGIN_SOURCES: dict[tuple[str, str], Any] = {}  # (kind, args) -> fields, per process
+
+
+def _plugin_made(kind: str, args_json: str) -> dict[str, Any]:
+    """The fields a plugin source's factory makes (made once per process)."""
+    from .plugins import Registry
+
+    fields = _PLUGIN_SOURCES.get((kind, args_json))
+    if fields is None:
+        try:
+            factory = Registry().source(kind)
+        except KeyError as exc:
+            raise SourceError(str(exc.args[0])) from None
+        try:
+            made = factory(**json.loads(args_json or "{}"))
+        except Exception as exc:
+            raise SourceError(f"plugin source {kind!r} failed: {type(exc).__name__}: {exc}") from exc
+        fields = made if isinstance(made, dict) else {str(i): a for i, a in enumerate(made)}
+        _PLUGIN_SOURCES[(kind, args_json)] = fields
+    return fields
+
+
+def _plugin_array(field: FieldSpec) -> Any:
+    fields = _plugin_made(field.path, field.dataset)
+    if field.name not in fields:
+        raise SourceError(f"plugin source {field.path!r} has no field {field.name!r}; it has {list(fields)}")
+    arr = fields[field.name]
+    return arr if isinstance(arr, np.ndarray) else _ArrayLike(arr, f"plugin source {field.path!r}")
+
+
+def plugin_fields(kind: str, args: dict[str, Any]) -> list[str]:
+    """The field names a plugin source makes."""
+    return list(_plugin_made(kind, json.dumps(args, sort_keys=True)))
+
+
 def _open_array(field: FieldSpec) -> Any:
     try:
         if field.kind == "npy":
             return np.load(field.path, mmap_mode="r", allow_pickle=False)
         if field.kind == "h5":
             return _h5_array(field.path, field.dataset)
-    except (OSError, ValueError) as exc:
+        if field.kind == "plugin":
+            return _plugin_array(field)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SourceError(f"cannot open field {field.name!r} from {field.path}: {exc}") from exc
-    raise SourceError(f"field kind should be 'npy' or 'h5', got {field.kind!r}")
+    raise SourceError(f"field kind should be 'npy', 'h5' or 'plugin', got {field.kind!r}")
 
 
 class _Field:
@@ -198,6 +259,8 @@ class _Field:
         return out
 
     def close(self) -> None:
+        if self.spec.kind == "plugin":
+            return  # kept for the process's later streams (plugins may be costly to set up)
         f = getattr(self.base, "file", None)
         if f is not None and hasattr(f, "close"):
             f.close()
@@ -281,6 +344,6 @@ def open_source(spec: SourceSpec) -> OpenedSource:
     if not spec.fields:
         raise SourceError(f"source {spec.name!r} has no fields")
     for f in spec.fields:
-        if not os.path.exists(f.path):
+        if f.kind != "plugin" and not os.path.exists(f.path):
             raise SourceError(f"source {spec.name!r}: file {f.path} does not exist")
     return OpenedSource(spec)

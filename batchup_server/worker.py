@@ -7,6 +7,7 @@ handles and memory maps must not cross a process boundary.
 
 from __future__ import annotations
 
+import functools
 import traceback
 from typing import Any
 
@@ -16,7 +17,9 @@ import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 from batchup_protocol.arrays import slot_layout
 
+from .plugins import Registry
 from .sources import OpenedSource, SourceSpec, open_source
+from .transforms import CodeCache, apply_transforms
 
 __all__ = ["TaskRunner"]
 
@@ -24,9 +27,21 @@ __all__ = ["TaskRunner"]
 class TaskRunner:
     """Runs gather tasks; keeps sources and slot pools open between tasks."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry | None = None) -> None:
         self._sources: dict[tuple[Any, ...], OpenedSource] = {}
         self._pools: dict[str, np.memmap[Any, Any]] = {}
+        self.registry = registry or Registry()
+        self.code = CodeCache()
+
+    def _transforms(self, specs: list[dict[str, Any]]) -> list[Any]:
+        fns = []
+        for spec in specs:
+            if "code" in spec:
+                fn = self.code.get(spec["code"])
+            else:
+                fn = functools.partial(self.registry.transform(spec["name"]), **(spec.get("params") or {}))
+            fns.append(fn)
+        return fns
 
     def _source(self, wire: dict[str, Any]) -> OpenedSource:
         spec = SourceSpec.from_wire(wire)
@@ -49,14 +64,26 @@ class TaskRunner:
         """The reply to a task: ``(message, arrays, error text or "")``."""
         try:
             source = self._source(header["source"])
-            if header["slot"] >= 0:
+            transforms = header.get("transforms")
+            if header["slot"] >= 0 and not transforms:
                 return self._into_slot(header, source, indices), [], ""
             arrays = source.gather(indices, header["fields"])
             if header["include_indices"]:
                 arrays = [indices, *arrays]
             if header["gather"]:
                 return proto.GatherResult(header["seq"]), arrays, ""
-            return proto.Batch(header["stream"], header["seq"], header["gen"], header["rng"]), arrays, ""
+            container = ""
+            if transforms:
+                fns = self._transforms(transforms)
+                container, arrays = apply_transforms(fns, arrays, header["transform_seed"], header["seq"])
+                if header["slot"] >= 0:
+                    placed = self._copy_into_slot(header, arrays, container)
+                    if placed is not None:
+                        return placed, [], ""
+            batch = proto.Batch(
+                header["stream"], header["seq"], header["gen"], header["rng"], container=container
+            )
+            return batch, arrays, ""
         except Exception as exc:
             gather = header["gather"]
             err = proto.Error(
@@ -70,6 +97,20 @@ class TaskRunner:
                 -1 if gather else header["gen"],
             )
             return err, [], f"{type(exc).__name__}: {exc}"
+
+    def _copy_into_slot(self, header: dict[str, Any], arrays: list[Any], container: str) -> Any:
+        """A transformed batch copied into its slot; ``None`` when it does not fit (it then
+        travels as frames, and the router frees the slot)."""
+        layout, used = slot_layout([(a.dtype, a.shape) for a in arrays])
+        if used > header["slot_bytes"]:
+            return None
+        pool = self._pool(header["pool"])
+        base = header["slot"] * header["slot_bytes"]
+        for a, (dtype, shape, offset) in zip(arrays, layout):
+            np.ndarray(tuple(shape), np.dtype(dtype), buffer=pool, offset=base + offset)[...] = a
+        return proto.Batch(
+            header["stream"], header["seq"], header["gen"], header["rng"], header["slot"], layout, container
+        )
 
     def _into_slot(self, header: dict[str, Any], source: OpenedSource, indices: np.ndarray[Any, Any]) -> Any:
         """Gather straight into the stream's shared-memory slot; the reply only describes it."""

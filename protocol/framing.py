@@ -33,11 +33,30 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_LAYOUTS: dict[type[Any], tuple[tuple[str, bool, Any], ...]] = {}
+
+
+def _layout(cls: type[Any]) -> tuple[tuple[str, bool, Any], ...]:
+    """Per field: name, whether it is left out at its default (see ``_since``), the default."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            out.append((f.name, "since" in f.metadata, default))
+        layout = _LAYOUTS[cls] = tuple(out)
+    return layout
+
+
 def encode_header(msg: Any, specs: Sequence[list[Any]] = ()) -> bytes:
-    """The msgpack header of ``msg`` (fields in declaration order, then ``arrays``)."""
+    """The msgpack header of ``msg`` (fields in declaration order, then ``arrays``); fields a
+    minor version added are left out while they hold their default."""
     fields: dict[str, Any] = {"type": msg.TYPE}
-    for f in dataclasses.fields(msg):
-        fields[f.name] = getattr(msg, f.name)
+    for name, optional, default in _layout(type(msg)):
+        value = getattr(msg, name)
+        if optional and value == default:
+            continue
+        fields[name] = value
     if specs:
         fields["arrays"] = list(specs)
     return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]

@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "OpenStream",
     "RegisterArray",
+    "RegisterCode",
     "Reseed",
     "SourceInfo",
     "StreamOpened",
@@ -45,6 +46,15 @@ __all__ = [
     "Welcome",
     "message_from_fields",
 ]
+
+
+def _since(version: tuple[int, int], default: Any = None, factory: Any = None) -> Any:
+    """A field added in minor ``version``: encoders leave it out while it holds its default,
+    so a message that uses nothing new is byte for byte what older peers send."""
+    meta = {"since": version}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 #: a client's heartbeat socket has routing id ``client_id + HEARTBEAT_SUFFIX``
@@ -96,6 +106,8 @@ class Welcome:
     client_timeout: float
     max_message_bytes: int
     sources: list[str] = dataclasses.field(default_factory=list)
+    trusts_code: bool = _since((1, 2), False)  #: (1.2) the server runs functions clients ship (RegisterCode)
+    transforms: list[str] = _since((1, 2), factory=list)  #: (1.2) named transforms (plugins)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,6 +145,8 @@ class OpenStream:
     credit_bytes: int
     fields: list[str] | None = None
     shm: bool = False  #: (1.1) deliver batches through a shared-memory slot pool if possible
+    transforms: list[dict[str, Any]] = _since((1, 2), factory=list)  #: (1.2) maps, innermost first
+    transform_seed: int = _since((1, 2), 0)  #: (1.2) seeds the RNGs transforms draw from, per batch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,6 +202,9 @@ class Batch:
     rng: dict[str, Any] | None = None
     slot: int = -1  #: (1.1) >= 0: the arrays are in this pool slot, not in frames
     layout: list[Any] = dataclasses.field(default_factory=list)  #: (1.1) [dtype, shape, offset] per array
+    container: str = _since(
+        (1, 2), ""
+    )  #: (1.2) a transform's result: "" tuple, "list", "array" (one), "none"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -248,6 +265,18 @@ class RegisterArray:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RegisterCode:
+    """(1.2) Client → server: a function for ``map``, pickled by cloudpickle, as array 0
+    (uint8); ``key`` is ``"sha256:<hex>"`` of those bytes. Only a server that trusts the
+    client's code accepts it; no other server unpickles it."""
+
+    TYPE: ClassVar[str] = "register_code"
+    request_id: int
+    key: str
+    name: str = ""  #: the function's qualified name, for logs and errors
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class UploadChunk:
     """Client → server: bytes ``[offset, offset+len)`` of an array (chunk as array 0)."""
 
@@ -302,7 +331,7 @@ class Goodbye:
 Message = Union[  # noqa: UP007 (typing.get_args enumerates the members)
     Hello, Welcome, Describe, SourceInfo, OpenStream, StreamOpened, Credit, Reseed,
     CloseStream, Batch, EndOfStream, Gather, GatherResult, HaveArrays, ArraysPresent,
-    RegisterArray, UploadChunk, Ack, Error, Heartbeat, Goodbye,
+    RegisterArray, UploadChunk, Ack, Error, Heartbeat, Goodbye, RegisterCode,
 ]  # fmt: skip
 
 MESSAGE_TYPES: dict[str, type[Any]] = {cls.TYPE: cls for cls in typing.get_args(Message)}

@@ -17,6 +17,7 @@ Every value below is fixed: no randomness (the RNG states come from seeded legac
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from typing import Any
@@ -34,6 +35,8 @@ CLIENT_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
 KEY_F4 = "sha256:d7200fb4c7bc4ec9f494392509a0204c5d5490873ed03fdc626728da47804ae1"  # arange(4) '<f4'
 KEY_I8 = "sha256:541ac2fc4545d75d46d8bd325129c660807b7135edfb3c84eb6de9992860fc6f"  # arange(4) '<i8'
 SHM_DIR = "/dev/shm/batchup-5e1f0c2a9b3d4e6f"
+CODE_BYTES = b"\x80\x05\x95\x08\x00\x00\x00\x00\x00\x00\x00\x8c\x04fake\x94."  # stands for a cloudpickle
+KEY_CODE = "sha256:" + hashlib.sha256(CODE_BYTES).hexdigest()
 
 
 def _rng_state(seed: int, permute: int = 0) -> dict[str, Any]:
@@ -141,6 +144,10 @@ def golden_messages() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         ),
         (proto.Heartbeat(CLIENT_ID, 1700000000.25), []),
         (proto.Goodbye(CLIENT_ID), []),
+        (
+            proto.RegisterCode(9, KEY_CODE, "__main__.augment"),
+            [np.frombuffer(CODE_BYTES, dtype=np.uint8)],
+        ),
     ]
     out = {msg.TYPE: (msg, arrays) for msg, arrays in msgs}
     missing = sorted(set(proto.MESSAGE_TYPES) - set(out))
@@ -163,6 +170,29 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
                 },
             ),
             [],
+        ),
+        # (1.2) a stream with a trusted client's function, then a plugin's named transform
+        "open_stream.transforms": (
+            proto.OpenStream(
+                3,
+                2,
+                {"name": "cifar10", "params": {"split": "train"}},
+                {"kind": "standard", "length": 40000, "repeats": -1, "rng": None},
+                256,
+                False,
+                16,
+                1 << 26,
+                ["X", "y"],
+                False,
+                [{"code": KEY_CODE}, {"name": "crop_flip", "params": {"pad": 4}}],
+                1234567890123,
+            ),
+            [],
+        ),
+        # (1.2) a transformed batch whose function returned a list
+        "batch.list": (
+            proto.Batch(2, 5, 0, None, -1, [], "list"),
+            [np.array([[0.5, 1.5]], dtype="<f4"), np.array([7], dtype="<i8")],
         ),
         # (1.2) the server is fetching the dataset
         "error.not_ready": (

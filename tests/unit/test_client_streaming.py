@@ -23,7 +23,17 @@ class FakeServer:
         self.shuffle_delivery = shuffle_delivery
 
     def open_stream(
-        self, source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes
+        self,
+        source,
+        plan,
+        plan_arrays,
+        batch_size,
+        include_indices,
+        fields,
+        credit_batches,
+        credit_bytes,
+        transforms=None,
+        transform_seed=0,
     ):
         rng = None
         if plan.get("rng") is not None:

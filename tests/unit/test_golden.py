@@ -42,6 +42,9 @@ def rng_state(seed: int, permute: int = 0) -> dict[str, Any]:
     }
 
 
+CODE_BYTES = b"\x80\x05\x95\x08\x00\x00\x00\x00\x00\x00\x00\x8c\x04fake\x94."
+KEY_CODE = "sha256:0fd4628513d285d6800daa1bf936061c3e55b6d80f1b215c41bdedcc9b70151d"
+
 EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     "hello": (
         proto.Hello(
@@ -163,7 +166,32 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     ),
     "heartbeat": (proto.Heartbeat(client_id=CLIENT_ID, sent_at=1700000000.25), []),
     "goodbye": (proto.Goodbye(client_id=CLIENT_ID), []),
+    "register_code": (
+        proto.RegisterCode(request_id=9, key=KEY_CODE, name="__main__.augment"),
+        [np.frombuffer(CODE_BYTES, dtype=np.uint8)],
+    ),
     # variants: forms added by minor versions
+    "open_stream.transforms": (
+        proto.OpenStream(
+            request_id=3,
+            stream_id=2,
+            source={"name": "cifar10", "params": {"split": "train"}},
+            plan={"kind": "standard", "length": 40000, "repeats": -1, "rng": None},
+            batch_size=256,
+            include_indices=False,
+            credit_batches=16,
+            credit_bytes=1 << 26,
+            fields=["X", "y"],
+            shm=False,
+            transforms=[{"code": KEY_CODE}, {"name": "crop_flip", "params": {"pad": 4}}],
+            transform_seed=1234567890123,
+        ),
+        [],
+    ),
+    "batch.list": (
+        proto.Batch(stream_id=2, seq=5, generation=0, container="list"),
+        [np.array([[0.5, 1.5]], dtype="<f4"), np.array([7], dtype="<i8")],
+    ),
     "describe.dataset": (
         proto.Describe(
             request_id=2,
@@ -183,7 +211,7 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [],
     ),
 }
-VARIANTS = {"describe.dataset", "error.not_ready"}
+VARIANTS = {"describe.dataset", "error.not_ready", "open_stream.transforms", "batch.list"}
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 
@@ -282,3 +310,13 @@ def test_golden_rng_states_are_valid() -> None:
     msg, _ = proto.decode(read_frames("open_stream"))
     state = proto.decode_rng_state(msg.plan["rng"])
     assert proto.states_equal(state, np.random.RandomState(12345).get_state())
+
+
+def test_fields_added_by_a_minor_version_are_left_out_at_their_default() -> None:
+    """A 1.2 peer that uses nothing new sends what a 1.1 peer sends (the golden bytes)."""
+    header = msgpack.unpackb(read_frames("batch")[0], raw=False)
+    assert "container" not in header
+    header = msgpack.unpackb(read_frames("batch.list")[0], raw=False)
+    assert header["container"] == "list"
+    header = msgpack.unpackb(read_frames("open_stream.transforms")[0], raw=False)
+    assert list(header)[-2:] == ["transforms", "transform_seed"]

@@ -60,6 +60,7 @@ SAMPLES: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
     "have_arrays": (proto.HaveArrays(6, ["sha256:00", "sha256:11"]), []),
     "arrays_present": (proto.ArraysPresent(6, [False, True]), []),
     "register_array": (proto.RegisterArray(7, "sha256:00", "/dev/shm/x/sha256-00.npy"), []),
+    "register_code": (proto.RegisterCode(8, "sha256:00", "m.f"), [np.frombuffer(b"\x80\x05N.", np.uint8)]),
     "upload_chunk": (
         proto.UploadChunk(8, "sha256:11", "<i2", [2, 2], 4),
         [np.array([1, 0, 2, 0], dtype="|u1")],
