@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Any
 
-from . import data_source, sampling, work_pool
+from . import data_source, distributed, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
 from .connection import Client as _ConnectionClient
 from .errors import (
@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedDtypeError,
     VersionMismatchError,
 )
+from .fanout import FanoutClient
 from .local import LocalServer
 from .remote import RemoteDataSource
 
@@ -62,6 +63,7 @@ __all__ = [
     "connect",
     "data_source",
     "default_client",
+    "distributed",
     "sampling",
     "work_pool",
 ]
@@ -110,7 +112,7 @@ class Client(_ConnectionClient):
 
 
 def connect(
-    address: str | None = None,
+    address: str | list[str] | tuple[str, ...] | None = None,
     *,
     timeout: float = 10.0,
     token: str = "",
@@ -120,11 +122,24 @@ def connect(
 ) -> Client:
     """Connect to the batchup-server at ``address`` (``tcp://host:port`` or ``ipc://path``).
 
+    Several addresses (a list, or one string with commas) give a client whose streams are
+    made by all those servers together (:mod:`batchup_client.fanout`): the same batches,
+    in the same order, as from one server; a server lost mid-epoch costs a short stall.
+
     With no address, start a private local server for this process (stopped when the
     client closes or the process exits). ``share_memory=False`` forces chunked uploads of
     client arrays even when the server shares this host.
     """
-    if address is None:
+    addresses = address.split(",") if isinstance(address, str) else address
+    if addresses is not None and len(addresses) > 1:
+        return FanoutClient(  # type: ignore[return-value]
+            [a.strip() for a in addresses if a.strip()],
+            timeout=timeout,
+            token=token,
+            server_timeout=server_timeout,
+            share_memory=share_memory,
+        )
+    if addresses is None or not addresses:
         server = LocalServer(workers=workers)
         try:
             return Client(
@@ -139,7 +154,11 @@ def connect(
             server.stop()
             raise
     return Client(
-        address, timeout=timeout, token=token, server_timeout=server_timeout, share_memory=share_memory
+        addresses[0].strip(),
+        timeout=timeout,
+        token=token,
+        server_timeout=server_timeout,
+        share_memory=share_memory,
     )
 
 

@@ -31,6 +31,7 @@ from batchup_protocol import ErrorCode
 from batchup_protocol.host import content_key, host_id, sweep_stale, tune_malloc
 
 from .errors import (
+    BatchupError,
     BatchupTimeout,
     ClientClosed,
     ConnectionLost,
@@ -388,12 +389,14 @@ class Client:
         credit_bytes: int,
         transforms: list[dict[str, Any]] | None = None,
         transform_seed: int = 0,
+        assigned: bool = False,
     ) -> int:
-        """Open a stream; returns its id. Batches then arrive through :meth:`next_item`."""
+        """Open a stream; returns its id. Batches then arrive through :meth:`next_item`.
+        ``assigned``: the server makes only the batches :meth:`assign` names."""
         self._next_stream += 1
         sid = self._next_stream
         self._inboxes[sid] = Inbox()
-        shm = self.same_host and self.shared_memory_batches
+        shm = self.same_host and self.shared_memory_batches and not assigned
         try:
             reply, _ = self.request(
                 lambda rid: proto.OpenStream(
@@ -409,6 +412,7 @@ class Client:
                     shm,
                     list(transforms or []),
                     transform_seed,
+                    assigned,
                 ),
                 plan_arrays,
             )
@@ -476,6 +480,19 @@ class Client:
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
         self._check()
         self._send(proto.Credit(stream_id, batches, consumed, list(freed)))
+
+    def assign(self, stream_id: int, seqs: list[int], consumed: int) -> None:
+        """Ask for batches ``seqs`` of an assigned stream (each one more credit)."""
+        self._check()
+        self._send(proto.Credit(stream_id, len(seqs), consumed, [], list(seqs)))
+
+    def alive(self) -> bool:
+        """Open, and the server still answers heartbeats."""
+        try:
+            self._check()
+        except BatchupError:
+            return False
+        return True
 
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:
         self._check()
@@ -639,3 +656,27 @@ def pickle_function(fn: Any) -> bytes:
     finally:
         if registered is not None:
             cloudpickle.unregister_pickle_by_value(registered)
+
+
+def wait_any(clients: Sequence[Client], timeout: float) -> None:
+    """Wait up to ``timeout`` s until one of ``clients`` has data, and file what came into
+    the streams' inboxes (raising nothing: a client whose server died is left for its
+    owner to notice through :meth:`Client.alive`)."""
+    poller = zmq.Poller()
+    live = [c for c in clients if not c.closed]
+    for c in live:
+        poller.register(c._data, zmq.POLLIN)
+        poller.register(c._control, zmq.POLLIN)
+    try:
+        ready = dict(poller.poll(int(timeout * 1000)))
+    except zmq.ZMQError:
+        return
+    for c in live:
+        try:
+            if c._data in ready:
+                while c._recv_data(0):
+                    pass
+            if c._control in ready:
+                c._drain_control()
+        except BatchupError:
+            continue  # noticed through alive()

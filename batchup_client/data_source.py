@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 import batchup_protocol as proto
-from batchup_protocol.plan import check_batch_size
+from batchup_protocol.plan import check_batch_size, check_shard, shard_slice
 
 from . import sampling
 from .arrays import KeyCache
@@ -52,6 +52,20 @@ def _trim_batch(batch: Any, length: int) -> Any:
     if isinstance(batch, tuple):
         return tuple(_trim_batch(b, length) for b in batch)
     return batch[:length]
+
+
+def _cut_batch(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, tuple):
+        return tuple(_cut_batch(b, start, stop) for b in batch)
+    return batch[start:stop]
+
+
+def _shard_composed(batches: Iterator[Any], shard: tuple[int, int]) -> Iterator[Any]:
+    """A rank's cut of each whole global batch (composites: cut after trimming)."""
+    rank, world = shard
+    for batch in batches:
+        start, stop = shard_slice(length_of_batch(batch), rank, world)
+        yield _cut_batch(batch, start, stop)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -103,6 +117,46 @@ def _require_random_access(random_access: bool, method: str) -> None:
         )
 
 
+class _ShardPositions:
+    """Passes a rank's batches through, knowing each sample's position in the global stream
+    (global batch ``g`` starts at ``g * global_batch``; the rank takes its
+    :func:`shard_slice` of it); ``keep()`` records the current batch's positions."""
+
+    def __init__(self, batches: Iterator[Any], global_batch: int, total: Any, rank: int, world: int):
+        self.batches, self.global_batch, self.total = batches, global_batch, total
+        self.rank, self.world = rank, world
+        self.current: np.ndarray[Any, Any] = np.arange(0)
+        self.kept: list[np.ndarray[Any, Any]] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        for g, batch in enumerate(self.batches):
+            base = g * self.global_batch
+            n = self.global_batch
+            if self.total is not None and self.total != np.inf:
+                n = min(n, int(self.total) - base)
+            start, stop = shard_slice(n, self.rank, self.world)
+            self.current = np.arange(base + start, base + stop)
+            yield batch
+
+    def keep(self) -> None:
+        self.kept.append(self.current)
+
+    def positions(self) -> np.ndarray[Any, Any]:
+        return np.concatenate(self.kept) if self.kept else np.arange(0)
+
+
+class _Counted:
+    """Passes batches through, counting their samples."""
+
+    def __init__(self, batches: Iterator[Any]):
+        self.batches, self.samples = batches, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.samples += length_of_batch(batch)
+            yield batch
+
+
 class AbstractDataSource:
     """A source of mini-batches (batchup's base class)."""
 
@@ -143,11 +197,30 @@ class AbstractDataSource:
         prepend_args: tuple[Any, ...] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """``batch_map_concat`` over this source's batches (kwargs go to batch_iterator)."""
-        n_batches = self._n_batches(batch_size, n_batches, kwargs)
-        return batch_map_concat(
-            func, self.batch_iterator(batch_size, **kwargs), progress_iter_func, n_batches, prepend_args
-        )
+        """``batch_map_concat`` over this source's batches (kwargs go to batch_iterator).
+
+        With ``rank=r, world_size=w`` it maps this rank's shard and returns
+        ``(results, positions)``: batchup's result for those samples, and each sample's
+        position in the unsharded stream, so an all-gather puts every result in place
+        exactly once (no padding duplicates).
+        """
+        shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
+        world = shard[1] if shard else 1
+        n_batches = self._n_batches(batch_size * world, n_batches, kwargs)
+        batches = self.batch_iterator(batch_size, **kwargs)
+        if shard is None:
+            return batch_map_concat(func, batches, progress_iter_func, n_batches, prepend_args)
+        total = self.num_samples(**kwargs)
+        tracker = _ShardPositions(batches, batch_size * world, total, *shard)
+
+        def tracked(*args: Any) -> Any:
+            out = func(*args)
+            if out is not None:
+                tracker.keep()
+            return out
+
+        results = batch_map_concat(tracked, tracker, progress_iter_func, n_batches, prepend_args)
+        return results, tracker.positions()
 
     def batch_map_mean(
         self,
@@ -159,16 +232,20 @@ class AbstractDataSource:
         prepend_args: tuple[Any, ...] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """``batch_map_mean`` over this source's batches (kwargs go to batch_iterator)."""
-        n_batches = self._n_batches(batch_size, n_batches, kwargs)
-        return batch_map_mean(
-            func,
-            self.batch_iterator(batch_size, **kwargs),
-            progress_iter_func,
-            sum_axis,
-            n_batches,
-            prepend_args,
-        )
+        """``batch_map_mean`` over this source's batches (kwargs go to batch_iterator).
+
+        With ``rank=r, world_size=w`` it averages over this rank's shard and returns
+        ``(means, n_samples)``; the global mean is ``sum(means_r * n_r) / sum(n_r)``.
+        """
+        shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
+        world = shard[1] if shard else 1
+        n_batches = self._n_batches(batch_size * world, n_batches, kwargs)
+        batches = self.batch_iterator(batch_size, **kwargs)
+        if shard is None:
+            return batch_map_mean(func, batches, progress_iter_func, sum_axis, n_batches, prepend_args)
+        counted = _Counted(batches)
+        means = batch_map_mean(func, counted, progress_iter_func, sum_axis, n_batches, prepend_args)
+        return means, counted.samples
 
     @staticmethod
     def _get_shuffle_rng(shuffle: Any) -> Any:
@@ -224,12 +301,27 @@ class RandomAccessDataSource(AbstractDataSource):
             return self.sampler.shuffled_indices_batch_iterator(batch_size, rng)  # type: ignore[no-any-return]
         return self.sampler.in_order_indices_batch_iterator(batch_size)  # type: ignore[no-any-return]
 
-    def _local_batches(self, batch_size: int, shuffle: Any) -> Iterator[Any]:
-        for ndx in self.batch_indices_iterator(batch_size, shuffle=shuffle):
-            yield self.samples_by_indices_nomapping(ndx)
+    def _local_batches(
+        self, batch_size: int, shuffle: Any, shard: tuple[int, int] | None = None
+    ) -> Iterator[Any]:
+        if shard is None:
+            for ndx in self.batch_indices_iterator(batch_size, shuffle=shuffle):
+                yield self.samples_by_indices_nomapping(ndx)
+            return
+        rank, world = shard  # the same rule as the server's ShardedPlan
+        for ndx in self.batch_indices_iterator(batch_size * world, shuffle=shuffle):
+            start, stop = shard_slice(len(ndx), rank, world)
+            yield self.samples_by_indices_nomapping(ndx[start:stop])
 
-    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._local_batches(batch_size, shuffle)
+    def batch_iterator(
+        self,
+        batch_size: int,
+        shuffle: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        yield from self._local_batches(batch_size, shuffle, check_shard(rank, world_size))
 
 
 def stream_from(
@@ -241,11 +333,14 @@ def stream_from(
     include_indices: bool,
     fields: list[str] | None = None,
     maps: list[MapDataSource] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Any] | None:
     """A remote batch generator for ``sampler`` over ``source``; ``None`` if it cannot travel."""
     plan = plan_for(sampler)
     if plan is None:
         return None
+    if shard is not None:
+        plan = ({**plan[0], "shard": list(shard)}, plan[1])
     rng = resolve_shuffle(shuffle)
     check_batch_size(batch_size)
     if plan[0]["kind"].startswith("weighted") and rng is None:
@@ -329,15 +424,29 @@ class ArrayDataSource(RandomAccessDataSource):
                 return False
         return True
 
-    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        remote = self._stream(batch_size, shuffle)
+    def batch_iterator(
+        self,
+        batch_size: int,
+        shuffle: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """batchup's batches; with ``rank``/``world_size``, this rank's shard (see
+        :func:`batchup_protocol.plan.ShardedPlan`)."""
+        shard = check_shard(rank, world_size)
+        remote = self._stream(batch_size, shuffle, None, shard)
         if remote is None:
-            yield from self._local_batches(batch_size, shuffle)
+            yield from self._local_batches(batch_size, shuffle, shard)
         else:
             yield from remote
 
     def _stream(
-        self, batch_size: int, shuffle: Any, maps: list[MapDataSource] | None = None
+        self,
+        batch_size: int,
+        shuffle: Any,
+        maps: list[MapDataSource] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Any] | None:
         """Batches streamed by a server (``maps`` applied there), or ``None``."""
         if not self._travels(shuffle):
@@ -346,7 +455,9 @@ class ArrayDataSource(RandomAccessDataSource):
         if target is None:
             return None
         client, ref, fields = target
-        return stream_from(client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields, maps)
+        return stream_from(
+            client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields, maps, shard
+        )
 
     def _server_source(self) -> tuple[Any, dict[str, Any], list[str] | None] | None:
         """Where the server finds this data: fields of one of its sources (datasets), or
@@ -407,6 +518,12 @@ class CompositeDataSource(AbstractDataSource):
         return min([d.num_samples(**kwargs) for d in self.datasets])
 
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
+        shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+        if shard is not None:
+            # the children's batches are trimmed to the shortest before a rank takes its
+            # cut, so each rank receives whole global batches (world_size times the data)
+            yield from _shard_composed(self.batch_iterator(batch_size * shard[1], **kwargs), shard)
+            return
         iterators = [d.batch_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
             yield self._prepare_batch(batch)
@@ -463,6 +580,10 @@ class ChoiceDataSource(AbstractDataSource):
         return sum(n if n is not None else 0 for n in (d.num_samples(**kwargs) for d in self.datasets))
 
     def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+        shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+        if shard is not None:  # the choice sequence counts global batches: cut whole ones
+            yield from _shard_composed(self.batch_iterator(batch_size * shard[1], shuffle, **kwargs), shard)
+            return
         iterators = [d.batch_iterator(batch_size, shuffle=shuffle, **kwargs) for d in self.datasets]
         rng = self._get_shuffle_rng(shuffle)
         for batch, _ in self._ds_iterator(batch_size, iterators, rng, **kwargs):
@@ -660,7 +781,8 @@ class MapDataSource(AbstractDataSource):
         base, maps = self._chain()
         remote = None
         if all(m.where != "client" for m in maps) and hasattr(base, "_stream"):
-            remote = base._stream(batch_size, kwargs.get("shuffle"), maps)
+            shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
+            remote = base._stream(batch_size, kwargs.get("shuffle"), maps, shard)
         if remote is not None:
             yield from remote
             return

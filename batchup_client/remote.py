@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from batchup_protocol.plan import check_shard
+
 from .data_source import RandomAccessDataSource, stream_from
 
 __all__ = ["RemoteArray", "RemoteDataSource", "common_remote_source"]
@@ -70,7 +72,13 @@ class RemoteDataSource(RandomAccessDataSource):
             return (indices,) + batch
         return batch
 
-    def _stream(self, batch_size: int, shuffle: Any, maps: list[Any] | None = None) -> Iterator[Any] | None:
+    def _stream(
+        self,
+        batch_size: int,
+        shuffle: Any,
+        maps: list[Any] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[Any] | None:
         """Batches streamed from the server (``maps`` applied there), or ``None``."""
         return stream_from(
             self.client,
@@ -81,12 +89,22 @@ class RemoteDataSource(RandomAccessDataSource):
             self.include_indices,
             self.fields,
             maps,
+            shard,
         )
 
-    def batch_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
-        remote = self._stream(batch_size, shuffle)
+    def batch_iterator(
+        self,
+        batch_size: int,
+        shuffle: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """Batches streamed from the server; with ``rank``/``world_size``, this rank's shard."""
+        shard = check_shard(rank, world_size)
+        remote = self._stream(batch_size, shuffle, None, shard)
         if remote is None:
-            yield from self._local_batches(batch_size, shuffle)
+            yield from self._local_batches(batch_size, shuffle, shard)
         else:
             yield from remote
 

@@ -339,7 +339,10 @@ class Router:
         elif isinstance(msg, proto.OpenStream):
             self._on_open(self._client(routing_id), msg, arrays)
         elif isinstance(msg, proto.Credit):
-            self._stream(routing_id, msg.stream_id).stream.credit(msg.batches, msg.consumed, msg.freed)
+            stream = self._stream(routing_id, msg.stream_id).stream
+            stream.credit(msg.batches, msg.consumed, msg.freed)
+            if msg.assign:
+                stream.assign(msg.assign)
         elif isinstance(msg, proto.Reseed):
             entry = self._stream(routing_id, msg.stream_id)
             if msg.rng is None:
@@ -586,7 +589,7 @@ class Router:
         stream = StreamEntry(
             client,
             msg.stream_id,
-            Stream(plan, rng, window, row_bytes),
+            Stream(plan, rng, window, row_bytes, msg.assigned),
             entry.spec,
             fields,
             msg.include_indices,
@@ -594,7 +597,7 @@ class Router:
             transform_seed=msg.transform_seed,
         )
         slots = 0
-        if msg.shm:
+        if msg.shm and not msg.assigned:
             slots = self._make_pool(stream, batch_size, row_bytes, len(fields) + 1, msg)
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)
@@ -723,6 +726,8 @@ class Router:
                 item = entry.stream.produce()
             except Exception as exc:
                 self._stream_error(entry, entry.stream.next_seq, exc)
+                continue
+            if item is None:  # an assigned batch past the end, already answered
                 continue
             if isinstance(item, End):
                 msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng)

@@ -248,6 +248,8 @@ class _Field:
 
     def _read(self, rows: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None) -> np.ndarray[Any, Any]:
         a = self.base
+        if not len(rows):  # an empty batch (a shard's share of a tiny last batch)
+            return out if out is not None else np.empty((0, *self.row_shape), self.stored_dtype)
         if isinstance(a, np.ndarray):  # np.memmap included: gather as a plain ndarray
             # mode="wrap" is unbuffered (range already checked; wraps negatives as Python does)
             return np.take(a.view(np.ndarray), rows, axis=0, out=out, mode="wrap")

@@ -8,6 +8,7 @@ may ask to :meth:`Stream.reseed` from a batch on (RNG parity, PROTOCOL.md).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -106,6 +107,7 @@ class Stream:
         rng: CountingRNG | None,
         window: CreditWindow,
         row_bytes: int,
+        assigned: bool = False,
     ):
         self.plan = plan
         self.rng = rng
@@ -117,6 +119,79 @@ class Stream:
         self.finished = False
         self._checkpoints: dict[int, PlanState] = {}
         self.free_slots: list[int] | None = None  #: set for shared-memory streams
+        # assigned mode (several servers share a stream): make only the batches the client
+        # names, advancing the plan through the others or going back to a checkpoint
+        self.assigned = assigned
+        self._queue: collections.deque[int] = collections.deque()
+        self._sent: set[int] = set()
+        self._rng_at: dict[int, Any] = {}  #: RNG state before batch seq (assigned mode)
+        self._pending: tuple[int, Any] | None = None  #: a reseed for a batch not reached yet
+        self.end: int | None = None  #: the plan's length in batches, once known
+        self._end_sent = False
+        self._end_rng: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ assigned mode
+    def assign(self, seqs: list[int]) -> None:
+        """The client wants these batches from this server (assigned mode)."""
+        if not self.assigned:
+            raise StreamError("assign on a stream not opened with assigned=true")
+        bad = [s for s in seqs if not isinstance(s, int) or s < self.consumed]
+        if bad:
+            raise StreamError(f"assigned batches {bad[:5]} are below the {self.consumed} consumed")
+        self._queue.extend(seqs)
+
+    def _rng_state(self) -> Any:
+        return self.rng.rng.get_state() if self.rng is not None else None
+
+    def _advance(self) -> tuple[np.ndarray[Any, Any] | None, dict[str, Any] | None]:
+        """Draw batch ``next_seq`` (checkpointing first); its indices and reported RNG."""
+        seq = self.next_seq
+        if self._pending is not None and self._pending[0] == seq and self.rng is not None:
+            self.rng.rng.set_state(self._pending[1])
+            self._pending = None
+        self._checkpoints[seq] = self.plan.get_state()
+        self._rng_at[seq] = self._rng_state()
+        draws = self.rng.draws if self.rng is not None else 0
+        indices = self.plan.next()
+        rng = None
+        if self.rng is not None and self.rng.draws != draws:
+            rng = encode_rng_state(self.rng.rng.get_state())  # type: ignore[arg-type]
+        if indices is None:
+            self.end = seq
+        else:
+            self.next_seq = seq + 1
+        return indices, rng
+
+    def _produce_assigned(self) -> Task | End | None:
+        seq = self._queue.popleft()
+        if self.end is not None and seq >= self.end:
+            if self._end_sent:
+                return None
+            self._end_sent = True
+            return End(self.end, self.generation, self._end_rng)
+        if seq < self.next_seq:  # an earlier batch (another server's, lost): replay it
+            here = (self.plan.get_state(), self._rng_state(), self.next_seq)
+            self.plan.set_state(self._checkpoints[seq])
+            if self.rng is not None:
+                self.rng.rng.set_state(self._rng_at[seq])
+            self.next_seq = seq
+            indices, rng = self._advance()
+            self.plan.set_state(here[0])
+            if self.rng is not None:
+                self.rng.rng.set_state(here[1])
+            self.next_seq = here[2]
+        else:
+            while True:
+                indices, rng = self._advance()
+                if indices is None or self.next_seq > seq:
+                    break
+        if indices is None:
+            self._end_rng = rng
+            self._end_sent = True
+            return End(self.end if self.end is not None else seq, self.generation, rng)
+        self._sent.add(seq)
+        self.window.take(seq, len(indices) * self.row_bytes)
+        return Task(seq, self.generation, indices, rng, -1)
 
     def use_slots(self, free: list[int], slots: int) -> None:
         """Deliver through a pool of ``slots`` slots whose free ones are ``free`` (shared,
@@ -128,12 +203,17 @@ class Stream:
         return int(getattr(self.plan, "batch_size", 1)) * self.row_bytes
 
     def can_produce(self) -> bool:
+        if self.assigned:
+            return bool(self._queue) and self.window.allows(self._batch_bytes())
         if self.free_slots is not None and not self.free_slots:
             return False
         return not self.finished and self.window.allows(self._batch_bytes())
 
-    def produce(self) -> Task | End:
-        """Draw the next batch's indices (the caller checked :meth:`can_produce`)."""
+    def produce(self) -> Task | End | None:
+        """Draw the next batch's indices (the caller checked :meth:`can_produce`); ``None``
+        when an assigned batch needs nothing sent (past the end, already told)."""
+        if self.assigned:
+            return self._produce_assigned()
         seq = self.next_seq
         self._checkpoints[seq] = self.plan.get_state()
         draws = self.rng.draws if self.rng is not None else 0
@@ -154,7 +234,7 @@ class Stream:
 
         ``freed`` are shared-memory slots the client no longer uses.
         """
-        if batches < 0 or consumed < self.consumed or consumed > self.next_seq:
+        if batches < 0 or consumed < self.consumed or (consumed > self.next_seq and not self.assigned):
             raise StreamError(
                 f"credit should grant >= 0 batches and report consumed in "
                 f"[{self.consumed}, {self.next_seq}], got batches={batches}, consumed={consumed}"
@@ -174,12 +254,23 @@ class Stream:
         self.window.release_below(consumed)
         for s in [s for s in self._checkpoints if s < consumed]:
             del self._checkpoints[s]
+            self._rng_at.pop(s, None)
+        self._sent = {s for s in self._sent if s >= consumed}
         self.consumed = consumed
 
     def reseed(self, from_seq: int, generation: int, state: Any) -> None:
         """Replan from batch ``from_seq`` with a new RNG state; later batches are void."""
         if generation <= self.generation:
             raise StreamError(f"reseed generation should exceed {self.generation}, got {generation}")
+        if (
+            self.assigned
+            and self.rng is not None
+            and from_seq >= self.next_seq
+            and from_seq not in self._checkpoints
+        ):
+            self._pending = (from_seq, state)  # not reached yet: applied when it is
+            self.generation = generation
+            return
         if from_seq not in self._checkpoints or self.rng is None:
             raise StreamError(
                 f"cannot reseed from batch {from_seq}: only batches {sorted(self._checkpoints)[:1]}.."
@@ -193,3 +284,11 @@ class Stream:
         self.next_seq = from_seq
         self.generation = generation
         self.finished = False
+        if self.assigned:  # batches already made from from_seq on are void: make them again
+            for s in [s for s in self._rng_at if s > from_seq]:
+                del self._rng_at[s]
+            self._rng_at[from_seq] = state
+            redo = sorted(s for s in self._sent if s >= from_seq)
+            self._sent -= set(redo)
+            self._queue.extendleft(reversed(redo))
+            self.end, self._end_sent, self._pending = None, False, None

@@ -147,6 +147,7 @@ class OpenStream:
     shm: bool = False  #: (1.1) deliver batches through a shared-memory slot pool if possible
     transforms: list[dict[str, Any]] = _since((1, 2), factory=list)  #: (1.2) maps, innermost first
     transform_seed: int = _since((1, 2), 0)  #: (1.2) seeds the RNGs transforms draw from, per batch
+    assigned: bool = _since((1, 2), False)  #: (1.2) make only the batches Credit.assign names
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ class Credit:
     batches: int
     consumed: int
     freed: list[int] = dataclasses.field(default_factory=list)  #: (1.1) pool slots free again
+    assign: list[int] = _since((1, 2), factory=list)  #: (1.2) assigned streams: make these batches
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,9 +21,12 @@ __all__ = [
     "PlanState",
     "SequencePlan",
     "WeightedPlan",
+    "ShardedPlan",
     "build_plan",
     "check_batch_size",
     "check_repeats",
+    "check_shard",
+    "shard_slice",
 ]
 
 IntArray = np.ndarray[Any, Any]
@@ -196,7 +199,60 @@ class WeightedPlan:
         return np.asarray(self.rng.choice(self.indices, size=size, p=self.weights))
 
 
-Plan = SequencePlan | WeightedPlan
+def check_shard(rank: Any, world_size: Any) -> tuple[int, int] | None:
+    """Validate ``rank`` / ``world_size`` (both or neither); ``None`` when not sharding."""
+    if rank is None and world_size is None:
+        return None
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(
+                f"{name} should be an integer, but got {name}={v!r} (pass both rank and world_size)"
+            )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank should be in [0, world_size) and world_size >= 1, got rank={rank}, world_size={world_size}"
+        )
+    return int(rank), int(world_size)
+
+
+def shard_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s part ``[start, stop)`` of a global batch of ``n`` samples: equal
+    parts, the first ``n % world_size`` ranks one sample more (``np.array_split``'s rule)."""
+    small, extra = divmod(n, world_size)
+    start = rank * small + min(rank, extra)
+    return start, start + small + (1 if rank < extra else 0)
+
+
+class ShardedPlan:
+    """Rank ``rank`` of ``world_size`` (DistributedDataParallel style): the global stream is
+    ``inner``, batchup's plan with ``batch_size * world_size``; each rank takes its slice of
+    every global batch (:func:`shard_slice`). All ranks get the same number of batches (the
+    last may be smaller, or empty when it has fewer samples than ranks), and together see
+    each sample of the global stream exactly once."""
+
+    def __init__(self, inner: SequencePlan | WeightedPlan, rank: int, world_size: int):
+        self.inner = inner
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = -(-inner.batch_size // world_size)
+
+    def get_state(self) -> PlanState:
+        return self.inner.get_state()
+
+    def set_state(self, state: PlanState) -> None:
+        self.inner.set_state(state)
+
+    def num_samples(self) -> float:
+        return self.inner.num_samples()
+
+    def next(self) -> IntArray | None:
+        idx = self.inner.next()
+        if idx is None:
+            return None
+        start, stop = shard_slice(len(idx), self.rank, self.world_size)
+        return idx[start:stop]
+
+
+Plan = SequencePlan | WeightedPlan | ShardedPlan
 
 
 def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: list[IntArray]) -> Plan:
@@ -206,6 +262,14 @@ def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: l
     (``repeats``; indices in ``arrays[spec["indices"]]``), ``"weighted"`` (weights in
     ``arrays[spec["weights"]]``) or ``"weighted_subset"`` (both).
     """
+    shard = spec.get("shard")
+    if shard is not None:
+        if not isinstance(shard, list) or len(shard) != 2:
+            raise ValueError(f"plan shard should be [rank, world_size], got {shard!r}")
+        rank, world = check_shard(shard[0], shard[1]) or (0, 1)
+        inner = build_plan({k: v for k, v in spec.items() if k != "shard"}, batch_size * world, rng, arrays)
+        assert not isinstance(inner, ShardedPlan)
+        return ShardedPlan(inner, rank, world)
     kind = spec.get("kind")
     if kind == "standard":
         return SequencePlan(int(spec["length"]), batch_size, int(spec.get("repeats", 1)), None, rng)

@@ -189,6 +189,8 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             ),
             [],
         ),
+        # (1.2) an assigned stream (several servers): make batches 12, 14 and 15
+        "credit.assign": (proto.Credit(3, 3, 11, [], [12, 14, 15]), []),
         # (1.2) a transformed batch whose function returned a list
         "batch.list": (
             proto.Batch(2, 5, 0, None, -1, [], "list"),

@@ -188,6 +188,7 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         ),
         [],
     ),
+    "credit.assign": (proto.Credit(stream_id=3, batches=3, consumed=11, assign=[12, 14, 15]), []),
     "batch.list": (
         proto.Batch(stream_id=2, seq=5, generation=0, container="list"),
         [np.array([[0.5, 1.5]], dtype="<f4"), np.array([7], dtype="<i8")],
@@ -211,7 +212,7 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [],
     ),
 }
-VARIANTS = {"describe.dataset", "error.not_ready", "open_stream.transforms", "batch.list"}
+VARIANTS = {"describe.dataset", "error.not_ready", "open_stream.transforms", "batch.list", "credit.assign"}
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 

@@ -115,3 +115,97 @@ def test_illegal_requests_raise_stream_error(call, text):
 def test_window_rejects_empty_grants():
     with pytest.raises(StreamError):
         CreditWindow(0, 10)
+
+
+# ---------------------------------------------------------------------- assigned mode
+def _assigned(n: int = 20, bs: int = 3, seed: int | None = 4, repeats: int = 1) -> Stream:
+    rng = CountingRNG(np.random.RandomState(seed)) if seed is not None else None
+    return Stream(SequencePlan(n, bs, repeats, None, rng), rng, CreditWindow(1, 1 << 20), 8, assigned=True)
+
+
+def _serial(n: int = 20, bs: int = 3, seed: int | None = 4, repeats: int = 1) -> list[Task | End]:
+    stream = make_stream(n=n, bs=bs, repeats=repeats, credits=100, seed=seed)
+    out: list[Task | End] = []
+    while True:
+        item = stream.produce()
+        out.append(item)
+        if isinstance(item, End):
+            return out
+
+
+def _take(stream: Stream, seqs: list[int]) -> list[Task | End]:
+    stream.credit(len(seqs), stream.consumed)
+    stream.assign(seqs)
+    out = []
+    while stream.can_produce():
+        item = stream.produce()
+        if item is not None:
+            out.append(item)
+    return out
+
+
+def test_assigned_stream_makes_exactly_the_named_batches_as_a_serial_stream_would() -> None:
+    serial = _serial()
+    a, b = _assigned(), _assigned()
+    got = {t.seq: t for t in _take(a, [0, 2, 3, 6]) + _take(b, [1, 4, 5])}
+    for seq, t in got.items():
+        assert isinstance(t, Task)
+        np.testing.assert_array_equal(t.indices, serial[seq].indices)
+        assert (t.rng is None) == (serial[seq].rng is None)
+        if t.rng is not None:
+            assert states_equal(decode_rng_state(t.rng), decode_rng_state(serial[seq].rng))
+
+
+def test_assigned_stream_replays_an_earlier_batch_from_its_checkpoint() -> None:
+    serial = _serial()
+    s = _assigned()
+    _take(s, [0, 1, 5])
+    (again,) = _take(s, [3])  # another server's batch, lost with it
+    np.testing.assert_array_equal(again.indices, serial[3].indices)
+    (later,) = _take(s, [6])  # the plan goes on from where it was
+    np.testing.assert_array_equal(later.indices, serial[6].indices)
+
+
+def test_assigned_stream_reports_the_end_once() -> None:
+    serial = _serial()
+    end = serial[-1]
+    assert isinstance(end, End)
+    s = _assigned()
+    items = _take(s, [5, end.seq + 2, end.seq + 3])
+    assert isinstance(items[-1], End) and items[-1].seq == end.seq
+    assert sum(isinstance(i, End) for i in items) == 1
+    assert _take(s, [end.seq + 4]) == []
+
+
+def test_assigned_reseed_of_a_batch_not_reached_applies_when_reached() -> None:
+    s = _assigned()
+    _take(s, [0])
+    s.credit(0, 1)
+    new = np.random.RandomState(99).get_state()
+    s.reseed(4, 1, new)  # this server has not drawn batch 4 yet
+    (t,) = _take(s, [4])
+    assert t.generation == 1
+    ref = _assigned()
+    _take(ref, [3])
+    ref.rng.rng.set_state(new)  # type: ignore[union-attr]
+    (want,) = _take(ref, [4])
+    np.testing.assert_array_equal(t.indices, want.indices)
+
+
+def test_assigned_reseed_makes_sent_batches_again() -> None:
+    s = _assigned()
+    _take(s, [0, 1, 2, 3])
+    s.credit(0, 2)
+    s.reseed(2, 1, np.random.RandomState(7).get_state())
+    redo = _take(s, [])
+    assert [t.seq for t in redo] == [2, 3] and all(t.generation == 1 for t in redo)
+
+
+def test_assign_below_consumed_or_on_a_plain_stream_is_refused() -> None:
+    s = _assigned()
+    _take(s, [0, 1])
+    s.credit(0, 2)
+    with pytest.raises(StreamError):
+        s.assign([1])
+    with pytest.raises(StreamError):
+        make_stream().assign([0])

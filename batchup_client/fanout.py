@@ -1,0 +1,323 @@
+"""Several servers feeding one trainer: ``connect(["tcp://a:5555", "tcp://b:5555"])``.
+
+A stream's batches are a deterministic plan (sequence number → indices → transform seed),
+so any server holding the same data can make any batch. :class:`FanoutClient` opens each
+stream on every server in *assigned* mode and hands out sequence numbers itself: the next
+batch goes to the server with the fewest batches outstanding, so a faster server does
+more. Batches are merged by sequence number, so the trainer sees exactly the batches,
+in the order, one server would give — RNG parity, reseeds and transforms included.
+
+A server that stops answering heartbeats (``server_timeout``) is dropped and its
+outstanding batches are assigned to the others; a background thread keeps trying to
+reconnect it, and once back it takes part in the streams opened from then on.
+
+The class speaks the connection interface :func:`batchup_client.streaming.iterate` uses,
+so everything above it (sources, drop-ins, maps, sharding) works unchanged. Sockets stay
+in :mod:`batchup_client.connection`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .connection import Client as _Conn
+from .connection import wait_any
+from .errors import BatchupError, ClientClosed, ConnectionLost
+from .remote import RemoteDataSource
+
+__all__ = ["FanoutClient"]
+
+log = logging.getLogger("batchup_client")
+RECONNECT_EVERY_S = 2.0
+WAIT_SLICE_S = 0.05
+
+
+@dataclasses.dataclass
+class _Fan:
+    """One stream, fanned out over the servers."""
+
+    open_args: tuple[Any, ...]
+    streams: dict[str, tuple[_Conn, int]]  #: server address → (its connection, stream id)
+    outstanding: dict[str, set[int]]  #: batches asked of each live server and not received
+    allowed: int  #: batches may be asked up to (not including) this sequence number
+    cap: int  #: batches a server may have outstanding: a faster server empties its share sooner
+    next_seq: int = 0  #: the first batch never asked for
+    requeue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    consumed: int = 0
+    reseeds: list[tuple[int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
+
+
+class FanoutClient:
+    """A client of several servers with the same sources; see the module docstring."""
+
+    def __init__(self, addresses: Sequence[str], **connect_kwargs: Any):
+        if not addresses:
+            raise ValueError("connect() needs at least one address")
+        self.addresses = list(dict.fromkeys(addresses))
+        self._kwargs = connect_kwargs
+        self._conns: dict[str, _Conn] = {}
+        errors = []
+        for address in self.addresses:
+            try:
+                self._conns[address] = _Conn(address, **connect_kwargs)
+            except BatchupError as exc:
+                errors.append(f"{address}: {exc}")
+        if not self._conns:
+            raise ConnectionLost("no batchup-server answered:\n  " + "\n  ".join(errors))
+        for e in errors:
+            log.warning("server unavailable, will retry: %s", e)
+        self._retired: list[_Conn] = []  #: replaced connections, kept while streams read them
+        self.prefetch: tuple[int, int] = (32, 64 << 20)
+        self._fans: dict[int, _Fan] = {}
+        self._next_sid = 0
+        self._closed = False
+        self._back: collections.deque[tuple[str, _Conn]] = collections.deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reconnector = threading.Thread(
+            target=self._reconnect_loop, name="batchup-reconnect", daemon=True
+        )
+        self._reconnector.start()
+
+    # ------------------------------------------------------------------ servers
+    def _alive(self) -> list[tuple[str, _Conn]]:
+        self._adopt_returned()
+        live = [(a, c) for a, c in self._conns.items() if c.alive()]
+        if not live:
+            raise ConnectionLost(f"none of the servers {self.addresses} answers")
+        return live
+
+    def _first(self) -> _Conn:
+        return self._alive()[0][1]
+
+    def _reconnect_loop(self) -> None:
+        while not self._stop.wait(RECONNECT_EVERY_S):
+            for address in self.addresses:
+                conn = self._conns.get(address)
+                if conn is not None and conn.alive():
+                    continue
+                if any(a == address for a, _ in list(self._back)):
+                    continue
+                try:
+                    fresh = _Conn(
+                        address, **{**self._kwargs, "timeout": min(2.0, self._kwargs.get("timeout", 2.0))}
+                    )
+                except BatchupError:
+                    continue
+                log.warning("server %s answers again; it will serve new streams", address)
+                with self._lock:
+                    self._back.append((address, fresh))
+
+    def _adopt_returned(self) -> None:
+        with self._lock:
+            returned = list(self._back)
+            self._back.clear()
+        for address, conn in returned:
+            old = self._conns.get(address)
+            if old is not None:
+                self._retired.append(old)  # its streams' received batches stay readable
+            self._conns[address] = conn
+
+    @property
+    def trusts_code(self) -> bool:
+        return all(c.trusts_code for _, c in self._alive())
+
+    @property
+    def transforms(self) -> list[str]:
+        return sorted(set.intersection(*(set(c.transforms) for _, c in self._alive())))
+
+    # ------------------------------------------------------------------ one-off requests
+    def _any(self, call: Any) -> Any:
+        last: Exception | None = None
+        for _, conn in self._alive():
+            try:
+                return call(conn)
+            except ConnectionLost as exc:
+                last = exc
+        raise ConnectionLost(f"no server could answer: {last}")
+
+    def describe(self, source: dict[str, Any], wait: float | None = None) -> Any:
+        return self._any(lambda c: c.describe(source, wait))
+
+    def gather(self, source: dict[str, Any], indices: Any, fields: list[str] | None) -> list[Any]:
+        return self._any(lambda c: c.gather(source, indices, fields))  # type: ignore[no-any-return]
+
+    def register_code(self, fn: Any) -> str:
+        keys = {c.register_code(fn) for _, c in self._alive()}
+        return keys.pop()
+
+    def ensure_arrays(self, data: list[Any], keys: list[str] | None = None) -> list[str]:
+        out: list[str] = []
+        for _, conn in self._alive():
+            out = conn.ensure_arrays(data, keys)
+        return out
+
+    def source(
+        self,
+        name: str,
+        indices: Any = None,
+        repeats: int = 1,
+        include_indices: bool = False,
+        sampler: Any = None,
+        fields: list[str] | None = None,
+        wait: float | None = None,
+        **params: Any,
+    ) -> RemoteDataSource:
+        """As :meth:`batchup_client.Client.source`, served by all the servers."""
+        ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
+        return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
+
+    # ------------------------------------------------------------------ streams
+    def open_stream(
+        self,
+        source: dict[str, Any],
+        plan: dict[str, Any],
+        plan_arrays: Any,
+        batch_size: int,
+        include_indices: bool,
+        fields: list[str] | None,
+        credit_batches: int,
+        credit_bytes: int,
+        transforms: list[dict[str, Any]] | None = None,
+        transform_seed: int = 0,
+    ) -> int:
+        args = (
+            source,
+            plan,
+            plan_arrays,
+            batch_size,
+            include_indices,
+            fields,
+            1,
+            credit_bytes,
+            transforms,
+            transform_seed,
+        )
+        streams: dict[str, tuple[_Conn, int]] = {}
+        for address, conn in self._alive():
+            try:
+                streams[address] = (conn, conn.open_stream(*args, assigned=True))
+            except ConnectionLost:
+                continue
+        if not streams:
+            raise ConnectionLost(f"no server could open the stream ({self.addresses})")
+        self._next_sid += 1
+        cap = max(2, -(-credit_batches // (2 * len(streams))))
+        self._fans[self._next_sid] = _Fan(args, streams, {a: set() for a in streams}, credit_batches, cap)
+        return self._next_sid
+
+    def pool(self, stream_id: int) -> None:
+        return None  # fanned-out batches come as frames
+
+    def _fan(self, stream_id: int) -> _Fan:
+        fan = self._fans.get(stream_id)
+        if fan is None:
+            raise ClientClosed(f"stream {stream_id} is closed")
+        return fan
+
+    def _pump(self, fan: _Fan) -> None:
+        """Drop dead servers (their batches not yet received go back in the queue), and ask
+        the live ones for more batches, each up to its cap of outstanding batches."""
+        for address in list(fan.outstanding):
+            conn, sid = fan.streams[address]
+            if not conn.alive():
+                lost = sorted(s for s in fan.outstanding.pop(address) if s >= fan.consumed)
+                if lost:
+                    log.warning("server %s is lost: asking the others for batches %s", address, lost[:8])
+                fan.requeue.extendleft(reversed(lost))
+                continue
+            fan.outstanding[address] = {s for s in fan.outstanding[address] if not conn.ready(sid, s)}
+        if not fan.outstanding:
+            raise ConnectionLost(f"every server of this stream is lost ({self.addresses})")
+        asks: dict[str, list[int]] = collections.defaultdict(list)
+        while fan.requeue or fan.next_seq < fan.allowed:
+            address = min(fan.outstanding, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
+            if len(fan.outstanding[address]) + len(asks[address]) >= fan.cap:
+                break  # every server has its share in flight
+            if fan.requeue:
+                asks[address].append(fan.requeue.popleft())
+            else:
+                asks[address].append(fan.next_seq)
+                fan.next_seq += 1
+        for address, seqs in asks.items():
+            fan.outstanding[address].update(seqs)
+            conn, sid = fan.streams[address]
+            try:
+                conn.assign(sid, seqs, fan.consumed)
+            except ConnectionLost:
+                pass  # noticed on the next round
+
+    def ready(self, stream_id: int, seq: int) -> bool:
+        fan = self._fan(stream_id)
+        return any(conn.ready(sid, seq) for conn, sid in fan.streams.values())
+
+    def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
+        fan = self._fan(stream_id)
+        while True:
+            self._pump(fan)
+            for conn, sid in fan.streams.values():  # a lost server's received batches count too
+                if conn.ready(sid, seq):
+                    return conn.next_item(sid, seq)
+            wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
+
+    def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
+        fan = self._fan(stream_id)
+        fan.allowed += batches
+        fan.consumed = consumed
+        self._pump(fan)
+
+    def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:
+        fan = self._fan(stream_id)
+        fan.reseeds.append((from_seq, generation, rng))
+        fan.consumed = from_seq
+        for conn, sid in fan.streams.values():
+            try:
+                conn.reseed(sid, from_seq, generation, rng)
+            except (ConnectionLost, ClientClosed):
+                pass
+
+    def close_stream(self, stream_id: int) -> None:
+        fan = self._fans.pop(stream_id, None)
+        if fan is None:
+            return
+        for conn, sid in fan.streams.values():
+            conn.close_stream(sid)
+
+    # ------------------------------------------------------------------ lifecycle
+    def info(self) -> dict[str, Any]:
+        self._adopt_returned()
+        return {
+            "servers": {a: (a in self._conns and self._conns[a].alive()) for a in self.addresses},
+            "batch_transport": "socket (fanned out)",
+        }
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._reconnector.join(5)
+        self._adopt_returned()
+        for conn in [*self._conns.values(), *self._retired]:
+            conn.close()
+
+    def __enter__(self) -> FanoutClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass

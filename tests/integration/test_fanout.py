@@ -1,0 +1,180 @@
+"""Several servers feeding one trainer: batchup's batches in batchup's order, shared by
+credits (a faster server does more), surviving a server killed mid-epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import batchup.data_source as bds
+import numpy as np
+import pytest
+
+import batchup_client
+from tests.servers import RunningServer, wait_until, worker_pids
+
+pytestmark = pytest.mark.integration
+
+N = 900
+X = np.random.RandomState(0).normal(size=(N, 6)).astype(np.float32)
+Y = np.arange(N) % 10
+
+PLUGIN = """
+import os, time
+import numpy as np
+from batchup_server.plugins import transform
+
+@transform("tag")
+def tag(*batch):  # sleeps BU_DELAY seconds, says which process made the batch
+    time.sleep(float(os.environ.get("BU_DELAY", "0")))
+    return (*batch, np.full(len(batch[0]), os.getpid()))
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder = tmp_path_factory.mktemp("fan")
+    np.save(folder / "X.npy", X)
+    np.save(folder / "y.npy", Y)
+    (folder / "bu_fan_plugin.py").write_text(PLUGIN)
+    cfg = folder / "s.toml"
+    cfg.write_text(
+        '[server]\nplugins = ["bu_fan_plugin"]\nheartbeat_interval = 0.5\nclient_timeout = 5.0\n'
+        f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n'
+    )
+    return folder, str(cfg)
+
+
+def _server(data: Any, delay: float = 0.0, bind: str = "tcp://127.0.0.1:0") -> RunningServer:
+    folder, cfg = data
+    env = dict(os.environ, BU_DELAY=str(delay))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)
+    return RunningServer("--config", cfg, "--workers", "1", "--bind", bind, env=env)
+
+
+def _reference(bs: int, seed: int, repeats: int = 1) -> list[Any]:
+    ds = bds.ArrayDataSource([X, Y], repeats=repeats, include_indices=True)
+    return list(ds.batch_iterator(bs, shuffle=np.random.RandomState(seed)))
+
+
+def _same(got: list[Any], want: list[Any]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_two_servers_give_one_servers_batches_and_rng(data: Any) -> None:
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            rng = np.random.RandomState(5)
+            src = client.source("train", repeats=2, include_indices=True)
+            got = []
+            for i, batch in enumerate(src.batch_iterator(batch_size=32, shuffle=rng)):
+                got.append(batch)
+                if i == 7:
+                    rng.uniform()  # the caller draws mid-epoch: the servers replan (RNG parity)
+        want_rng = np.random.RandomState(5)
+        want = []
+        for i, batch in enumerate(
+            bds.ArrayDataSource([X, Y], repeats=2, include_indices=True).batch_iterator(32, shuffle=want_rng)
+        ):
+            want.append(batch)
+            if i == 7:
+                want_rng.uniform()
+        _same(got, want)
+        assert rng.randint(1 << 30) == want_rng.randint(1 << 30)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_faster_server_makes_more_batches(data: Any) -> None:
+    slow, fast = _server(data, delay=0.03), _server(data, delay=0.0)
+    try:
+        with batchup_client.connect(f"{slow.endpoint},{fast.endpoint}") as client:
+            src = client.source("train", include_indices=True).map("tag")
+            got = list(src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(1)))
+        _same([g[:3] for g in got], [w for w in _reference(10, 1)])
+        made_by = [int(g[3][0]) for g in got]
+        by_slow = sum(p in worker_pids(slow.pid) for p in made_by)
+        by_fast = sum(p in worker_pids(fast.pid) for p in made_by)
+        assert by_slow + by_fast == len(got) == 90
+        assert by_slow > 0 and by_fast > 2 * by_slow, (by_slow, by_fast)
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_a_server_killed_mid_epoch_costs_a_stall_not_a_batch(data: Any) -> None:
+    a, b = _server(data, delay=0.005), _server(data, delay=0.005)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint], server_timeout=2.0) as client:
+            src = client.source("train", include_indices=True).map("tag")
+            got, gaps = [], []
+            last = time.monotonic()
+            for i, batch in enumerate(src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(2))):
+                now = time.monotonic()
+                gaps.append(now - last)
+                got.append(batch[:3])
+                if i == 30:
+                    os.kill(b.pid, signal.SIGKILL)
+                last = time.monotonic()
+        _same(got, _reference(10, 2))  # every batch once, in order
+        assert max(gaps) < 6.0  # detected within the heartbeat timeout (2 s), then replanned
+    finally:
+        a.stop()
+        b.kill()
+
+
+def test_a_server_that_comes_back_is_used_again(data: Any) -> None:
+    a = _server(data)
+    b = _server(data)
+    bind = b.endpoint
+    try:
+        with batchup_client.connect([a.endpoint, bind], server_timeout=2.0) as client:
+            os.kill(b.pid, signal.SIGKILL)
+            b.kill()
+            got = list(client.source("train").batch_iterator(batch_size=100))
+            assert len(got) == 9  # served by a alone
+            b = _server(data, bind=bind)
+            wait_until(
+                lambda: all(client.info()["servers"].values()) and len(client.info()["servers"]) == 2, 15
+            )
+            src = client.source("train", include_indices=True).map("tag")
+            made_by = {
+                int(g[3][0]) for g in src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(3))
+            }
+            assert made_by & set(worker_pids(b.pid))  # the restarted server works again
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_fanned_out_streams_shard_by_rank(data: Any) -> None:
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            src = client.source("train", include_indices=True)
+            ranks = [
+                list(
+                    src.batch_iterator(batch_size=16, shuffle=np.random.RandomState(8), rank=r, world_size=2)
+                )
+                for r in range(2)
+            ]
+        want = _reference(32, 8)
+        assert len(ranks[0]) == len(ranks[1]) == len(want)
+        for g, w in enumerate(want):
+            np.testing.assert_array_equal(np.concatenate([ranks[0][g][0], ranks[1][g][0]]), w[0])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_no_server_at_all_is_a_clear_error() -> None:
+    with pytest.raises(batchup_client.ConnectionLost) as info:
+        batchup_client.connect(["tcp://127.0.0.1:9", "tcp://127.0.0.1:7"], timeout=0.5)
+    assert "tcp://127.0.0.1:9" in str(info.value) and "tcp://127.0.0.1:7" in str(info.value)
