@@ -602,6 +602,18 @@ def write_markdown(
         f.write("\n".join(L))
 
 
+def _barh_labelled(ax: Any, labels: list[str], values: list[float], colors: list[Any], fmt: str) -> None:
+    """Horizontal bars with each label written inside the plot, above its bar (long names fit)."""
+    import numpy as np
+
+    y = np.arange(len(values))
+    ax.barh(y, values, height=0.5, color=colors)
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        ax.text(0, i - 0.3, f"{label}: {value:{fmt}}", va="bottom", ha="left", fontsize=7.5)
+    ax.set_yticks([])
+    ax.set_ylim(len(values) - 0.5, -0.9)
+
+
 def write_plot(
     path: str, settings: Settings, results: list[Result], subtitle: str, extras: dict[str, Any] | None = None
 ) -> None:
@@ -616,9 +628,20 @@ def write_plot(
     steps: list[StepResult] = extras.get("training_step") or []
     systems = [s for s in SYSTEMS if any(r.system == s for r in results)]
     n_cols = len(settings.workloads)
-    rows = 2 if aug or steps else 1
-    fig = plt.figure(figsize=(7 * n_cols, 5.5 + (4.5 if rows == 2 else 0)))
-    grid = fig.add_gridspec(rows, n_cols, height_ratios=[5.5, 4.5][:rows])
+    second = bool(aug or steps)
+    heights = [5.0, 1.2] + ([4.8] if second else [])
+    fig = plt.figure(figsize=(7 * max(2, n_cols), sum(heights) + 0.8))
+    grid = fig.add_gridspec(
+        len(heights),
+        max(2, n_cols),
+        height_ratios=heights,
+        hspace=0.35,
+        wspace=0.15,
+        left=0.06,
+        right=0.98,
+        top=1 - 0.9 / (sum(heights) + 0.8),
+        bottom=0.05,
+    )
     axes = [fig.add_subplot(grid[0, i]) for i in range(n_cols)]
     for ax in axes[1:]:
         ax.sharey(axes[0])
@@ -628,10 +651,9 @@ def write_plot(
         x = np.arange(len(settings.batch_sizes))
         for i, system in enumerate(systems):
             vals = [(_find(results, system, w.name, bs) or None) for bs in settings.batch_sizes]
-            heights = [v.samples if v else 0 for v in vals]
             ax.bar(
                 x - 0.4 + (i + 0.5) * width,
-                heights,
+                [v.samples if v else 0 for v in vals],
                 width,
                 label=system,
                 color=colors(i % 20),
@@ -644,56 +666,48 @@ def write_plot(
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("samples/s (median, log scale)")
     handles, labels = axes[0].get_legend_handles_labels()
-    legend_y = 0.5 if rows == 2 else 0.0
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        bbox_to_anchor=(0.5, legend_y + 0.005),
-        ncol=min(4, len(labels)),
-        fontsize=7.5,
-        frameon=False,
-    )
-    if rows == 2:
-        bottom = [fig.add_subplot(grid[1, i]) for i in range(min(2, n_cols))]
+    legend_ax = fig.add_subplot(grid[1, :])
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", ncol=3, fontsize=8, frameon=False)
+    if second:
         rows_aug = [r for s in AUG_SYSTEMS if (r := _find(aug, s, "cifar", 256)) is not None]
         if rows_aug:
-            ax = bottom[0]
-            y = np.arange(len(rows_aug))
-            ax.barh(
-                y, [r.samples for r in rows_aug], color=[colors((2 * i) % 20) for i in range(len(rows_aug))]
+            ax = fig.add_subplot(grid[2, 0])
+            _barh_labelled(
+                ax,
+                [aug_label(r.system, extras) for r in rows_aug],
+                [r.samples for r in rows_aug],
+                [colors((2 * i + 1) % 20) for i in range(len(rows_aug))],
+                ",.0f",
             )
-            ax.set_yticks(y, [aug_label(r.system, extras) for r in rows_aug], fontsize=7)
-            ax.invert_yaxis()
             ax.set_xlabel("samples/s (median)")
             cal = extras.get("augment") or {}
             ax.set_title(
-                f"augmentation (crop + flip, {cal.get('median_ms', float('nan')):.1f} ms/batch), cifar, batch 256",
+                f"augmentation: crop + flip ({cal.get('median_ms', float('nan')):.1f} ms/batch in one process), "
+                "CIFAR-shaped, batch 256",
                 fontsize=10,
             )
             ax.grid(axis="x", alpha=0.3)
-        if steps and len(bottom) > 1:
-            ax = bottom[1]
-            y = np.arange(len(steps))
-            ax.barh(
-                y, [100 * r.wait for r in steps], color=[colors((2 * i + 1) % 20) for i in range(len(steps))]
+        if steps:
+            ax = fig.add_subplot(grid[2, 1])
+            _barh_labelled(
+                ax,
+                [f"{aug_label(r.system, extras)}, % of the time waiting" for r in steps],
+                [100 * r.wait for r in steps],
+                [colors((2 * i + 1) % 20) for i in range(len(steps))],
+                ".1f",
             )
             ax.axvline(
                 100 * WAIT_TARGET, color="red", linestyle="--", linewidth=1, label="goal for the service"
             )
-            ax.set_yticks(y, [aug_label(r.system, extras) for r in steps], fontsize=7)
-            ax.invert_yaxis()
-            ax.set_xlabel("% of wall time waiting in next() (median)")
+            ax.set_xlim(0, 100)
+            ax.set_xlabel("% of wall time waiting in next() for data (median)")
             ax.set_title(
-                f"emulated training step ({settings.step_seconds * 1e3:g} ms/batch), augmentation",
+                f"emulated training step ({settings.step_seconds * 1e3:g} ms sleep per batch), augmentation",
                 fontsize=10,
             )
             ax.legend(fontsize=7, loc="lower right")
             ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"batchup-service benchmarks — {subtitle}", fontsize=11)
-    if rows == 2:
-        fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=9.0)
-    else:
-        fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """Run every benchmark side by side and write RESULTS.md and results.png.
 
-    python3 bench/run.py            # full run (~3–5 min on 2 cores)
+    python3 bench/run.py            # full run (~7 min on 2 cores)
     python3 bench/run.py --quick    # smoke run on small arrays (< 60 s)
     python3 bench/run.py --out DIR  # write RESULTS.md / results.png into DIR (default: bench/)
 
