@@ -31,11 +31,14 @@ __all__ = [
     "LoadMonitor",
     "Result",
     "Settings",
+    "StepResult",
     "Workload",
     "install_signal_handlers",
     "leftover_folders",
+    "live_children",
     "make_data",
     "measure_cell",
+    "measure_training_step",
     "read_line",
     "shielded",
     "start_server",
@@ -79,6 +82,11 @@ class Settings:
     embedded_repeats: int
     concurrency_runs: int
     concurrency_epochs: int  #: epochs per client per concurrency run
+    aug_runs: int  #: timed runs per system in the augmentation section
+    step_runs: int  #: timed epochs per system in the training-step section
+    step_seconds: float = 0.004  #: the emulated training step (a sleep after every batch)
+    step_warmup: int = 5  #: batches of each training-step epoch that are not timed
+    pool_buffer: int = 20  #: batchup's ``batch_buffer_size`` (its default) for the worker pools
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
@@ -94,6 +102,8 @@ class Settings:
                 embedded_repeats=1,
                 concurrency_runs=1,
                 concurrency_epochs=1,
+                aug_runs=1,
+                step_runs=1,
             )
         return cls(
             quick=False,
@@ -106,6 +116,8 @@ class Settings:
             embedded_repeats=5,
             concurrency_runs=3,
             concurrency_epochs=2,
+            aug_runs=5,
+            step_runs=5,
         )
 
 
@@ -136,6 +148,8 @@ class Result:
 
 
 EpochFn = Callable[[np.random.RandomState], tuple[int, int]]
+#: ``batches(rng)``: an iterator over one shuffled epoch of batches
+BatchesFn = Callable[[np.random.RandomState], Iterator[Any]]
 
 
 def measure_cell(
@@ -192,6 +206,87 @@ def measure_cell(
         )
         results.append(r)
     return results
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One system feeding an emulated training loop: wait share and batches/s per timed epoch."""
+
+    system: str
+    wait_fractions: list[float]  #: share of the timed wall time spent inside ``next()``
+    batches_per_s: list[float]
+    batches: int  #: batches timed per epoch (after the warm-up batches)
+    note: str = ""
+
+    @property
+    def wait(self) -> float:
+        return statistics.median(self.wait_fractions)
+
+    @property
+    def batches_rate(self) -> float:
+        return statistics.median(self.batches_per_s)
+
+
+def _training_epoch(
+    batches: BatchesFn, rng: np.random.RandomState, step: float, warmup: int
+) -> tuple[float, float, int]:
+    """One epoch with ``time.sleep(step)`` after every batch; (waiting s, wall s, batches) after
+    the first ``warmup`` batches. The window ends when the last batch's step is done."""
+    it = batches(rng)
+    waited = 0.0
+    n = 0
+    t_window = t_end = time.perf_counter() if warmup == 0 else None
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            n += 1
+            if t_window is not None:
+                waited += t1 - t0
+            time.sleep(step)
+            if n == warmup:
+                t_window = time.perf_counter()
+            t_end = time.perf_counter()
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    if t_window is None or t_end is None:
+        raise RuntimeError(f"an epoch of {n} batches is too short for {warmup} warm-up batches")
+    return waited, t_end - t_window, n - warmup
+
+
+def measure_training_step(
+    settings: Settings, systems: list[tuple[str, BatchesFn]], log: Callable[[str], None] = print
+) -> list[StepResult]:
+    """Feed an emulated training step (a fixed sleep per batch) from every system, interleaved.
+
+    Each system first iterates one untimed epoch without sleeping (worker start-up, caches);
+    then come ``settings.step_runs`` rounds in a rotated order, each one epoch per system.
+    """
+    for _name, batches in systems:
+        _training_epoch(batches, np.random.RandomState(SEED), 0.0, 0)
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in systems}
+    for rnd in range(settings.step_runs):
+        shift = rnd % len(systems)
+        for name, batches in systems[shift:] + systems[:shift]:
+            rng = np.random.RandomState(SEED + 1 + rnd)
+            runs[name].append(_training_epoch(batches, rng, settings.step_seconds, settings.step_warmup))
+    out = []
+    for name, _ in systems:
+        r = StepResult(
+            name,
+            [waited / wall for waited, wall, _ in runs[name]],
+            [n / wall for _, wall, n in runs[name]],
+            runs[name][0][2],
+        )
+        log(f"  {name:<48} waits {r.wait:6.1%} of the time, {r.batches_rate:,.0f} batches/s")
+        out.append(r)
+    return out
 
 
 # ---------------------------------------------------------------------- signals
@@ -367,10 +462,32 @@ def stop_server(server: Server) -> int:
 
 # ---------------------------------------------------------------------- leftovers
 def leftover_folders() -> set[str]:
-    """batchup-* folders in /dev/shm and the temp folder (and /tmp)."""
+    """batchup-* folders in /dev/shm and the temp folder (and /tmp), and the temporary folders
+    of this process's joblib pools (batchup's WorkerProcessPool)."""
     found: set[str] = set()
     for root in {"/dev/shm", tempfile.gettempdir(), "/tmp"}:
         found.update(glob.glob(os.path.join(root, "batchup-*")))
+        found.update(glob.glob(os.path.join(root, f"joblib_memmapping_folder_{os.getpid()}_*")))
+    return found
+
+
+def live_children(pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of the live, non-zombie child processes of ``pid`` (default: this one)."""
+    parent = os.getpid() if pid is None else pid
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            if int(rest[1]) != parent or rest[0] == "Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        found.append((int(name), cmd))
     return found
 
 

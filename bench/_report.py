@@ -8,8 +8,15 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-from _common import REPO_DIR, Result, Settings
+from _common import REPO_DIR, Result, Settings, StepResult
 from _systems import (
+    AUG_BATCHUP,
+    AUG_POOL,
+    AUG_SERVICE_1,
+    AUG_SERVICE_2,
+    AUG_SERVICE_SYSTEMS,
+    AUG_SYSTEMS,
+    AUG_TORCH,
     BATCHUP,
     RAW_TCP,
     SERVICE_SHM,
@@ -26,6 +33,7 @@ TABLE_HEADER = (
 
 KEY_WORKLOAD, KEY_BATCH = "cifar", 256
 RAW_TARGET, TORCH_TARGET = 0.80, 4.0
+SCALING_TARGET, WAIT_TARGET = 1.7, 0.10  #: service 2 vs 1 server workers; training-step wait share
 
 
 def _version(dist: str) -> str:
@@ -176,6 +184,51 @@ def key_targets(
     return rows
 
 
+def aug_label(system: str, extras: dict[str, Any]) -> str:
+    """An augmentation system's name, with where ``.map(fn)`` ran for the service's rows."""
+    kind = AUG_SERVICE_SYSTEMS.get(system)
+    where = (extras.get("map_where") or {}).get(kind or "")
+    return f"{system} (map in {where['where']})" if where else system
+
+
+def augmentation_targets(extras: dict[str, Any]) -> list[dict[str, Any]]:
+    """2-worker ÷ 1-process throughput with the augmentation: the service and its competitors."""
+    results: list[Result] = extras.get("augmentation") or []
+    rows = []
+
+    def add(label: str, mine: str, base: str, goal: float | None) -> None:
+        own, other = _find(results, mine, "cifar", 256), _find(results, base, "cifar", 256)
+        if own is None or other is None:
+            return
+        ratio = own.samples / other.samples
+        verdict = "info" if goal is None else ("PASS" if ratio >= goal else "MISS")
+        rows.append(
+            {
+                "label": label,
+                "mine": aug_label(mine, extras),
+                "own": own.samples,
+                "base": aug_label(base, extras),
+                "other": other.samples,
+                "ratio": ratio,
+                "goal": goal,
+                "verdict": verdict,
+            }
+        )
+
+    where = (extras.get("map_where") or {}).get("service")
+    svc = f"service (map in {where['where']})" if where else "service"
+    add(f"{svc}: 2 server workers ÷ 1 (issue 5: ≥ 1.7×)", AUG_SERVICE_2, AUG_SERVICE_1, SCALING_TARGET)
+    add("batchup: WorkerProcessPool(2) ÷ in-process", AUG_POOL, AUG_BATCHUP, None)
+    add("DataLoader: 2 workers ÷ batchup in-process (one process)", AUG_TORCH, AUG_BATCHUP, None)
+    add(f"{svc}, 2 server workers ÷ batchup WorkerProcessPool(2)", AUG_SERVICE_2, AUG_POOL, None)
+    add(f"{svc}, 2 server workers ÷ DataLoader 2 workers", AUG_SERVICE_2, AUG_TORCH, None)
+    return rows
+
+
+def _step(extras: dict[str, Any], system: str) -> StepResult | None:
+    return next((r for r in extras.get("training_step") or [] if r.system == system), None)
+
+
 def _fmt_goal(goal: float | None) -> str:
     if goal is None:
         return "—"
@@ -227,6 +280,35 @@ def write_markdown(
             f"{row['ratio']:.2f}× | {_fmt_goal(row['goal'])} | **{row['verdict']}** |"
         )
     L.append("")
+    aug_rows = augmentation_targets(extras)
+    if aug_rows:
+        L.append(
+            f"Augmentation (crop + flip in `.map(augment)`, CIFAR-shaped, batch 256, medians of "
+            f"{settings.aug_runs} run(s)): throughput with 2 workers ÷ throughput in one process."
+        )
+        L.append("")
+        L.append("| target | samples/s | ÷ samples/s | ratio | goal | verdict |")
+        L.append("|---|---:|---:|---:|---|---|")
+        for row in aug_rows:
+            L.append(
+                f"| {row['label']} | {row['own']:,.0f} | {row['other']:,.0f} | "
+                f"{row['ratio']:.2f}× | {_fmt_goal(row['goal'])} | **{row['verdict']}** |"
+            )
+        L.append("")
+    svc_step = _step(extras, AUG_SERVICE_2)
+    if svc_step is not None:
+        verdict = "PASS" if svc_step.wait < WAIT_TARGET else "MISS"
+        others = ", ".join(
+            f"{r.system.split(', .map')[0]} {r.wait:.0%}"
+            for r in extras.get("training_step") or []
+            if r.system != AUG_SERVICE_2
+        )
+        L.append(
+            f"Emulated training step ({settings.step_seconds * 1e3:g} ms per batch, augmentation): "
+            f"{aug_label(AUG_SERVICE_2, extras)} waits for data **{svc_step.wait:.1%}** of the time "
+            f"(goal < {WAIT_TARGET:.0%}: **{verdict}**); {others}."
+        )
+        L.append("")
     L.append(
         "Same comparison at every batch size (service tcp ÷ other, medians; *other load* = CPU share "
         "taken by processes outside this benchmark while that cell ran):"
@@ -283,8 +365,86 @@ def write_markdown(
                 )
     L.append("")
 
+    aug: list[Result] = extras.get("augmentation") or []
+    if aug:
+        cal = extras.get("augment") or {}
+        L.append("## Augmentation (CIFAR-shaped, batch 256, shuffled)")
+        L.append("")
+        L.append(
+            f"`bench/_augment.py:augment(X, y)`: random crop of the 4-pixel zero-padded image plus random "
+            f"horizontal flip, one vectorised numpy gather per batch, drawing from the global `np.random`. "
+            f"Calibration in the benchmark process: **{cal.get('median_ms', float('nan')):.2f} ms** per batch "
+            f"of {cal.get('batch', 256)} (median; best {cal.get('min_ms', float('nan')):.2f} ms)."
+        )
+        L.append("")
+        for kind, info in (extras.get("map_where") or {}).items():
+            name = "service (`client.source(name).map(fn)`)" if kind == "service" else "drop-in (`.map(fn)`)"
+            L.append(
+                f"- where `.map(fn)` ran, {name}: **{info['where']}** (a probe map function returned "
+                f"pid(s) {info['pids']}; the benchmark's pid is {info['bench_pid']})."
+            )
+        L.append("")
+        L.append(TABLE_HEADER.replace("× batchup", "× batchup .map"))
+        L.append("|---|---:|---|---:|---:|---:|---:|---|---:|")
+        base = _find(aug, AUG_BATCHUP, "cifar", 256)
+        for system in AUG_SYSTEMS:
+            r = _find(aug, system, "cifar", 256)
+            if r is None:
+                continue
+            ratio = f"{r.samples / base.samples:.2f}" if base else "—"
+            spread = f"{min(r.samples_per_s):,.0f}–{max(r.samples_per_s):,.0f}"
+            L.append(
+                f"| cifar | 256 | {aug_label(system, extras)} | {r.samples:,.0f} | {r.batches:,.0f} | "
+                f"{r.gbytes:.2f} | {ratio} | {spread} | {r.epochs_per_run} |"
+            )
+        L.append("")
+    steps: list[StepResult] = extras.get("training_step") or []
+    if steps:
+        L.append(
+            f"## Emulated training step (augmentation, batch 256, {settings.step_seconds * 1e3:g} ms `time.sleep` "
+            "per batch)"
+        )
+        L.append("")
+        L.append(
+            f"The consumer sleeps {settings.step_seconds * 1e3:g} ms after receiving each batch. Over one epoch "
+            f"after {settings.step_warmup} warm-up batches: share of the wall time spent waiting in `next()` "
+            f"for data, and batches/s (a consumer that never waits reaches {1 / settings.step_seconds:,.0f}/s "
+            f"minus loop overhead). Medians of {settings.step_runs} epoch(s) per system, interleaved."
+        )
+        L.append("")
+        L.append("| system | waiting for data | spread | batches/s | timed batches per epoch |")
+        L.append("|---|---:|---|---:|---:|")
+        for r in steps:
+            L.append(
+                f"| {aug_label(r.system, extras)} | {r.wait:.1%} | {min(r.wait_fractions):.1%}–"
+                f"{max(r.wait_fractions):.1%} | {r.batches_rate:,.0f} | {r.batches} |"
+            )
+        L.append("")
+
     L.append("## Start-up and latency")
     L.append("")
+    construct = extras.get("pool_construct") or {}
+    pool_starts = extras.get("pool_startup") or []
+    if construct or pool_starts:
+        made = ", ".join(
+            f"{'WorkerThreadPool(2)' if name == 'thread' else 'WorkerProcessPool(2)'} ({name}) "
+            f"{secs * 1e3:.0f} ms"
+            for name, secs in construct.items()
+        )
+        L.append(
+            f"- **batchup worker pools**: constructors {made}. A process pool's work starts later: the first "
+            "`batch_iterator()` pickles the data source into the pool's `SyncManager`, and every worker loads it "
+            "from there before its first batch (a thread pool shares it):"
+        )
+        L.append("")
+        L.append("  | system | workload | batch | `batch_iterator()` → first batch | first epoch |")
+        L.append("  |---|---|---:|---:|---:|")
+        for row in pool_starts:
+            L.append(
+                f"  | {row['system']} | {row['workload']} | {row['batch']} | {row['first_batch_s']:.2f} s | "
+                f"{row['epoch_s']:.2f} s |"
+            )
+        L.append("")
     lat = extras.get("latency")
     if lat:
         L.append(
@@ -382,6 +542,25 @@ def write_markdown(
     )
     L.append("- batchup 0.2.3: `ArrayDataSource([X, y], repeats=1).batch_iterator(bs, shuffle=rng)`.")
     L.append(
+        "- batchup 0.2.3 worker pools: `WorkerThreadPool(processes=2)` / `WorkerProcessPool(processes=2)`, "
+        f"`pool.parallel_data_source(ArrayDataSource([X, y]), batch_buffer_size={settings.pool_buffer})` (batchup's "
+        "default buffer), one source per workload reused across batch sizes, iterated as above. The pools are "
+        "made before any server or client (the process pool forks) and shut down after the throughput cells: "
+        "batchup has no close API, so the bench terminates and joins the internal `ThreadPool` / joblib "
+        "`MemmappingPool`, shuts the `SyncManager` down and stops joblib's resource tracker."
+    )
+    L.append(
+        "- Augmentation: batchup `ArrayDataSource([X, y]).map(augment)` in process and through its own "
+        f"`WorkerProcessPool(2)` (`parallel_data_source(..., batch_buffer_size={settings.pool_buffer})`; batchup "
+        "runs `MapDataSource.fn` in the workers); DataLoader whole-batch (as above) with `augment` applied in "
+        "`__getitem__`, 2 forked persistent workers (torch seeds each worker's `np.random`); the service: "
+        "`batchup_client.connect(addr).source('cifar').map(augment)` on tcp servers started with `--workers 1` "
+        "and `--workers 2` (default client settings: shared-memory batches on this host), and the drop-in "
+        "`ArrayDataSource([X, y]).map(augment)` on the embedded server. Where `.map` ran is probed with a map "
+        "function that returns its pid in place of the labels. Timed like the throughput cells "
+        f"({settings.aug_runs} rotated rounds)."
+    )
+    L.append(
         "- DataLoader (CPU): *per-sample* = `TensorDataset` + `batch_size=bs, shuffle=True` (torch's own "
         "seeded generator draws the permutation; default collate stacks samples); *whole-batch* = a sampler "
         "yielding batchup's `RandomState` permutation cut into index arrays, `batch_size=None`, and a dataset "
@@ -409,10 +588,12 @@ def write_markdown(
     )
     if extras.get("leftovers"):
         L.append(f"- **Cleanup warning**: folders possibly left behind: {sorted(extras['leftovers'])}")
-    else:
+    if extras.get("leftover_children"):
+        L.append(f"- **Cleanup warning**: child processes still running: {extras['leftover_children']}")
+    if not extras.get("leftovers") and not extras.get("leftover_children"):
         L.append(
-            "- Cleanup check: no new `batchup-*` folder left in /dev/shm or the temp folder; all child "
-            "processes stopped."
+            "- Cleanup check: no new `batchup-*` folder (nor joblib pool folder) left in /dev/shm or the temp "
+            "folder; no child process left running."
         )
     L.append("")
     L.append("![samples/s per system and workload](results.png)")
@@ -421,41 +602,112 @@ def write_markdown(
         f.write("\n".join(L))
 
 
-def write_plot(path: str, settings: Settings, results: list[Result], subtitle: str) -> None:
+def _barh_labelled(ax: Any, labels: list[str], values: list[float], colors: list[Any], fmt: str) -> None:
+    """Horizontal bars with each label written inside the plot, above its bar (long names fit)."""
+    import numpy as np
+
+    y = np.arange(len(values))
+    ax.barh(y, values, height=0.5, color=colors)
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        ax.text(0, i - 0.3, f"{label}: {value:{fmt}}", va="bottom", ha="left", fontsize=7.5)
+    ax.set_yticks([])
+    ax.set_ylim(len(values) - 0.5, -0.9)
+
+
+def write_plot(
+    path: str, settings: Settings, results: list[Result], subtitle: str, extras: dict[str, Any] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    extras = extras or {}
+    aug: list[Result] = extras.get("augmentation") or []
+    steps: list[StepResult] = extras.get("training_step") or []
     systems = [s for s in SYSTEMS if any(r.system == s for r in results)]
-    fig, axes = plt.subplots(
-        1, len(settings.workloads), figsize=(7 * len(settings.workloads), 5.5), sharey=True, squeeze=False
+    n_cols = len(settings.workloads)
+    second = bool(aug or steps)
+    heights = [5.0, 1.2] + ([4.8] if second else [])
+    fig = plt.figure(figsize=(7 * max(2, n_cols), sum(heights) + 0.8))
+    grid = fig.add_gridspec(
+        len(heights),
+        max(2, n_cols),
+        height_ratios=heights,
+        hspace=0.35,
+        wspace=0.15,
+        left=0.06,
+        right=0.98,
+        top=1 - 0.9 / (sum(heights) + 0.8),
+        bottom=0.05,
     )
-    colors = plt.get_cmap("tab10")
+    axes = [fig.add_subplot(grid[0, i]) for i in range(n_cols)]
+    for ax in axes[1:]:
+        ax.sharey(axes[0])
+    colors = plt.get_cmap("tab20")
     width = 0.8 / max(1, len(systems))
-    for ax, w in zip(axes[0], settings.workloads, strict=True):
+    for ax, w in zip(axes, settings.workloads, strict=True):
         x = np.arange(len(settings.batch_sizes))
         for i, system in enumerate(systems):
             vals = [(_find(results, system, w.name, bs) or None) for bs in settings.batch_sizes]
-            heights = [v.samples if v else 0 for v in vals]
             ax.bar(
                 x - 0.4 + (i + 0.5) * width,
-                heights,
+                [v.samples if v else 0 for v in vals],
                 width,
                 label=system,
-                color=colors(i % 10),
+                color=colors(i % 20),
                 edgecolor="black" if system == SERVICE_TCP else None,
                 linewidth=1.2,
             )
         ax.set_xticks(x, [f"batch {bs}" for bs in settings.batch_sizes])
         ax.set_yscale("log")
-        ax.set_title(w.label)
+        ax.set_title(w.label, fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0][0].set_ylabel("samples/s (median, log scale)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    axes[0].set_ylabel("samples/s (median, log scale)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_ax = fig.add_subplot(grid[1, :])
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", ncol=3, fontsize=8, frameon=False)
+    if second:
+        rows_aug = [r for s in AUG_SYSTEMS if (r := _find(aug, s, "cifar", 256)) is not None]
+        if rows_aug:
+            ax = fig.add_subplot(grid[2, 0])
+            _barh_labelled(
+                ax,
+                [aug_label(r.system, extras) for r in rows_aug],
+                [r.samples for r in rows_aug],
+                [colors((2 * i + 1) % 20) for i in range(len(rows_aug))],
+                ",.0f",
+            )
+            ax.set_xlabel("samples/s (median)")
+            cal = extras.get("augment") or {}
+            ax.set_title(
+                f"augmentation: crop + flip ({cal.get('median_ms', float('nan')):.1f} ms/batch in one process), "
+                "CIFAR-shaped, batch 256",
+                fontsize=10,
+            )
+            ax.grid(axis="x", alpha=0.3)
+        if steps:
+            ax = fig.add_subplot(grid[2, 1])
+            _barh_labelled(
+                ax,
+                [f"{aug_label(r.system, extras)}, % of the time waiting" for r in steps],
+                [100 * r.wait for r in steps],
+                [colors((2 * i + 1) % 20) for i in range(len(steps))],
+                ".1f",
+            )
+            ax.axvline(
+                100 * WAIT_TARGET, color="red", linestyle="--", linewidth=1, label="goal for the service"
+            )
+            ax.set_xlim(0, 100)
+            ax.set_xlabel("% of wall time waiting in next() for data (median)")
+            ax.set_title(
+                f"emulated training step ({settings.step_seconds * 1e3:g} ms sleep per batch), augmentation",
+                fontsize=10,
+            )
+            ax.legend(fontsize=7, loc="lower right")
+            ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"batchup-service benchmarks — {subtitle}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)

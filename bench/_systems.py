@@ -8,6 +8,7 @@ PUSH process) are set up once; DataLoaders are made per cell and closed after it
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -22,9 +23,11 @@ from typing import Any
 
 import numpy as np
 import zmq
+from _augment import where_probe
 from _common import (
     BENCH_DIR,
     SEED,
+    BatchesFn,
     Children,
     EpochFn,
     Settings,
@@ -36,6 +39,8 @@ from _common import (
 Log = Callable[[str], None]
 
 BATCHUP = "batchup 0.2.3 in-process"
+BATCHUP_THREADS = "batchup 0.2.3 WorkerThreadPool(2)"
+BATCHUP_PROCS = "batchup 0.2.3 WorkerProcessPool(2)"
 TORCH_SAMPLE_0 = "DataLoader per-sample, 0 workers"
 TORCH_SAMPLE_2 = "DataLoader per-sample, 2 workers"
 TORCH_BATCH_0 = "DataLoader whole-batch, 0 workers"
@@ -49,6 +54,8 @@ RAW_IPC = "raw pyzmq PUSH/PULL ipc"
 
 SYSTEMS = [
     BATCHUP,
+    BATCHUP_THREADS,
+    BATCHUP_PROCS,
     TORCH_SAMPLE_0,
     TORCH_SAMPLE_2,
     TORCH_BATCH_0,
@@ -61,6 +68,18 @@ SYSTEMS = [
     RAW_IPC,
 ]
 TORCH_SYSTEMS = [TORCH_SAMPLE_0, TORCH_SAMPLE_2, TORCH_BATCH_0, TORCH_BATCH_2]
+POOL_SYSTEMS = {"thread": BATCHUP_THREADS, "process": BATCHUP_PROCS}
+
+# the augmentation workload (CIFAR-shaped, batch 256); the service rows' labels get
+# "(map in …)" appended from where a probe map function ran
+AUG_BATCHUP = "batchup 0.2.3 in-process, .map(augment)"
+AUG_POOL = "batchup 0.2.3 WorkerProcessPool(2), .map(augment)"
+AUG_TORCH = "DataLoader whole-batch, 2 workers, augment in the workers"
+AUG_SERVICE_1 = "service, 1 server worker, shared memory, .map(augment)"
+AUG_SERVICE_2 = "service, 2 server workers, shared memory, .map(augment)"
+AUG_DROPIN = "service drop-in (embedded server), .map(augment)"
+AUG_SYSTEMS = [AUG_BATCHUP, AUG_POOL, AUG_TORCH, AUG_SERVICE_1, AUG_SERVICE_2, AUG_DROPIN]
+AUG_SERVICE_SYSTEMS = {AUG_SERVICE_1: "service", AUG_SERVICE_2: "service", AUG_DROPIN: "dropin"}
 
 
 def _count(batches: Any) -> tuple[int, int]:
@@ -80,51 +99,191 @@ def iterator_epoch(source: Any, batch_size: int) -> EpochFn:
     return epoch
 
 
+def iterator_batches(source: Any, batch_size: int) -> BatchesFn:
+    """The batches of one shuffled epoch of ``source.batch_iterator``, for the training-step loop."""
+
+    def batches(rng: np.random.RandomState) -> Any:
+        return iter(source.batch_iterator(batch_size, shuffle=rng))
+
+    return batches
+
+
+def where_map_ran(source: Any, batch_size: int) -> dict[str, Any]:
+    """Run ``source.map(where_probe)`` for one batch: which process ran the map function."""
+    it = iter(source.map(where_probe).batch_iterator(batch_size, shuffle=np.random.RandomState(SEED)))
+    try:
+        pids = sorted({int(p) for p in np.asarray(next(it)[1]).ravel()})
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    where = "client" if pids == [os.getpid()] else "server workers"
+    if os.getpid() in pids and len(pids) > 1:
+        where = "client and server workers"
+    return {"where": where, "pids": pids, "bench_pid": os.getpid()}
+
+
+# ---------------------------------------------------------------------- batchup's worker pools
+class BatchupPools:
+    """batchup 0.2.3 worker pools by name; :meth:`close_pool` / :meth:`close` shut them down.
+
+    ``kinds`` maps a name to ``"thread"`` (``WorkerThreadPool``) or ``"process"``
+    (``WorkerProcessPool``). Make this before any server or client exists: the process
+    pools fork, and their children would otherwise inherit those sockets.
+
+    batchup's pools have no close API and are never shut down; here the internal
+    ``ThreadPool`` / joblib ``MemmappingPool`` is terminated and joined (which also removes
+    joblib's temporary folder), the process pool's ``SyncManager`` shut down, and, in
+    :meth:`close`, joblib's resource-tracker process stopped.
+    """
+
+    def __init__(self, kinds: dict[str, str], processes: int = 2):
+        from batchup import work_pool
+
+        self.pools: dict[str, Any] = {}
+        self.construct_s: dict[str, float] = {}
+        self.kinds = dict(kinds)
+        #: the data sources handed to each pool: a process pool keys its shared constants by
+        #: ``id(ds)``, so a source must outlive its pool or a new one could take its id
+        self._keep: dict[str, list[Any]] = {}
+        try:
+            for name, kind in kinds.items():
+                make = {"thread": work_pool.WorkerThreadPool, "process": work_pool.WorkerProcessPool}[kind]
+                t0 = time.perf_counter()
+                self.pools[name] = make(processes=processes)
+                self.construct_s[name] = time.perf_counter() - t0
+                self._keep[name] = []
+        except BaseException:
+            self.close()
+            raise
+
+    def parallel(self, name: str, ds: Any, batch_buffer_size: int) -> Any:
+        self._keep[name].append(ds)
+        return self.pools[name].parallel_data_source(ds, batch_buffer_size=batch_buffer_size)
+
+    def close_pool(self, name: str) -> None:
+        with shielded():
+            pool = self.pools.pop(name, None)
+            if pool is not None:
+                close_batchup_pool(pool)
+            self._keep.pop(name, None)
+
+    def close(self) -> None:
+        with shielded():
+            for name in list(self.pools):
+                self.close_pool(name)
+            if "process" in self.kinds.values():
+                _stop_joblib_resource_tracker()
+
+
+def close_batchup_pool(pool: Any) -> None:
+    """Terminate a batchup worker pool's internal pool (and manager): batchup offers no call for it."""
+    for attr in ("_WorkerThreadPool__pool", "_WorkerProcessPool__pool"):
+        inner = getattr(pool, attr, None)
+        if inner is not None:
+            inner.terminate()  # joblib's MemmappingPool.terminate also deletes its temporary folder
+            inner.join()
+    manager = getattr(pool, "_WorkerProcessPool__manager", None)
+    if manager is not None:
+        manager.shutdown()
+
+
+def _stop_joblib_resource_tracker() -> None:
+    """joblib's MemmappingPool starts loky's resource tracker, which would live until we exit."""
+    try:
+        from joblib.externals.loky.backend import resource_tracker
+    except ImportError:
+        return
+    tracker = resource_tracker._resource_tracker
+    if getattr(tracker, "_pid", None) is not None:
+        tracker._stop()
+
+
+def first_epoch(source: Any, batch_size: int) -> dict[str, float]:
+    """Time a source's first shuffled epoch: ``batch_iterator()`` to first batch, and the whole epoch."""
+    t0 = time.perf_counter()
+    it = iter(source.batch_iterator(batch_size, shuffle=np.random.RandomState(SEED)))
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in it:
+        pass
+    return {"first_batch_s": first, "epoch_s": time.perf_counter() - t0}
+
+
 # ---------------------------------------------------------------------- PyTorch DataLoader
+@functools.cache
+def _torch_types() -> tuple[Any, Any]:
+    """(BatchDataset, ShuffledBatches), defined on first use so that torch loads lazily."""
+    import torch
+    from torch.utils.data import Dataset, Sampler
+
+    class BatchDataset(Dataset):  # type: ignore[type-arg]
+        """Whole-batch fetching: ``__getitem__`` takes an index array (one numpy gather), then
+        applies ``fn(X, y)`` if given (in the worker processes when there are any)."""
+
+        def __init__(self, X: np.ndarray, y: np.ndarray, fn: Callable[..., Any] | None = None):
+            self.X, self.y, self.fn = X, y, fn
+
+        def __len__(self) -> int:
+            return len(self.X)
+
+        def __getitem__(self, idx: np.ndarray) -> tuple[Any, Any]:
+            xb, yb = self.X[idx], self.y[idx]
+            if self.fn is not None:
+                xb, yb = self.fn(xb, yb)
+            return torch.from_numpy(xb), torch.from_numpy(yb)
+
+    class ShuffledBatches(Sampler):  # type: ignore[type-arg]
+        """batchup's shuffled StandardSampler: a RandomState permutation cut into batches."""
+
+        def __init__(self, n: int, batch_size: int):
+            self.n, self.batch_size = n, batch_size
+            self.rng = np.random.RandomState(SEED)
+
+        def __len__(self) -> int:
+            return math.ceil(self.n / self.batch_size)
+
+        def __iter__(self) -> Any:
+            order = self.rng.permutation(self.n)
+            for i in range(0, self.n, self.batch_size):
+                yield order[i : i + self.batch_size]
+
+    return BatchDataset, ShuffledBatches
+
+
+# persistent, forked workers (they see the arrays without a copy); a hung worker raises
+# after `timeout` instead of stalling the run
+TORCH_WORKER_ARGS: dict[str, Any] = {
+    "persistent_workers": True,
+    "multiprocessing_context": "fork",
+    "timeout": 120,
+}
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """Terminate the multiprocessing children started since ``before`` (a DataLoader's workers),
+    leaving older ones (batchup's pools) alone."""
+    for proc in multiprocessing.active_children():
+        if proc.pid not in before:
+            proc.terminate()
+            proc.join(5)
+
+
 class TorchLoaders:
     """The four DataLoader set-ups of one cell; :meth:`close` shuts their workers down."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, batch_size: int):
         import torch
-        from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+        from torch.utils.data import DataLoader, TensorDataset
 
-        class BatchDataset(Dataset):  # type: ignore[type-arg]
-            """Whole-batch fetching: ``__getitem__`` takes an index array (one numpy gather)."""
-
-            def __init__(self, X: np.ndarray, y: np.ndarray):
-                self.X, self.y = X, y
-
-            def __len__(self) -> int:
-                return len(self.X)
-
-            def __getitem__(self, idx: np.ndarray) -> tuple[Any, Any]:
-                return torch.from_numpy(self.X[idx]), torch.from_numpy(self.y[idx])
-
-        class ShuffledBatches(Sampler):  # type: ignore[type-arg]
-            """batchup's shuffled StandardSampler: a RandomState permutation cut into batches."""
-
-            def __init__(self, n: int, batch_size: int):
-                self.n, self.batch_size = n, batch_size
-                self.rng = np.random.RandomState(SEED)
-
-            def __len__(self) -> int:
-                return math.ceil(self.n / self.batch_size)
-
-            def __iter__(self) -> Any:
-                order = self.rng.permutation(self.n)
-                for i in range(0, self.n, self.batch_size):
-                    yield order[i : i + self.batch_size]
-
+        BatchDataset, ShuffledBatches = _torch_types()
+        self._before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
         self.loaders: dict[str, tuple[Any, Any]] = {}
         #: first epoch's ``iter()`` → first batch, per system (includes forking workers)
         self.first_batch: dict[str, float] = {}
         for system in TORCH_SYSTEMS:
             workers = 2 if system.endswith("2 workers") else 0
-            extra: dict[str, Any] = {}
-            if workers:
-                # persistent, forked workers (they see the arrays without a copy); a hung
-                # worker raises after `timeout` instead of stalling the run
-                extra = {"persistent_workers": True, "multiprocessing_context": "fork", "timeout": 120}
+            extra: dict[str, Any] = TORCH_WORKER_ARGS if workers else {}
             if "per-sample" in system:
                 ds = TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
                 loader = DataLoader(
@@ -166,9 +325,34 @@ class TorchLoaders:
         """Drop the loaders: their persistent workers shut down with their iterators."""
         self.loaders.clear()
         gc.collect()
-        for proc in multiprocessing.active_children():  # be sure
-            proc.terminate()
-            proc.join(5)
+        _stop_new_children(self._before)  # be sure
+
+
+class TorchBatchLoader:
+    """One whole-batch DataLoader whose dataset applies ``fn`` (in its workers)."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, batch_size: int, workers: int, fn: Callable[..., Any]):
+        from torch.utils.data import DataLoader
+
+        BatchDataset, ShuffledBatches = _torch_types()
+        self._before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+        self.sampler = ShuffledBatches(len(X), batch_size)
+        extra: dict[str, Any] = TORCH_WORKER_ARGS if workers else {}
+        self.loader: Any = DataLoader(
+            BatchDataset(X, y, fn), batch_size=None, sampler=self.sampler, num_workers=workers, **extra
+        )
+
+    def batches(self, rng: np.random.RandomState) -> Any:
+        self.sampler.rng = rng
+        return iter(self.loader)
+
+    def epoch(self, rng: np.random.RandomState) -> tuple[int, int]:
+        return _count(self.batches(rng))
+
+    def close(self) -> None:
+        self.loader = None
+        gc.collect()
+        _stop_new_children(self._before)
 
 
 # ---------------------------------------------------------------------- raw pyzmq

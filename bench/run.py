@@ -1,20 +1,24 @@
 """Run every benchmark side by side and write RESULTS.md and results.png.
 
-    python3 bench/run.py            # full run (~3–5 min on 2 cores)
+    python3 bench/run.py            # full run (~7 min on 2 cores)
     python3 bench/run.py --quick    # smoke run on small arrays (< 60 s)
     python3 bench/run.py --out DIR  # write RESULTS.md / results.png into DIR (default: bench/)
 
-Systems: batchup 0.2.3 in process, PyTorch DataLoader (4 set-ups), the service over tcp
-and ipc, the drop-in ArrayDataSource on the embedded server, and raw pyzmq PUSH/PULL
-moving the same bytes. Plus connect→first-batch latency, embedded-server start time and
-1 vs 4 concurrent clients. Every child process is stopped and every temporary folder
-removed on every exit path.
+Systems: batchup 0.2.3 in process and with its WorkerThreadPool(2) / WorkerProcessPool(2),
+PyTorch DataLoader (4 set-ups), the service over tcp and ipc, the drop-in ArrayDataSource on
+the embedded server, and raw pyzmq PUSH/PULL moving the same bytes. Then an augmentation
+workload (random crop + flip, ``bench/_augment.py``) through batchup, batchup's process
+pool, a DataLoader with 2 workers and the service with 1 and 2 server workers, and an
+emulated training step (a fixed sleep per batch) fed by those systems. Plus connect→first-
+batch latency, embedded-server start time and 1 vs 4 concurrent clients. Every child
+process is stopped and every temporary folder removed on every exit path.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import multiprocessing
@@ -35,16 +39,21 @@ import batchup_client.data_source
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _systems as S
+from _augment import augment, calibrate
 from _common import (
     BENCH_DIR,
     Children,
     LoadMonitor,
     Result,
     Settings,
+    StepResult,
+    Workload,
     install_signal_handlers,
     leftover_folders,
+    live_children,
     make_data,
     measure_cell,
+    measure_training_step,
     owner_gone,
     shielded,
     start_server,
@@ -61,6 +70,86 @@ def _close(client: Any) -> None:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+AUG_BATCH = 256
+
+
+def augmentation_sections(
+    settings: Settings,
+    children: Children,
+    config: str,
+    work: str,
+    key: Workload,
+    arrays: tuple[np.ndarray, np.ndarray],
+    dropin: Any,
+    pools: S.BatchupPools,
+    load: LoadMonitor,
+    extras: dict[str, Any],
+) -> tuple[list[Result], list[StepResult]]:
+    """Augmentation throughput and the emulated training step, on ``key`` (CIFAR-shaped), batch 256.
+
+    Starts its own servers (1 and 2 workers, tcp, default client settings: shared memory on
+    this host) and stops them on the way out.
+    """
+    X, y = arrays
+    bs = AUG_BATCH
+    load.start("augmentation: calibration, servers, where map runs, pool start")
+    extras["augment"] = calibrate(key.shape, bs, repeats=7 if not settings.quick else 3)
+    log(f"augment(): {extras['augment']['median_ms']:.2f} ms per batch of {bs} (median, in this process)")
+    with contextlib.ExitStack() as stack:
+        sources = {}
+        for n in (1, 2):
+            server = start_server(children, "tcp://127.0.0.1:0", config, n, work)
+            stack.callback(stop_server, server)
+            client = batchup_client.connect(server.endpoint)  # default settings: shared memory
+            stack.callback(_close, client)
+            sources[n] = client.source(key.name)
+        extras["map_where"] = {
+            "service": S.where_map_ran(sources[2], bs),
+            "dropin": S.where_map_ran(dropin, bs),
+        }
+        for k, v in extras["map_where"].items():
+            log(f"  {k}: .map(fn) ran in {v['where']} (pids {v['pids']}, bench {v['bench_pid']})")
+        in_process = batchup.data_source.ArrayDataSource([X, y], repeats=1).map(augment)
+        pooled = pools.parallel(
+            "augment",
+            batchup.data_source.ArrayDataSource([X, y], repeats=1).map(augment),
+            settings.pool_buffer,
+        )
+        first = S.first_epoch(pooled, bs)
+        extras["pool_startup"].append({"system": S.AUG_POOL, "workload": key.name, "batch": bs, **first})
+        log(f"  {S.AUG_POOL}: first batch after {first['first_batch_s']:.2f} s")
+        loader = S.TorchBatchLoader(X, y, bs, 2, augment)
+        stack.callback(loader.close)
+
+        load.start("augmentation throughput")
+        log(f"augmentation, {key.label}, batch {bs}")
+        systems = [
+            (S.AUG_BATCHUP, S.iterator_epoch(in_process, bs)),
+            (S.AUG_POOL, S.iterator_epoch(pooled, bs)),
+            (S.AUG_TORCH, loader.epoch),
+            (S.AUG_SERVICE_1, S.iterator_epoch(sources[1].map(augment), bs)),
+            (S.AUG_SERVICE_2, S.iterator_epoch(sources[2].map(augment), bs)),
+            (S.AUG_DROPIN, S.iterator_epoch(dropin.map(augment), bs)),
+        ]
+        results = measure_cell(dataclasses.replace(settings, runs=settings.aug_runs), key, bs, systems, log)
+
+        load.start("training step")
+        log(f"emulated training step: {settings.step_seconds * 1e3:g} ms sleep per batch")
+        steps = measure_training_step(
+            settings,
+            [
+                (S.AUG_SERVICE_2, S.iterator_batches(sources[2].map(augment), bs)),
+                (S.AUG_BATCHUP, S.iterator_batches(in_process, bs)),
+                (S.AUG_POOL, S.iterator_batches(pooled, bs)),
+                (S.AUG_TORCH, loader.batches),
+            ],
+            log,
+        )
+        log("stopping the augmentation servers")
+    pools.close_pool("augment")
+    return results, steps
 
 
 def run(settings: Settings, out_dir: str, command: str) -> int:
@@ -80,6 +169,12 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             log(f"generating data in {work}")
             paths = make_data(work, settings.workloads)
             config = write_server_config(work, paths)
+            load.start("set-up: batchup worker pools")
+            # before any server, client or loaded array: the process pools fork
+            pools = S.BatchupPools({"thread": "thread", "process": "process", "augment": "process"})
+            stack.callback(pools.close)
+            extras["pool_construct"] = dict(pools.construct_s)
+            extras["pool_startup"] = []
             data = {name: (np.load(xp), np.load(yp)) for name, (xp, yp) in paths.items()}
             stack.callback(data.clear)
 
@@ -117,6 +212,17 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             for w in settings.workloads:
                 X, y = data[w.name]
                 in_process = batchup.data_source.ArrayDataSource([X, y], repeats=1)
+                load.start(f"batchup pools: first epoch {w.name}")
+                pooled = {}
+                for kind, system in S.POOL_SYSTEMS.items():
+                    ds = batchup.data_source.ArrayDataSource([X, y], repeats=1)
+                    pooled[kind] = pools.parallel(kind, ds, settings.pool_buffer)
+                    # the first epoch ships the source to the workers (process pool)
+                    first = S.first_epoch(pooled[kind], 256)
+                    extras["pool_startup"].append(
+                        {"system": system, "workload": w.name, "batch": 256, **first}
+                    )
+                    log(f"{system}, {w.name}: first batch after {first['first_batch_s']:.2f} s")
                 tcp_src, ipc_src = clients["tcp"].source(w.name), clients["ipc"].source(w.name)
                 shm_src = clients["shm"].source(w.name)
                 for bs in settings.batch_sizes:
@@ -126,6 +232,8 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                     try:
                         systems = [
                             (S.BATCHUP, S.iterator_epoch(in_process, bs)),
+                            (S.BATCHUP_THREADS, S.iterator_epoch(pooled["thread"], bs)),
+                            (S.BATCHUP_PROCS, S.iterator_epoch(pooled["process"], bs)),
                             *torch_loaders.epochs(),
                             (S.SERVICE_TCP, S.iterator_epoch(tcp_src, bs)),
                             (S.SERVICE_IPC, S.iterator_epoch(ipc_src, bs)),
@@ -148,8 +256,14 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                     finally:
                         torch_loaders.close()
 
-            load.start("connect latency, concurrency, embedded start")
+            pools.close_pool("thread")
+            pools.close_pool("process")
             key = next(w for w in settings.workloads if w.name == "cifar")
+            extras["augmentation"], extras["training_step"] = augmentation_sections(
+                settings, children, config, work, key, data[key.name], dropin[key.name], pools, load, extras
+            )
+
+            load.start("connect latency, concurrency, embedded start")
             log("connect → first batch")
             extras["latency"] = S.connect_latency(settings, tcp.endpoint, key.name, 256)
             log(f"  {extras['latency']['total_median'] * 1e3:.1f} ms (median)")
@@ -173,13 +287,16 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
     extras["leftovers"] = leaked
     if leaked:
         log(f"WARNING: folders left behind: {sorted(leaked)}")
+    extras["leftover_children"] = live_children()
+    if extras["leftover_children"]:
+        log(f"WARNING: child processes still running: {extras['leftover_children']}")
 
     os.makedirs(out_dir, exist_ok=True)
     md = os.path.join(out_dir, "RESULTS.md")
     png = os.path.join(out_dir, "results.png")
     duration = time.perf_counter() - t_start
     write_markdown(md, command, settings, results, extras, started, duration)
-    write_plot(png, settings, results, ("quick smoke run — " if settings.quick else "") + started)
+    write_plot(png, settings, results, ("quick smoke run — " if settings.quick else "") + started, extras)
     log(f"wrote {md} and {png} ({duration:.0f} s)")
     return 0
 

@@ -1,6 +1,6 @@
 """The benchmark suite runs end to end: ``python3 bench/run.py --quick --out DIR``.
 
-The quick run (small arrays, one timed run, batch 256) takes ~15 s on 2 cores. It needs
+The quick run (small arrays, one timed run, batch 256) takes ~15–25 s on 2 cores. It needs
 the ``bench`` extra (torch, batchup, matplotlib): without them the test is skipped, except
 under ``CI=true``, where a missing dependency fails it.
 """
