@@ -68,6 +68,20 @@ def _shard_composed(batches: Iterator[Any], shard: tuple[int, int]) -> Iterator[
         yield _cut_batch(batch, start, stop)
 
 
+def _rebuild(batch: tuple[Any, ...], shape: Any) -> Any:
+    """A composite's nested batch from its flat arrays (``shape``: see ``_tree``)."""
+    arrays = iter(batch)
+
+    def build(node: Any) -> tuple[Any, ...]:
+        if isinstance(node, int):
+            return tuple(next(arrays) for _ in range(node))
+        flatten, children = node
+        parts = tuple(build(child) for child in children)
+        return sum(parts, ()) if flatten else parts
+
+    return build(shape)
+
+
 def _is_array_like(x: Any) -> bool:
     return hasattr(x, "__getitem__") and hasattr(x, "__len__")
 
@@ -339,12 +353,28 @@ def stream_from(
     plan = plan_for(sampler)
     if plan is None:
         return None
+    if plan[0]["kind"].startswith("weighted") and resolve_shuffle(shuffle) is None:
+        check_batch_size(batch_size)
+        raise NotImplementedError(f"In-order sampling not supported by {type(sampler).__name__}")
+    return stream_plan(client, source, plan, batch_size, shuffle, include_indices, fields, maps, shard)
+
+
+def stream_plan(
+    client: Any,
+    source: dict[str, Any],
+    plan: tuple[dict[str, Any], list[Any]],
+    batch_size: int,
+    shuffle: Any,
+    include_indices: bool,
+    fields: list[str] | None = None,
+    maps: list[MapDataSource] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Iterator[Any] | None:
+    """A remote batch generator for a wire plan (see :func:`stream_from`)."""
     if shard is not None:
         plan = ({**plan[0], "shard": list(shard)}, plan[1])
     rng = resolve_shuffle(shuffle)
     check_batch_size(batch_size)
-    if plan[0]["kind"].startswith("weighted") and rng is None:
-        raise NotImplementedError(f"In-order sampling not supported by {type(sampler).__name__}")
     transforms: list[dict[str, Any]] = []
     seed = 0
     if maps:
@@ -459,6 +489,12 @@ class ArrayDataSource(RandomAccessDataSource):
             client, ref, self.sampler, batch_size, shuffle, self.include_indices, fields, maps, shard
         )
 
+    def _n_arrays(self) -> int:
+        return len(self.data) + (1 if self.include_indices else 0)
+
+    def _server_target(self) -> tuple[Any, dict[str, Any], list[str] | None] | None:
+        return self._server_source() if self._travels(None) else None
+
     def _server_source(self) -> tuple[Any, dict[str, Any], list[str] | None] | None:
         """Where the server finds this data: fields of one of its sources (datasets), or
         the client's arrays handed over once; ``None`` to batch in process."""
@@ -490,8 +526,13 @@ class CompositeDataSource(AbstractDataSource):
     As batchup: children get the same ``batch_iterator`` arguments (one shared RNG, drawn
     from in child order), iteration stops at the first child that runs out (earlier
     children's last batch is dropped), sub-batches are trimmed to the shortest when
-    ``trim``, and flattened one level when ``flatten``. Each child streams from the server
-    on its own; the shared RNG stays exact through the client's replanning.
+    ``trim``, and flattened one level when ``flatten``.
+
+    When every child (nested composites included) is a source one server can stream, the
+    whole composite runs there as one plan: one stream, one credit window, the children's
+    rows gathered side by side by the workers. Otherwise (a map or custom child, children
+    on different servers, mixed trim flags) each child streams on its own and the client
+    composes them; the shared RNG stays exact either way.
     """
 
     def __init__(self, datasets: list[Any], flatten: bool = True, trim: bool = True):
@@ -519,6 +560,14 @@ class CompositeDataSource(AbstractDataSource):
 
     def batch_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+        remote = (
+            self._stream(batch_size, kwargs.get("shuffle"), None, shard)
+            if set(kwargs) <= {"shuffle"}
+            else None
+        )
+        if remote is not None:  # one plan on one server: one credit window for the whole stream
+            yield from remote
+            return
         if shard is not None:
             # the children's batches are trimmed to the shortest before a rank takes its
             # cut, so each rank receives whole global batches (world_size times the data)
@@ -527,6 +576,80 @@ class CompositeDataSource(AbstractDataSource):
         iterators = [d.batch_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
             yield self._prepare_batch(batch)
+
+    def _tree(self) -> tuple[list[Any], Any, set[bool]] | None:
+        """This composite as leaves (sources a server can stream), a nesting tree of array
+        counts and flatten flags, and the trim flags met; ``None`` if a child cannot go."""
+        leaves: list[Any] = []
+        trims = {self.trim}
+        nodes: list[Any] = []
+        for ds in self.datasets:
+            if isinstance(ds, CompositeDataSource):
+                sub = ds._tree()
+                if sub is None:
+                    return None
+                leaves += sub[0]
+                nodes.append(sub[1])
+                trims |= sub[2]
+            elif hasattr(ds, "_server_target") and type(ds).__name__ in (
+                "ArrayDataSource",
+                "RemoteDataSource",
+            ):
+                leaves.append(ds)
+                nodes.append(ds._n_arrays())
+            else:
+                return None
+        return leaves, (self.flatten, nodes), trims
+
+    def _flat_output(self) -> bool:
+        """Whether batches are one flat tuple of arrays (what server-side maps need)."""
+        return self.flatten and all(
+            not isinstance(ds, CompositeDataSource) or ds._flat_output() for ds in self.datasets
+        )
+
+    def _stream(
+        self,
+        batch_size: int,
+        shuffle: Any,
+        maps: list[MapDataSource] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[Any] | None:
+        """The whole composite as one plan on the server (one stream, one credit window),
+        or ``None`` when some child cannot travel (then children stream one by one)."""
+        tree = self._tree()
+        if tree is None or len(tree[2]) != 1 or (maps and not self._flat_output()):
+            return None
+        leaves, shape, trims = tree
+        try:
+            rng = resolve_shuffle(shuffle)
+        except UnsupportedShuffle:
+            return None
+        children: list[dict[str, Any]] = []
+        arrays: list[Any] = []
+        refs: list[dict[str, Any]] = []
+        client: Any = None
+        for leaf in leaves:
+            plan = plan_for(leaf.sampler)
+            target = leaf._server_target()
+            if plan is None or target is None or (plan[0]["kind"].startswith("weighted") and rng is None):
+                return None
+            if client is not None and target[0] is not client:
+                return None
+            client, ref, fields = target
+            spec = dict(plan[0])
+            for key in ("indices", "weights"):
+                if key in spec:
+                    spec[key] += len(arrays)
+            arrays += plan[1]
+            children.append(spec)
+            refs.append({"source": ref, "fields": fields, "include_indices": bool(leaf.include_indices)})
+        plan_spec = {"kind": "composite", "trim": trims.pop(), "children": children}
+        flat = stream_plan(
+            client, {"composite": refs}, (plan_spec, arrays), batch_size, shuffle, False, None, maps, shard
+        )
+        if flat is None or maps:
+            return flat
+        return (_rebuild(batch, shape) for batch in flat)
 
     def _check_indices(self, indices: Any, method: str) -> None:
         _require_random_access(self._random_access, method)

@@ -9,7 +9,7 @@ import numpy as np
 
 from batchup_protocol.plan import check_shard
 
-from .data_source import RandomAccessDataSource, stream_from
+from .data_source import RandomAccessDataSource, plan_for, stream_from
 
 __all__ = ["RemoteArray", "RemoteDataSource", "common_remote_source"]
 
@@ -71,6 +71,12 @@ class RemoteDataSource(RandomAccessDataSource):
         if self.include_indices:
             return (indices,) + batch
         return batch
+
+    def _n_arrays(self) -> int:
+        return len(self.fields) + (1 if self.include_indices else 0)
+
+    def _server_target(self) -> tuple[Any, dict[str, Any], list[str]] | None:
+        return (self.client, self.source_ref, self.fields) if plan_for(self.sampler) is not None else None
 
     def _stream(
         self,

@@ -100,6 +100,7 @@ class StreamEntry:
     slot_pool: Pool | None = None  #: shared-memory slots (None = batches go as frames)
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transform_seed: int = 0
+    parts: list[tuple[SourceSpec, list[int], bool]] = dataclasses.field(default_factory=list)  #: composites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Job:
     slot_bytes: int = 0
     transforms: tuple[dict[str, Any], ...] = ()
     transform_seed: int = 0
+    parts: tuple[tuple[SourceSpec, list[int], bool], ...] = ()
 
 
 @dataclasses.dataclass
@@ -525,6 +527,45 @@ class Router:
                 raise RequestError(ErrorCode.UNAVAILABLE, f"{name}: {exc}") from exc
         return entry
 
+    @staticmethod
+    def _check_plan_fits(plan: dict[str, Any], arrays: list[Any], length: int) -> None:
+        """A (child) plan's indices lie in its source; a standard plan has its length."""
+        for key in ("indices",):
+            pos = plan.get(key)
+            if isinstance(pos, int) and 0 <= pos < len(arrays):
+                arr = arrays[pos]
+                if arr.dtype.kind in "iu" and not _in_range(arr, length):
+                    raise RequestError(
+                        ErrorCode.INVALID_ARGUMENT,
+                        f"plan indices out of range for a source of length {length}",
+                    )
+        if plan.get("kind") == "standard" and plan.get("length") != length:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"plan length {plan.get('length')} differs from the source's length {length}",
+            )
+
+    def _composite_parts(self, source: dict[str, Any]) -> list[tuple[SourceEntry, list[int], bool]]:
+        """``{"composite": [{"source": ref, "fields": [...]|None, "include_indices": bool}, ...]}``."""
+        children = source.get("composite")
+        if not isinstance(children, list) or not children or not all(isinstance(c, dict) for c in children):
+            raise RequestError(ErrorCode.MALFORMED, "source.composite should be a non-empty list of maps")
+        parts = []
+        for child in children:
+            ref = child.get("source")
+            if not isinstance(ref, dict) or "composite" in ref:
+                raise RequestError(
+                    ErrorCode.MALFORMED, "a composite child's source should be a plain source reference"
+                )
+            entry = self._resolve(ref)
+            names = child.get("fields")
+            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise RequestError(
+                    ErrorCode.MALFORMED, "a composite child's fields should be a list of names"
+                )
+            parts.append((entry, self._select(entry, names), bool(child.get("include_indices", False))))
+        return parts
+
     def _select(self, entry: SourceEntry, names: list[str] | None) -> list[int]:
         all_names = [f["name"] for f in entry.fields]
         if names is None:
@@ -541,14 +582,28 @@ class Router:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream_id should be >= 1, got {msg.stream_id}")
         if msg.stream_id in client.streams:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
-        entry = self._resolve(msg.source)
-        fields = self._select(entry, msg.fields)
+        if "composite" in msg.source:
+            parts = self._composite_parts(msg.source)
+            entries = [p[0] for p in parts]
+            children = msg.plan.get("children") if msg.plan.get("kind") == "composite" else None
+            if not isinstance(children, list) or len(children) != len(parts):
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT, "a composite source needs a composite plan, one child each"
+                )
+            fields: list[int] = []
+            row_bytes = sum(sum(e.row_bytes[i] for i in f) + (8 if inc else 0) for e, f, inc in parts)
+            n_arrays = sum(len(f) + inc for _, f, inc in parts)
+        else:
+            entry = self._resolve(msg.source)
+            entries, children, parts = [entry], [msg.plan], []
+            fields = self._select(entry, msg.fields)
+            row_bytes = sum(entry.row_bytes[i] for i in fields) + (8 if msg.include_indices else 0)
+            n_arrays = len(fields) + 1
         transforms = self._check_transforms(msg.transforms)
         try:
             batch_size = check_batch_size(msg.batch_size)
         except (TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-        row_bytes = sum(entry.row_bytes[i] for i in fields) + (8 if msg.include_indices else 0)
         if batch_size * row_bytes > self.config.max_message_bytes:
             raise RequestError(
                 ErrorCode.TOO_LARGE,
@@ -575,30 +630,22 @@ class Router:
             window = CreditWindow(msg.credit_batches, msg.credit_bytes)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
-        for arr in arrays:
-            if arr.dtype.kind in "iu" and not _in_range(arr, entry.length):
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"plan indices out of range for a source of length {entry.length}",
-                )
-        if msg.plan.get("kind") == "standard" and msg.plan.get("length") != entry.length:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"plan length {msg.plan.get('length')} differs from the source's length {entry.length}",
-            )
+        for child, entry in zip(children, entries):
+            self._check_plan_fits(child, arrays, entry.length)
         stream = StreamEntry(
             client,
             msg.stream_id,
             Stream(plan, rng, window, row_bytes, msg.assigned),
-            entry.spec,
+            entries[0].spec,
             fields,
             msg.include_indices,
             transforms=transforms,
             transform_seed=msg.transform_seed,
+            parts=[(e.spec, f, inc) for e, f, inc in parts],
         )
         slots = 0
         if msg.shm and not msg.assigned:
-            slots = self._make_pool(stream, batch_size, row_bytes, len(fields) + 1, msg)
+            slots = self._make_pool(stream, batch_size, row_bytes, n_arrays, msg)
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)
         pool = stream.slot_pool
@@ -740,6 +787,7 @@ class Router:
                     entry.slot_pool.slot_bytes if entry.slot_pool else 0,
                     tuple(entry.transforms),
                     entry.transform_seed,
+                    tuple(entry.parts),
                 )  # fmt: skip
                 self._send_task(worker, job, item)
 
@@ -765,6 +813,11 @@ class Router:
         if job.transforms:
             header["transforms"] = list(job.transforms)
             header["transform_seed"] = job.transform_seed
+        if job.parts:
+            header["parts"] = [
+                {"source": spec.to_wire(), "fields": f, "include_indices": inc} for spec, f, inc in job.parts
+            ]
+            header["splits"] = list(task.splits or ())
         try:
             self._send_code(worker, job)
             worker.socket.send_multipart(

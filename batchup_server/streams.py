@@ -87,6 +87,15 @@ class Task:
     indices: np.ndarray[Any, Any]
     rng: dict[str, Any] | None
     slot: int = -1  #: the shared-memory slot to fill, -1 when the batch goes as frames
+    splits: tuple[int, ...] | None = None  #: composites: rows of each child, in ``indices`` order
+
+
+def _joined(indices: Any) -> tuple[np.ndarray[Any, Any], tuple[int, ...] | None]:
+    """A composite plan's per-child index arrays as one array and the children's lengths."""
+    if not isinstance(indices, list):
+        return indices, None
+    splits = tuple(len(i) for i in indices)
+    return np.concatenate([np.asarray(i, dtype=np.int64) for i in indices]), splits
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -190,8 +199,10 @@ class Stream:
             self._end_sent = True
             return End(self.end if self.end is not None else seq, self.generation, rng)
         self._sent.add(seq)
-        self.window.take(seq, len(indices) * self.row_bytes)
-        return Task(seq, self.generation, indices, rng, -1)
+        indices, splits = _joined(indices)
+        rows = len(indices) if splits is None else max(splits, default=0)
+        self.window.take(seq, rows * self.row_bytes)
+        return Task(seq, self.generation, indices, rng, -1, splits)
 
     def use_slots(self, free: list[int], slots: int) -> None:
         """Deliver through a pool of ``slots`` slots whose free ones are ``free`` (shared,
@@ -224,10 +235,12 @@ class Stream:
         if indices is None:
             self.finished = True
             return End(seq, self.generation, rng)
-        self.window.take(seq, len(indices) * self.row_bytes)
+        indices, splits = _joined(indices)
+        rows = len(indices) if splits is None else max(splits, default=0)
+        self.window.take(seq, rows * self.row_bytes)
         self.next_seq = seq + 1
         slot = self.free_slots.pop(0) if self.free_slots is not None else -1
-        return Task(seq, self.generation, indices, rng, slot)
+        return Task(seq, self.generation, indices, rng, slot, splits)
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]
         """The client consumed ``consumed`` batches in all and grants ``batches`` more.

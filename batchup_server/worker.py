@@ -63,23 +63,27 @@ class TaskRunner:
     def run(self, header: dict[str, Any], indices: np.ndarray[Any, Any]) -> tuple[Any, list[Any], str]:
         """The reply to a task: ``(message, arrays, error text or "")``."""
         try:
-            source = self._source(header["source"])
             transforms = header.get("transforms")
-            if header["slot"] >= 0 and not transforms:
-                return self._into_slot(header, source, indices), [], ""
-            arrays = source.gather(indices, header["fields"])
-            if header["include_indices"]:
-                arrays = [indices, *arrays]
+            parts = header.get("parts")
+            if parts:
+                arrays = self._gather_parts(parts, header["splits"], indices)
+            else:
+                source = self._source(header["source"])
+                if header["slot"] >= 0 and not transforms:
+                    return self._into_slot(header, source, indices), [], ""
+                arrays = source.gather(indices, header["fields"])
+                if header["include_indices"]:
+                    arrays = [indices, *arrays]
             if header["gather"]:
                 return proto.GatherResult(header["seq"]), arrays, ""
             container = ""
             if transforms:
                 fns = self._transforms(transforms)
                 container, arrays = apply_transforms(fns, arrays, header["transform_seed"], header["seq"])
-                if header["slot"] >= 0:
-                    placed = self._copy_into_slot(header, arrays, container)
-                    if placed is not None:
-                        return placed, [], ""
+            if header["slot"] >= 0:
+                placed = self._copy_into_slot(header, arrays, container)
+                if placed is not None:
+                    return placed, [], ""
             batch = proto.Batch(
                 header["stream"], header["seq"], header["gen"], header["rng"], container=container
             )
@@ -97,6 +101,19 @@ class TaskRunner:
                 -1 if gather else header["gen"],
             )
             return err, [], f"{type(exc).__name__}: {exc}"
+
+    def _gather_parts(
+        self, parts: list[dict[str, Any]], splits: list[int], indices: np.ndarray[Any, Any]
+    ) -> list[Any]:
+        """A composite's batch: each child's rows from its own source, one after another."""
+        arrays: list[Any] = []
+        start = 0
+        for part, n in zip(parts, splits, strict=True):
+            idx = indices[start : start + n]
+            start += n
+            got = self._source(part["source"]).gather(idx, part["fields"])
+            arrays += [idx, *got] if part["include_indices"] else got
+        return arrays
 
     def _copy_into_slot(self, header: dict[str, Any], arrays: list[Any], container: str) -> Any:
         """A transformed batch copied into its slot; ``None`` when it does not fit (it then

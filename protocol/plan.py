@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
+    "CompositePlan",
     "CountingRNG",
     "PlanState",
     "SequencePlan",
@@ -199,6 +200,46 @@ class WeightedPlan:
         return np.asarray(self.rng.choice(self.indices, size=size, p=self.weights))
 
 
+class CompositePlan:
+    """batchup's ``CompositeDataSource`` over sources with plans: each batch steps every
+    child in order, drawing from the one shared RNG in batchup's order (``zip`` of the
+    children's generators: it stops at the first child that runs out, after the earlier
+    children drew their batch), trimmed to the shortest child batch when ``trim``.
+    ``next`` returns one index array per child."""
+
+    def __init__(self, children: list[SequencePlan | WeightedPlan], trim: bool):
+        self.children = children
+        self.trim = trim
+        self.batch_size = children[0].batch_size if children else 1
+
+    def get_state(self) -> Any:
+        return _CompositeState(tuple(c.get_state() for c in self.children))
+
+    def set_state(self, state: Any) -> None:
+        for child, s in zip(self.children, state.states):
+            child.set_state(s)
+
+    def num_samples(self) -> float:
+        return min(c.num_samples() for c in self.children)
+
+    def next(self) -> list[IntArray] | None:  # type: ignore[override]
+        out = []
+        for child in self.children:
+            idx = child.next()
+            if idx is None:
+                return None
+            out.append(idx)
+        if self.trim:
+            shortest = min(len(i) for i in out)
+            out = [i[:shortest] for i in out]
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CompositeState:
+    states: tuple[PlanState, ...]
+
+
 def check_shard(rank: Any, world_size: Any) -> tuple[int, int] | None:
     """Validate ``rank`` / ``world_size`` (both or neither); ``None`` when not sharding."""
     if rank is None and world_size is None:
@@ -230,7 +271,7 @@ class ShardedPlan:
     last may be smaller, or empty when it has fewer samples than ranks), and together see
     each sample of the global stream exactly once."""
 
-    def __init__(self, inner: SequencePlan | WeightedPlan, rank: int, world_size: int):
+    def __init__(self, inner: SequencePlan | WeightedPlan | CompositePlan, rank: int, world_size: int):
         self.inner = inner
         self.rank, self.world_size = rank, world_size
         self.batch_size = -(-inner.batch_size // world_size)
@@ -244,15 +285,17 @@ class ShardedPlan:
     def num_samples(self) -> float:
         return self.inner.num_samples()
 
-    def next(self) -> IntArray | None:
+    def next(self) -> Any:
         idx = self.inner.next()
         if idx is None:
             return None
+        if isinstance(idx, list):  # a composite: cut every child's (trimmed) part alike
+            return [i[slice(*shard_slice(len(i), self.rank, self.world_size))] for i in idx]
         start, stop = shard_slice(len(idx), self.rank, self.world_size)
         return idx[start:stop]
 
 
-Plan = SequencePlan | WeightedPlan | ShardedPlan
+Plan = SequencePlan | WeightedPlan | ShardedPlan | CompositePlan
 
 
 def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: list[IntArray]) -> Plan:
@@ -271,6 +314,18 @@ def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: l
         assert not isinstance(inner, ShardedPlan)
         return ShardedPlan(inner, rank, world)
     kind = spec.get("kind")
+    if kind == "composite":
+        children = spec.get("children")
+        if not isinstance(children, list) or not children:
+            raise ValueError("a composite plan needs a non-empty list of children")
+        built = []
+        for child in children:
+            if not isinstance(child, dict) or child.get("kind") == "composite" or "shard" in child:
+                raise ValueError("composite children should be plain plans (nest by flattening)")
+            plan = build_plan(child, batch_size, rng, arrays)
+            assert isinstance(plan, SequencePlan | WeightedPlan)
+            built.append(plan)
+        return CompositePlan(built, bool(spec.get("trim", True)))
     if kind == "standard":
         return SequencePlan(int(spec["length"]), batch_size, int(spec.get("repeats", 1)), None, rng)
     if kind == "subset":

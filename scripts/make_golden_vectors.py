@@ -189,6 +189,34 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             ),
             [],
         ),
+        # (1.2) batchup's semi-supervised composite as one plan: a labelled subset repeating
+        # forever beside an unlabelled source, both shuffled from one RNG
+        "open_stream.composite": (
+            proto.OpenStream(
+                4,
+                3,
+                {
+                    "composite": [
+                        {"source": {"name": "mnist"}, "fields": ["X", "y"], "include_indices": False},
+                        {"source": {"name": "unlabelled"}, "fields": None, "include_indices": True},
+                    ]
+                },
+                {
+                    "kind": "composite",
+                    "trim": True,
+                    "children": [
+                        {"kind": "subset", "repeats": -1, "indices": 0},
+                        {"kind": "standard", "length": 60000, "repeats": 1},
+                    ],
+                    "rng": _rng_state(5),
+                },
+                64,
+                False,
+                32,
+                1 << 26,
+            ),
+            [np.array([0, 5, 9, 13], dtype="<i8")],
+        ),
         # (1.2) an assigned stream (several servers): make batches 12, 14 and 15
         "credit.assign": (proto.Credit(3, 3, 11, [], [12, 14, 15]), []),
         # (1.2) a transformed batch whose function returned a list

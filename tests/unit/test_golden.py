@@ -188,6 +188,32 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         ),
         [],
     ),
+    "open_stream.composite": (
+        proto.OpenStream(
+            request_id=4,
+            stream_id=3,
+            source={
+                "composite": [
+                    {"source": {"name": "mnist"}, "fields": ["X", "y"], "include_indices": False},
+                    {"source": {"name": "unlabelled"}, "fields": None, "include_indices": True},
+                ]
+            },
+            plan={
+                "kind": "composite",
+                "trim": True,
+                "children": [
+                    {"kind": "subset", "repeats": -1, "indices": 0},
+                    {"kind": "standard", "length": 60000, "repeats": 1},
+                ],
+                "rng": rng_state(5),
+            },
+            batch_size=64,
+            include_indices=False,
+            credit_batches=32,
+            credit_bytes=1 << 26,
+        ),
+        [np.array([0, 5, 9, 13], dtype="<i8")],
+    ),
     "credit.assign": (proto.Credit(stream_id=3, batches=3, consumed=11, assign=[12, 14, 15]), []),
     "batch.list": (
         proto.Batch(stream_id=2, seq=5, generation=0, container="list"),
@@ -212,7 +238,14 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [],
     ),
 }
-VARIANTS = {"describe.dataset", "error.not_ready", "open_stream.transforms", "batch.list", "credit.assign"}
+VARIANTS = {
+    "describe.dataset",
+    "error.not_ready",
+    "open_stream.transforms",
+    "batch.list",
+    "credit.assign",
+    "open_stream.composite",
+}
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 
