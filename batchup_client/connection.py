@@ -113,7 +113,7 @@ def load_client_keys(
 
 def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
     try:
-        return zmq.auth.load_certificate(os.fspath(path))
+        return zmq.auth.load_certificate(os.path.expanduser(os.fspath(path)))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{what} {os.fspath(path)}: cannot read a CURVE key file ({exc})") from exc
 

@@ -45,7 +45,7 @@ examples:
   batchup-server --bind ipc:///tmp/batchup.sock --log-level debug
   batchup-server ping tcp://127.0.0.1:5555
   batchup-server keygen server --dir keys
-  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key keys/server.key_secret \
+  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key keys/server.key_secret \\
                  --curve-clients keys/clients
   batchup-server fetch cifar10 mnist
   batchup-server --download          (fetch a dataset on a client's first request)
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--curve-clients",
         metavar="DIR",
         help="folder of the public keys (NAME.key files) of the clients allowed to connect; "
-        "any other client gets an authentication error",
+        "any other client gets an authentication error; re-read when its files change",
     )
     p.add_argument(
         "--insecure",
@@ -186,7 +186,7 @@ KEYGEN_HELP = """Write a CurveZMQ key pair: NAME.key (public; share it) and NAME
 mode 0600; keep it on this host).
 
 The server's pair:      batchup-server keygen server --dir keys
-                        batchup-server --bind tcp://0.0.0.0:5555 \
+                        batchup-server --bind tcp://0.0.0.0:5555 \\
                             --curve-secret-key keys/server.key_secret --curve-clients keys/clients
                         (give clients keys/server.key)
 Each client's pair:     batchup-server keygen alice --dir alice-keys     (on the client's host)
@@ -212,12 +212,14 @@ def _keygen(argv: list[str]) -> int:
     except (KeyFileError, OSError) as exc:
         print(f"batchup-server keygen: error: {exc}", file=sys.stderr)
         return 2
-    print(f"public key: {public}  (share it: the server's goes to clients, a client's into --curve-clients)")
-    print(f"secret key: {secret}  (mode 0600; never copy it off this host)")
+    print(f"public key: {public}  (share it)")
+    print(f"secret key: {secret}  (mode 0600; keep it on this host)")
     print()
-    print("use as the server's keys:")
-    print(f"  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key {secret} --curve-clients DIR")
-    print("use as a client's keys (after copying its public key into the server's --curve-clients DIR):")
+    print("if this is the server's pair (give clients the public key):")
+    print(
+        f"  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key {secret} --curve-clients CLIENTS_DIR"
+    )
+    print("if this is a client's pair (copy the public key into the server's CLIENTS_DIR first):")
     print(f'  batchup_client.connect("tcp://HOST:5555", server_key="server.key", client_key="{secret}")')
     print(f"  or: export BATCHUP_SERVER_KEY=server.key BATCHUP_CLIENT_KEY={secret}")
     return 0

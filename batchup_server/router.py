@@ -181,7 +181,7 @@ class Router:
         self._retry: collections.deque[tuple[Job, Task]] = collections.deque()
         self._pools_made = 0
         self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
-        self.auth: Any = None
+        self.auth: Authenticator | None = None
         try:
             if curve is not None:
                 self.auth = start_authenticator(self.ctx, curve)
@@ -253,6 +253,7 @@ class Router:
             if now >= next_check:
                 next_check = now + min(0.5, self.config.heartbeat_interval)
                 self._check_workers()
+                self._refresh_keys()
                 self._reap_clients(now)
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.info("parent process %d is gone; shutting down", self.config.parent_pid)
@@ -909,6 +910,13 @@ class Router:
             lost, worker.outstanding = worker.outstanding, {}
             self._retry.extend(lost.values())
 
+    def _refresh_keys(self) -> None:
+        if self.auth is None:
+            return
+        count = self.auth.refresh()
+        if count is not None:
+            log.info("CURVE: client keys changed; %d authorised key(s) in %s now", count, self.auth.folder)
+
     def _reap_clients(self, now: float) -> None:
         for client in list(self.clients.values()):
             if now - client.last_seen > self.config.client_timeout:
@@ -959,16 +967,45 @@ def make_curve_server(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
 
 
-def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> Any:
-    """Start a ZAP handler in ``ctx`` admitting the public keys in ``keys.clients_dir``.
+class Authenticator:
+    """A ZAP handler in a context, admitting the public keys in ``keys.clients_dir``.
 
-    It serves every CURVE socket of the context, whichever side connects."""
-    from zmq.auth.thread import ThreadAuthenticator
+    It serves every CURVE socket of the context, whichever side connects. :meth:`refresh`
+    re-reads the folder when its ``*.key`` files changed, so a client key added (or
+    removed) takes effect for new connections without a restart."""
 
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("batchup_server.auth"))
-    auth.start()
-    auth.configure_curve(domain="*", location=keys.clients_dir)
-    return auth
+    def __init__(self, ctx: zmq.Context[Any], keys: CurveKeys):
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.folder = keys.clients_dir
+        self.stamp = self._stamp()
+        self.thread = ThreadAuthenticator(ctx, log=logging.getLogger("batchup_server.auth"))
+        self.thread.start()
+        self.thread.configure_curve(domain="*", location=self.folder)
+
+    def _stamp(self) -> tuple[tuple[str, int], ...]:
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".key"))
+            return tuple((n, os.stat(os.path.join(self.folder, n)).st_mtime_ns) for n in names)
+        except OSError:
+            return ()
+
+    def refresh(self) -> int | None:
+        """Reload the keys if the folder changed; the number of keys now, or None."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return None
+        self.stamp = stamp
+        self.thread.configure_curve(domain="*", location=self.folder)
+        return len(stamp)
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> Authenticator:
+    """Start the ZAP handler of ``ctx`` (see :class:`Authenticator`)."""
+    return Authenticator(ctx, keys)
 
 
 def _in_range(indices: np.ndarray[Any, Any], length: int) -> bool:
@@ -1015,8 +1052,12 @@ def worker_main(
     results.send(msgpack.packb({"worker": index, "ready": True}))  # tasks may come now
     clients: dict[str, zmq.Socket[Any]] = {}
     runner = TaskRunner(registry)
+    next_refresh = time.monotonic() + 1.0
     try:
         while True:
+            if auth is not None and time.monotonic() >= next_refresh:
+                auth.refresh()  # client keys added or removed since
+                next_refresh = time.monotonic() + 1.0
             if not tasks.poll(500):
                 if os.getppid() != parent_pid:
                     return  # the server died; do not linger

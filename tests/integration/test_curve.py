@@ -366,3 +366,22 @@ def test_authorised_clients_beyond_loopback_are_trusted_with_code(keys: Keys) ->
             np.testing.assert_array_equal(y2, y[:4])
     finally:
         _stop(server)
+
+
+def test_a_client_key_added_to_the_folder_is_served_without_a_restart(keys: Keys, tmp_path: Any) -> None:
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    os.link(f"{keys.clients}/alice.key", clients / "alice.key")
+    server = _start("--curve-secret-key", keys.server_secret, "--curve-clients", str(clients))
+    try:
+        bob = {"server_key": keys.server_public, "client_key": keys.bob}
+        _refused(server.endpoint, **bob)
+        os.link(f"{os.path.dirname(keys.bob)}/bob.key", clients / "bob.key")
+        server.wait_for_log(r"CURVE: client keys changed; 2 authorised key\(s\)")
+        with batchup_client.connect(server.endpoint, share_memory=False, **bob) as client:
+            assert len(list(client.source("demo").batch_iterator(batch_size=6000))) == 2
+        (clients / "bob.key").unlink()
+        server.wait_for_log(r"CURVE: client keys changed; 1 authorised key\(s\)")
+        _refused(server.endpoint, **bob)
+    finally:
+        _stop(server)
