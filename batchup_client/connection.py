@@ -170,6 +170,7 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
         self.lost: str = ""
         self.mechanism = -1  #: the socket's security mechanism (zmq.CURVE or zmq.NULL), once made
+        self.made = threading.Event()  #: set once the socket exists (and ``mechanism`` is known)
 
     def run(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -178,6 +179,7 @@ class _Heartbeat(threading.Thread):
         if self.curve is not None:
             self.curve.apply(sock)
         self.mechanism = sock.getsockopt(zmq.MECHANISM)  # type: ignore[assignment]
+        self.made.set()
         try:
             sock.connect(self.address)
             last_ok = time.monotonic()
@@ -422,6 +424,8 @@ class Client:
 
     def mechanisms(self) -> dict[str, int]:
         """Each socket's ZeroMQ security mechanism (``zmq.CURVE`` or ``zmq.NULL``)."""
+        if self._heartbeat is not None:
+            self._heartbeat.made.wait(5.0)  # its thread makes its socket
         return {
             "control": int(self._control.getsockopt(zmq.MECHANISM)),
             "data": int(self._data.getsockopt(zmq.MECHANISM)),
