@@ -19,7 +19,9 @@ from typing import Any
 from . import data_source, distributed, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
 from .connection import Client as _ConnectionClient
+from .connection import load_client_keys
 from .errors import (
+    AuthenticationError,
     BatchupError,
     BatchupTimeout,
     ClientClosed,
@@ -41,6 +43,7 @@ from .local import LocalServer
 from .remote import RemoteDataSource
 
 __all__ = [
+    "AuthenticationError",
     "BatchupError",
     "BatchupTimeout",
     "Client",
@@ -119,6 +122,8 @@ def connect(
     workers: int | None = None,
     server_timeout: float | None = None,
     share_memory: bool | None = None,
+    server_key: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to the batchup-server at ``address`` (``tcp://host:port`` or ``ipc://path``).
 
@@ -129,17 +134,20 @@ def connect(
     With no address, start a private local server for this process (stopped when the
     client closes or the process exits). ``share_memory=False`` forces chunked uploads of
     client arrays even when the server shares this host.
+
+    A server started with CURVE keys needs ``server_key`` (the server's public ``NAME.key``
+    file) and ``client_key`` (this client's ``NAME.key_secret``, whose public half is in the
+    server's ``--curve-clients`` folder); without the arguments ``$BATCHUP_SERVER_KEY`` and
+    ``$BATCHUP_CLIENT_KEY`` name those files. Every socket then authenticates and encrypts;
+    a key the server refuses raises :class:`AuthenticationError`.
     """
     addresses = address.split(",") if isinstance(address, str) else address
-    if addresses is not None and len(addresses) > 1:
-        return FanoutClient(  # type: ignore[return-value]
-            [a.strip() for a in addresses if a.strip()],
-            timeout=timeout,
-            token=token,
-            server_timeout=server_timeout,
-            share_memory=share_memory,
-        )
     if addresses is None or not addresses:
+        if server_key is not None or client_key is not None:
+            raise ValueError(
+                "server_key and client_key are for a server at an address; connect() "
+                "without one starts a private local server, which needs no keys"
+            )
         server = LocalServer(workers=workers)
         try:
             return Client(
@@ -153,12 +161,26 @@ def connect(
         except BaseException:
             server.stop()
             raise
+    if server_key is None and client_key is None:
+        server_key = os.environ.get("BATCHUP_SERVER_KEY") or None
+        client_key = os.environ.get("BATCHUP_CLIENT_KEY") or None
+    curve = load_client_keys(server_key, client_key)
+    if len(addresses) > 1:
+        return FanoutClient(  # type: ignore[return-value]
+            [a.strip() for a in addresses if a.strip()],
+            timeout=timeout,
+            token=token,
+            server_timeout=server_timeout,
+            share_memory=share_memory,
+            curve=curve,
+        )
     return Client(
         addresses[0].strip(),
         timeout=timeout,
         token=token,
         server_timeout=server_timeout,
         share_memory=share_memory,
+        curve=curve,
     )
 
 
@@ -169,8 +191,9 @@ _default_lock = threading.Lock()
 def default_client() -> Client:
     """The process-wide client used by drop-in sources.
 
-    ``$BATCHUP_SERVER`` names a running server; otherwise a private local server starts
-    on first use. It is closed at interpreter exit.
+    ``$BATCHUP_SERVER`` names a running server (with ``$BATCHUP_SERVER_KEY`` and
+    ``$BATCHUP_CLIENT_KEY`` when it requires CURVE keys); otherwise a private local server
+    starts on first use. It is closed at interpreter exit.
     """
     global _default
     with _default_lock:

@@ -1,5 +1,11 @@
 """The client's socket code: control DEALER, data PULL, heartbeat thread.
 
+With CURVE keys (:class:`CurveClientKeys`) all three sockets are CURVE clients that know
+the server's public key: the server proves it holds the matching secret key, and its ZAP
+handler checks this client's public key. While waiting for the ``Welcome`` the client
+watches its control socket's handshake events, so a refused key (or CURVE on one side
+only) is an :class:`~batchup_client.errors.AuthenticationError` at once, not a hang.
+
 This is the only client module that touches ZeroMQ; every ``zmq.ZMQError`` is turned
 into a :mod:`batchup_client.errors` exception here. Stream logic (reordering, RNG
 parity, credits) lives in :mod:`batchup_client.streaming` and only calls the methods
@@ -25,12 +31,14 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.auth
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 from batchup_protocol.host import content_key, host_id, sweep_stale, tune_malloc
 
 from .errors import (
+    AuthenticationError,
     BatchupError,
     BatchupTimeout,
     ClientClosed,
@@ -44,7 +52,7 @@ from .errors import (
 )
 from .streaming import Inbox, SlotPool
 
-__all__ = ["Client", "UPLOAD_CHUNK_BYTES"]
+__all__ = ["Client", "CurveClientKeys", "UPLOAD_CHUNK_BYTES", "load_client_keys"]
 
 log = logging.getLogger("batchup_client")
 
@@ -53,6 +61,84 @@ GOODBYE_LINGER_MS = 250
 POLL_SLICE_MS = 100
 NOT_READY_POLL_S = 0.5  #: how often to ask again for a dataset the server is fetching
 NOT_READY_REPORT_S = 15.0  #: how often to say so in the log
+#: handshakes that fail without detail (libzmq's view of a wrong server key, or of CURVE on
+#: one side only) before the client gives up; a refused key or a mechanism mismatch is at once
+HANDSHAKE_FAILURES = 2
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveClientKeys:
+    """A CURVE client's keys (z85 bytes): the server's public key and this client's pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` a CURVE client of the server (before bind/connect)."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"CurveClientKeys(server={self.server_public.decode()!r}, client={self.public.decode()!r})"
+
+
+def load_client_keys(
+    server_key: str | os.PathLike[str] | None, client_key: str | os.PathLike[str] | None
+) -> CurveClientKeys | None:
+    """Read the server's public key (its ``NAME.key``) and this client's pair (its
+    ``NAME.key_secret``, which holds both halves). ``None`` when neither is given."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        raise ValueError(
+            "CURVE needs both server_key (the server's NAME.key) and client_key (this client's "
+            f"NAME.key_secret), but got server_key={server_key!r}, client_key={client_key!r}"
+        )
+    server_public, _ = _read_key_file(server_key, "server_key")
+    public, secret = _read_key_file(client_key, "client_key")
+    if secret is None:
+        raise ValueError(
+            f"client_key {os.fspath(client_key)} holds only a public key; pass this client's "
+            "NAME.key_secret file (written by `batchup-server keygen NAME`)"
+        )
+    return CurveClientKeys(server_public, public, secret)
+
+
+def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(os.path.expanduser(os.fspath(path)))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {os.fspath(path)}: cannot read a CURVE key file ({exc})") from exc
+
+
+def handshake_failure(address: str, event: int, curve: CurveClientKeys | None) -> str:
+    """What a failed security handshake with ``address`` means, and what to do."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and curve is not None:
+        return (
+            f"the batchup-server at {address} refused this client's CURVE key (public key "
+            f"{curve.public.decode()}): it is not among the server's authorised client keys; copy "
+            "this client's NAME.key into the server's --curve-clients folder"
+        )
+    if curve is not None:
+        return (
+            f"the CURVE handshake with {address} failed: server_key is not the public key of the "
+            "server there, or that server does not use CURVE (then connect without keys, or start "
+            "it with --curve-secret-key and --curve-clients)"
+        )
+    return (
+        f"the security handshake with {address} failed: the server there requires CURVE "
+        "authentication (or is not a batchup-server); pass server_key= (the server's NAME.key) "
+        "and client_key= (this client's NAME.key_secret) to batchup_client.connect(), or set "
+        "BATCHUP_SERVER_KEY and BATCHUP_CLIENT_KEY"
+    )
 
 
 def _local_address_towards(host: str, port: int) -> str:
@@ -70,18 +156,31 @@ class _Heartbeat(threading.Thread):
     """Sends heartbeats on a socket of its own, so a busy training step never starves them."""
 
     def __init__(
-        self, ctx: zmq.Context[Any], address: str, client_id: bytes, interval: float, timeout: float
+        self,
+        ctx: zmq.Context[Any],
+        address: str,
+        client_id: bytes,
+        interval: float,
+        timeout: float,
+        curve: CurveClientKeys | None = None,
     ):
         super().__init__(name="batchup-heartbeat", daemon=True)
         self.ctx, self.address, self.client_id = ctx, address, client_id
         self.interval, self.timeout = interval, timeout
+        self.curve = curve
         self.stopped = threading.Event()
         self.lost: str = ""
+        self.mechanism = -1  #: the socket's security mechanism (zmq.CURVE or zmq.NULL), once made
+        self.made = threading.Event()  #: set once the socket exists (and ``mechanism`` is known)
 
     def run(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.client_id + proto.HEARTBEAT_SUFFIX)
+        if self.curve is not None:
+            self.curve.apply(sock)
+        self.mechanism = sock.getsockopt(zmq.MECHANISM)  # type: ignore[assignment]
+        self.made.set()
         try:
             sock.connect(self.address)
             last_ok = time.monotonic()
@@ -122,12 +221,14 @@ class Client:
         server_timeout: float | None = None,
         on_close: Callable[[], None] | None = None,
         share_memory: bool | None = None,
+        curve: CurveClientKeys | None = None,
     ):
         if not isinstance(address, str) or address.split("://", 1)[0] not in ("tcp", "ipc"):
             raise ValueError(f"address should start with tcp:// or ipc://, got {address!r}")
         self.address = address
         self.timeout = timeout
         self.client_id = secrets.token_bytes(16)
+        self.curve = curve  #: CURVE keys (None: plain ZeroMQ, for loopback/ipc servers)
         self._on_close = on_close
         self._closed = False
         tune_malloc()
@@ -160,9 +261,13 @@ class Client:
             self._control = self._ctx.socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
             self._control.setsockopt(zmq.ROUTING_ID, self.client_id)
-            self._control.connect(address)
             self._data = self._ctx.socket(zmq.PULL)
             self._data.setsockopt(zmq.LINGER, 0)
+            if curve is not None:
+                curve.apply(self._control)
+                curve.apply(self._data)  # batches are accepted only from the holder of the server's key
+            self._monitor: zmq.Socket[Any] | None = self._control.get_monitor_socket(_HANDSHAKE_EVENTS)
+            self._control.connect(address)
             self.data_endpoint = self._bind_data(address)
         except zmq.ZMQError as exc:
             self._teardown()
@@ -190,6 +295,7 @@ class Client:
             self.client_id,
             welcome.heartbeat_interval,
             server_timeout or max(5.0, 5 * welcome.heartbeat_interval),
+            curve,
         )
         self._heartbeat.start()
         log.info(
@@ -219,12 +325,15 @@ class Client:
         )
         self._send(hello)
         try:
+            self._watch_handshake(time.monotonic() + self.timeout)
             reply, _ = self._wait_reply(0, self.timeout, heartbeat=False)
         except BatchupTimeout as exc:
             raise ConnectionLost(
                 f"no batchup-server answered at {self.address} within {self.timeout:g}s; "
                 "is it running, and is the address right?"
             ) from exc
+        finally:
+            self._stop_monitor()
         if not isinstance(reply, proto.Welcome):
             raise ProtocolViolation(f"expected welcome, got {reply.TYPE}")
         if len(reply.version) != 2 or not proto.is_compatible((reply.version[0], reply.version[1])):
@@ -234,6 +343,43 @@ class Client:
                 f"server answered {reply.version}",
             )
         return reply
+
+    def _watch_handshake(self, deadline: float) -> None:
+        """Wait until the control socket's security handshake succeeded (or a reply came);
+        raise :class:`AuthenticationError` when it fails, instead of waiting for nothing."""
+        assert self._monitor is not None
+        from zmq.utils.monitor import recv_monitor_message
+
+        poller = zmq.Poller()
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._control, zmq.POLLIN)
+        failures = 0
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ready = dict(poller.poll(int(min(left * 1000, POLL_SLICE_MS)) + 1))
+                if self._control in ready:
+                    return  # an answer came, so the handshake succeeded
+                if self._monitor not in ready:
+                    continue
+                event = recv_monitor_message(self._monitor)["event"]
+            except zmq.ZMQError as exc:
+                raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            failures += 1
+            if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or failures >= HANDSHAKE_FAILURES:
+                raise AuthenticationError(handshake_failure(self.address, event, self.curve))
+        raise BatchupTimeout(f"no handshake with {self.address} within {self.timeout:g}s")
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is None:
+            return
+        try:
+            self._control.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._monitor = None
 
     def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
@@ -274,6 +420,17 @@ class Client:
             else f"{self.address.split('://', 1)[0]} socket",
             "batches_copied_out": sum(p.copied for p in self._pool_maps.values()),
             "open_streams": len(self._inboxes),
+            "security": "CURVE" if self.curve is not None else "none",
+        }
+
+    def mechanisms(self) -> dict[str, int]:
+        """Each socket's ZeroMQ security mechanism (``zmq.CURVE`` or ``zmq.NULL``)."""
+        if self._heartbeat is not None:
+            self._heartbeat.made.wait(5.0)  # its thread makes its socket
+        return {
+            "control": int(self._control.getsockopt(zmq.MECHANISM)),
+            "data": int(self._data.getsockopt(zmq.MECHANISM)),
+            "heartbeat": self._heartbeat.mechanism if self._heartbeat is not None else -1,
         }
 
     @property

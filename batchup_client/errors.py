@@ -5,6 +5,8 @@ Hierarchy::
     BatchupError
     ├── ProtocolViolation        the server sent bytes that do not follow PROTOCOL.md
     ├── ConnectionLost           the server is unreachable, died, or reclaimed this client
+    ├── AuthenticationError      the CURVE handshake failed: key not authorised, wrong server key,
+    │                            or one side uses CURVE and the other not (also a PermissionError)
     ├── ClientClosed             you closed this client (or its stream) and then used it
     ├── BatchupTimeout           no answer within the timeout (also a TimeoutError)
     └── RemoteError              the server refused a request or a batch failed there
@@ -26,6 +28,7 @@ from __future__ import annotations
 from batchup_protocol import ErrorCode
 
 __all__ = [
+    "AuthenticationError",
     "BatchupError",
     "BatchupTimeout",
     "ClientClosed",
@@ -55,6 +58,12 @@ class ProtocolViolation(BatchupError):
 
 class ConnectionLost(BatchupError):
     """The server went away or stopped answering heartbeats."""
+
+
+class AuthenticationError(BatchupError, PermissionError):
+    """The security handshake with the server failed (CurveZMQ): this client's key is not
+    among the server's authorised keys, the server key given is not the server's, or one
+    side uses CURVE and the other does not. The message names the address and the fix."""
 
 
 class ClientClosed(BatchupError):

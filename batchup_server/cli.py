@@ -9,6 +9,7 @@ import sys
 
 from .config import DEFAULT_BIND, ConfigError, load_config
 from .plugins import PluginError
+from .security import KeyFileError, keygen
 from .sources import SourceError
 
 __all__ = ["main"]
@@ -24,7 +25,14 @@ The standard datasets (mnist, fashion_mnist, svhn, svhn_extra, cifar10, cifar100
 stl10, usps) are served by name from batchup's cache (<home>/data/, home from
 ~/.batchup.cfg [paths] data_dir, else $BATCHUP_HOME, else ~/.batchup).
 
+Across hosts, clients and server authenticate each other and encrypt everything with
+CurveZMQ: create key pairs with `batchup-server keygen`, start the server with
+--curve-secret-key and --curve-clients, and give clients the server's public key and
+their own key pair. A server bound to anything but loopback (127.0.0.0/8, ::1,
+localhost) or an ipc:// path refuses to start without keys, unless --insecure.
+
 Subcommands:
+  batchup-server keygen NAME      write a CurveZMQ key pair NAME.key / NAME.key_secret
   batchup-server ping ADDRESS     exit 0 when a server answers a handshake at ADDRESS
   batchup-server fetch NAME...    download, verify and convert datasets into the cache
   batchup-server datasets         list the known datasets, which are cached, and sizes
@@ -36,6 +44,9 @@ examples:
   batchup-server --bind tcp://127.0.0.1:5555 --config server.toml --workers 2
   batchup-server --bind ipc:///tmp/batchup.sock --log-level debug
   batchup-server ping tcp://127.0.0.1:5555
+  batchup-server keygen server --dir keys
+  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key keys/server.key_secret \\
+                 --curve-clients keys/clients
   batchup-server fetch cifar10 mnist
   batchup-server --download          (fetch a dataset on a client's first request)
 
@@ -79,6 +90,26 @@ def _parser() -> argparse.ArgumentParser:
         help="largest batch or upload chunk served or accepted (default 1 GiB)",
     )
     p.add_argument("--token", help="require clients to present this token in their handshake")
+    p.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="the server's CurveZMQ key pair (a NAME.key_secret file from `batchup-server keygen`): "
+        "with --curve-clients, every socket that talks to clients authenticates and encrypts",
+    )
+    p.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        help="folder of the public keys (NAME.key files) of the clients allowed to connect; "
+        "any other client gets an authentication error; re-read when its files change",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow binding beyond loopback (e.g. tcp://0.0.0.0:5555) without CURVE keys: anyone "
+        "who reaches the port can read every source, and batches travel in clear text; "
+        "client code is never run for such anonymous clients",
+    )
     p.add_argument(
         "--trust-client-code",
         action="store_true",
@@ -125,15 +156,72 @@ def _ping(argv: list[str]) -> int:
     p.add_argument("address", help="the server's control endpoint, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     p.add_argument("--token", default="", help="token, if the server requires one")
+    p.add_argument(
+        "--server-key", metavar="FILE", help="the server's public key (CURVE; default $BATCHUP_SERVER_KEY)"
+    )
+    p.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="this client's NAME.key_secret (CURVE; default $BATCHUP_CLIENT_KEY)",
+    )
     args = p.parse_args(argv)
     from batchup_client import BatchupError, connect
 
     try:
-        with connect(args.address, timeout=args.timeout, token=args.token) as client:
+        with connect(
+            args.address,
+            timeout=args.timeout,
+            token=args.token,
+            server_key=args.server_key,
+            client_key=args.client_key,
+        ) as client:
             print(f"ok: {args.address} answered (server {client.server_id}, sources {client.sources})")
-    except BatchupError as exc:
+    except (BatchupError, ValueError) as exc:
         print(f"batchup-server ping: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+KEYGEN_HELP = """Write a CurveZMQ key pair: NAME.key (public; share it) and NAME.key_secret (secret,
+mode 0600; keep it on this host).
+
+The server's pair:      batchup-server keygen server --dir keys
+                        batchup-server --bind tcp://0.0.0.0:5555 \\
+                            --curve-secret-key keys/server.key_secret --curve-clients keys/clients
+                        (give clients keys/server.key)
+Each client's pair:     batchup-server keygen alice --dir alice-keys     (on the client's host)
+                        copy alice-keys/alice.key into the server's keys/clients folder, then
+                        batchup_client.connect("tcp://HOST:5555", server_key="server.key",
+                                               client_key="alice-keys/alice.key_secret")
+                        or set BATCHUP_SERVER_KEY=server.key BATCHUP_CLIENT_KEY=alice-keys/alice.key_secret
+"""
+
+
+def _keygen(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="batchup-server keygen",
+        description=KEYGEN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", metavar="NAME", help="file name of the pair, e.g. server or alice")
+    p.add_argument("--dir", default=".", metavar="DIR", help="folder to write into (default: here)")
+    p.add_argument("--force", action="store_true", help="replace an existing pair of that name")
+    args = p.parse_args(argv)
+    try:
+        public, secret = keygen(args.name, args.dir, args.force)
+    except (KeyFileError, OSError) as exc:
+        print(f"batchup-server keygen: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}  (share it)")
+    print(f"secret key: {secret}  (mode 0600; keep it on this host)")
+    print()
+    print("if this is the server's pair (give clients the public key):")
+    print(
+        f"  batchup-server --bind tcp://0.0.0.0:5555 --curve-secret-key {secret} --curve-clients CLIENTS_DIR"
+    )
+    print("if this is a client's pair (copy the public key into the server's CLIENTS_DIR first):")
+    print(f'  batchup_client.connect("tcp://HOST:5555", server_key="server.key", client_key="{secret}")')
+    print(f"  or: export BATCHUP_SERVER_KEY=server.key BATCHUP_CLIENT_KEY={secret}")
     return 0
 
 
@@ -213,7 +301,7 @@ def _log_to_stderr(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"ping": _ping, "fetch": _fetch, "datasets": _datasets}
+    commands = {"ping": _ping, "fetch": _fetch, "datasets": _datasets, "keygen": _keygen}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
@@ -233,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             demo=False if args.no_demo else None,
             download=args.download,
             data_home=args.data_dir,
+            curve_secret_key=args.curve_secret_key,
+            curve_clients=args.curve_clients,
+            insecure=args.insecure,
         )
         from .server import serve
 

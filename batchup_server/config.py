@@ -7,6 +7,8 @@ Example ``server.toml``::
     workers = 2
     plugins = ["mypkg.augment"]            # modules registering transforms and sources
     trust_client_code = false              # run functions clients ship for map() (cloudpickle)
+    curve_secret_key = "keys/server.key_secret"   # CurveZMQ: the server's key pair ...
+    curve_clients = "keys/clients"         # ... and a folder of authorised clients' NAME.key files
 
     [sources.train]                        # .npy files, memory-mapped
     npy = { X = "train_X.npy", y = "train_y.npy" }
@@ -40,6 +42,7 @@ import tomllib
 from typing import Any
 
 from .datasets.store import DatasetSettings
+from .security import insecure_bind_message, is_loopback_endpoint
 from .sources import FieldSpec, SourceSpec
 
 __all__ = ["ConfigError", "ServerConfig", "load_config"]
@@ -71,6 +74,14 @@ class ServerConfig:
     plugin_sources: dict[str, tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     demo: bool = True  #: serve the built-in "demo" source
     datasets: DatasetSettings = dataclasses.field(default_factory=DatasetSettings)
+    curve_secret_key: str = ""  #: the server's CURVE ``NAME.key_secret`` file ("" = no CURVE)
+    curve_clients: str = ""  #: folder of authorised clients' public ``NAME.key`` files
+    insecure: bool = False  #: allow a non-loopback bind without CURVE keys
+
+    @property
+    def curve(self) -> bool:
+        """Whether the server authenticates and encrypts with CURVE."""
+        return bool(self.curve_secret_key)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -86,6 +97,13 @@ class ServerConfig:
             raise ConfigError(f"plugins should be a list of module names, got {self.plugins!r}")
         if "://" not in self.bind:
             raise ConfigError(f"bind should be an endpoint like tcp://127.0.0.1:5555, got {self.bind!r}")
+        if bool(self.curve_secret_key) != bool(self.curve_clients):
+            raise ConfigError(
+                "CURVE needs both curve_secret_key (--curve-secret-key, the server's NAME.key_secret) "
+                "and curve_clients (--curve-clients, a folder of authorised clients' NAME.key files)"
+            )
+        if not self.curve and not self.insecure and not is_loopback_endpoint(self.bind):
+            raise ConfigError(insecure_bind_message(self.bind))
 
 
 def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str, Any]:
@@ -185,6 +203,9 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             if key not in known:
                 raise ConfigError(f"[server] has unknown option {key!r}; known: {sorted(known)}")
             values[key] = value
+        for key in ("curve_secret_key", "curve_clients"):  # paths, relative to the TOML file
+            if isinstance(values.get(key), str) and values[key]:
+                values[key] = os.path.normpath(os.path.join(base, os.path.expanduser(values[key])))
         for name, table in doc.get("sources", {}).items():
             if name == "demo":
                 raise ConfigError("the source name 'demo' is reserved for the built-in demo data")

@@ -11,6 +11,13 @@ Sockets (PROTOCOL.md, "Sockets"):
 * one PUSH per worker (ipc, bound here) carrying tasks; one PULL (ipc) for their results.
 * one PUSH per client, connected to the PULL the client bound; workers connect their
   own PUSH to it, so batches go straight from worker to client.
+
+With CURVE keys (``--curve-secret-key``, ``--curve-clients``) the control ROUTER and every
+data PUSH (the router's and the workers') are CURVE servers, and a ZAP handler
+(pyzmq's ThreadAuthenticator) in the router process and in each worker process admits
+only the client public keys in the clients folder. The client's data PULL is a CURVE
+client holding the server's public key, so it accepts batches only from this server.
+The worker pipes (ipc, private folder) stay plain.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from .datasets.service import DatasetNotReady, DatasetService
 from .datasets.store import DatasetStore, DatasetUnavailable
 from .errors import RequestError
 from .plugins import load_plugins
+from .security import CurveKeys, code_trust
 from .sources import FieldSpec, SourceError, SourceSpec, open_source
 from .streams import CreditWindow, End, Stream, StreamError, Task
 from .uploads import Uploads
@@ -52,6 +60,7 @@ log = logging.getLogger("batchup_server")
 
 WORKER_DEPTH = 4  #: tasks queued per worker, so a worker never waits for the router
 POLL_MS = 100
+AUTH_LOG_EVERY_S = 10.0  #: at most one log line per kind of refused handshake this often
 #: fewest slots in a pool: the user's previous batch is still alive when the next is handed
 #: out, so with fewer slots every batch would be copied out of its slot
 MIN_SLOTS = 4
@@ -143,8 +152,16 @@ class Router:
         server_id: str,
         host: str,
         spawn_worker: Callable[[int, str, str], Any],
+        curve: CurveKeys | None = None,
     ):
         self.config = config
+        self.curve = curve
+        #: whether clients' functions run here (--trust-client-code, and only for clients that
+        #: are authenticated or local); the reason given when they do not
+        self.trusts_code, self._code_refusal = code_trust(
+            config.trust_client_code, config.bind, curve is not None
+        )
+        self._auth_logged: dict[str, tuple[float, int]] = {}
         self.server_id = server_id
         self.host = host
         self.shm_dir = shm_dir
@@ -166,8 +183,11 @@ class Router:
         self._retry: collections.deque[tuple[Job, Task]] = collections.deque()
         self._pools_made = 0
         self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
+        self.auth: Authenticator | None = None
         try:
-            self.control = self._socket(zmq.ROUTER)
+            if curve is not None:
+                self.auth = start_authenticator(self.ctx, curve)
+            self.control = self._socket(zmq.ROUTER, client_facing=True)
             self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
             self.control.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
             self.control.bind(config.bind)
@@ -184,16 +204,21 @@ class Router:
                 self.workers.append(WorkerHandle(i, endpoint, sock, proc))
             self._results_endpoint = results_endpoint
             self.monitor = self.control.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             )
         except zmq.ZMQError as exc:
             self.close()
             raise OSError(f"cannot bind {config.bind}: {exc}") from exc
 
     # ------------------------------------------------------------------ setup
-    def _socket(self, kind: int) -> zmq.Socket[Any]:
+    def _socket(self, kind: int, client_facing: bool = False) -> zmq.Socket[Any]:
+        """A socket with LINGER 0; a CURVE server when it talks to clients and keys are set."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if client_facing and self.curve is not None:
+            make_curve_server(sock, self.curve)
         return sock
 
     @staticmethod
@@ -230,6 +255,7 @@ class Router:
             if now >= next_check:
                 next_check = now + min(0.5, self.config.heartbeat_interval)
                 self._check_workers()
+                self._refresh_keys()
                 self._reap_clients(now)
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.info("parent process %d is gone; shutting down", self.config.parent_pid)
@@ -251,10 +277,45 @@ class Router:
             event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
         except zmq.Again:
             return
-        if event.get("event") == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        kind, value = event.get("event"), event.get("value", 0)
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            assert self.curve is not None
+            self._log_refusal(
+                "auth",
+                f"refused a client whose CURVE public key is not in {self.curve.clients_dir} (ZAP status "
+                f"{value}); add its NAME.key there to serve it",
+            )
+        elif (
+            kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        ):
+            self._log_refusal(
+                "mechanism",
+                "refused a client without CURVE keys (this server requires them)"
+                if self.curve is not None
+                else "refused a client that uses CURVE keys (this server has none; drop the client's keys "
+                "or start the server with --curve-secret-key and --curve-clients)",
+            )
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            self._log_refusal(
+                "crypto", "a client's CURVE handshake failed: its server key is not this server's public key"
+            )
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             log.warning("rejected a connection that does not speak ZMTP (from %s)", event.get("endpoint"))
         else:  # a peer that went away mid-handshake (e.g. a client closed right after connecting)
             log.debug("a connection closed during its handshake (from %s)", event.get("endpoint"))
+
+    def _log_refusal(self, kind: str, text: str) -> None:
+        """Log a refused handshake, at most once per AUTH_LOG_EVERY_S per kind (a refused
+        peer that keeps reconnecting would otherwise fill the log)."""
+        now = time.monotonic()
+        last, suppressed = self._auth_logged.get(kind, (-AUTH_LOG_EVERY_S, 0))
+        if now - last < AUTH_LOG_EVERY_S:
+            self._auth_logged[kind] = (last, suppressed + 1)
+            return
+        more = f" (and {suppressed} more like it in the last {now - last:.0f}s)" if suppressed else ""
+        log.warning("%s%s", text, more)
+        self._auth_logged[kind] = (now, 0)
 
     # ------------------------------------------------------------------ control messages
     def _on_control(self, frames: list[Any]) -> None:
@@ -386,13 +447,19 @@ class Router:
 
     def _on_register_code(self, msg: proto.RegisterCode, arrays: list[Any]) -> None:
         """Keep a trusted client's pickled function (never unpickled here: workers do)."""
-        if not self.config.trust_client_code:
+        if not self.trusts_code:
             named = ", ".join(sorted(self.registry.transforms)) or "none"
+            if self.config.trust_client_code:  # trusted in principle, but these clients are anonymous
+                how = self._code_refusal
+            else:
+                how = (
+                    "this server does not run client code: start the server with --trust-client-code "
+                    "(or trust_client_code = true under [server]) if you trust every client that can "
+                    "reach it"
+                )
             raise RequestError(
                 ErrorCode.UNAUTHORIZED,
-                f"this server does not run client code, so it cannot run {msg.name or 'that function'} "
-                "for ds.map(fn): start the server with --trust-client-code (or trust_client_code = "
-                "true under [server]) if you trust every client that can reach it, or map with a "
+                f"cannot run {msg.name or 'that function'} for ds.map(fn): {how}; or map with a "
                 f"transform a plugin registered, ds.map('name', ...) (this server has: {named})",
             )
         if len(arrays) != 1 or arrays[0].dtype != np.uint8 or arrays[0].ndim != 1:
@@ -447,7 +514,7 @@ class Router:
         if old is not None:
             self._drop_client(old, "said hello again")
         try:
-            data = self._socket(zmq.PUSH)
+            data = self._socket(zmq.PUSH, client_facing=True)
             data.setsockopt(zmq.SNDHWM, 10000)
             data.connect(msg.data_endpoint)
         except zmq.ZMQError as exc:
@@ -469,7 +536,7 @@ class Router:
                 self.config.client_timeout,
                 self.config.max_message_bytes,
                 sorted(self.sources),
-                self.config.trust_client_code,
+                self.trusts_code,
                 sorted(self.registry.transforms),
             ),
         )
@@ -901,6 +968,13 @@ class Router:
             lost, worker.outstanding = worker.outstanding, {}
             self._retry.extend(lost.values())
 
+    def _refresh_keys(self) -> None:
+        if self.auth is None:
+            return
+        count = self.auth.refresh()
+        if count is not None:
+            log.info("CURVE: client keys changed; %d authorised key(s) in %s now", count, self.auth.folder)
+
     def _reap_clients(self, now: float) -> None:
         for client in list(self.clients.values()):
             if now - client.last_seen > self.config.client_timeout:
@@ -938,7 +1012,58 @@ class Router:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(1.0)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
         self.ctx.destroy(linger=0)
+
+
+def make_curve_server(sock: zmq.Socket[Any], keys: CurveKeys) -> None:
+    """Make ``sock`` a CURVE server with the server's key pair (before bind/connect)."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+
+
+class Authenticator:
+    """A ZAP handler in a context, admitting the public keys in ``keys.clients_dir``.
+
+    It serves every CURVE socket of the context, whichever side connects. :meth:`refresh`
+    re-reads the folder when its ``*.key`` files changed, so a client key added (or
+    removed) takes effect for new connections without a restart."""
+
+    def __init__(self, ctx: zmq.Context[Any], keys: CurveKeys):
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.folder = keys.clients_dir
+        self.stamp = self._stamp()
+        self.thread = ThreadAuthenticator(ctx, log=logging.getLogger("batchup_server.auth"))
+        self.thread.start()
+        self.thread.configure_curve(domain="*", location=self.folder)
+
+    def _stamp(self) -> tuple[tuple[str, int], ...]:
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".key"))
+            return tuple((n, os.stat(os.path.join(self.folder, n)).st_mtime_ns) for n in names)
+        except OSError:
+            return ()
+
+    def refresh(self) -> int | None:
+        """Reload the keys if the folder changed; the number of keys now, or None."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return None
+        self.stamp = stamp
+        self.thread.configure_curve(domain="*", location=self.folder)
+        return len(stamp)
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> Authenticator:
+    """Start the ZAP handler of ``ctx`` (see :class:`Authenticator`)."""
+    return Authenticator(ctx, keys)
 
 
 def _in_range(indices: np.ndarray[Any, Any], length: int) -> bool:
@@ -958,15 +1083,24 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------------- worker process
 def worker_main(
-    index: int, task_endpoint: str, results_endpoint: str, parent_pid: int, plugins: tuple[str, ...] = ()
+    index: int,
+    task_endpoint: str,
+    results_endpoint: str,
+    parent_pid: int,
+    plugins: tuple[str, ...] = (),
+    curve: CurveKeys | None = None,
 ) -> None:
-    """A worker process: gather rows for tasks and send batches straight to clients."""
+    """A worker process: gather rows for tasks and send batches straight to clients.
+
+    With ``curve`` its PUSH sockets to clients are CURVE servers, checked by a ZAP handler
+    of its own (the router's cannot serve another process's sockets)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_malloc()  # gathered batches reuse freed heap memory instead of faulting fresh pages
     registry = load_plugins(plugins)
     ctx = zmq.Context()
+    auth = start_authenticator(ctx, curve) if curve is not None else None
     tasks = ctx.socket(zmq.PULL)
     tasks.setsockopt(zmq.LINGER, 0)
     tasks.connect(task_endpoint)
@@ -976,8 +1110,12 @@ def worker_main(
     results.send(msgpack.packb({"worker": index, "ready": True}))  # tasks may come now
     clients: dict[str, zmq.Socket[Any]] = {}
     runner = TaskRunner(registry)
+    next_refresh = time.monotonic() + 1.0
     try:
         while True:
+            if auth is not None and time.monotonic() >= next_refresh:
+                auth.refresh()  # client keys added or removed since
+                next_refresh = time.monotonic() + 1.0
             if not tasks.poll(500):
                 if os.getppid() != parent_pid:
                     return  # the server died; do not linger
@@ -1009,6 +1147,8 @@ def worker_main(
                 sock = clients[endpoint] = ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 10000)
+                if curve is not None:
+                    make_curve_server(sock, curve)
                 sock.connect(endpoint)
             try:
                 sock.send_multipart(proto.encode(msg, arrays), zmq.NOBLOCK, copy=False)
@@ -1020,4 +1160,6 @@ def worker_main(
             results.send(msgpack.packb(reply))
     finally:
         runner.close()
+        if auth is not None:
+            auth.stop()
         ctx.destroy(linger=0)

@@ -22,6 +22,7 @@ from .config import ConfigError, ServerConfig
 from .demo import write_demo_source
 from .plugins import load_plugins
 from .router import Router, worker_main
+from .security import CurveKeys, KeyFileError, client_key_files, is_loopback_endpoint, load_server_keys
 from .sources import FieldSpec, SourceError, SourceSpec, plugin_fields
 
 __all__ = ["serve"]
@@ -71,12 +72,16 @@ def _plugin_source(name: str, kind: str, args: dict[str, Any]) -> SourceSpec:
 
 
 def _spawn_worker(
-    index: int, task_endpoint: str, results_endpoint: str, plugins: tuple[str, ...] = ()
+    index: int,
+    task_endpoint: str,
+    results_endpoint: str,
+    plugins: tuple[str, ...] = (),
+    curve: CurveKeys | None = None,
 ) -> Any:
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=worker_main,
-        args=(index, task_endpoint, results_endpoint, os.getpid(), tuple(plugins)),
+        args=(index, task_endpoint, results_endpoint, os.getpid(), tuple(plugins), curve),
         name=f"batchup-worker-{index}",
         daemon=True,
     )
@@ -84,8 +89,36 @@ def _spawn_worker(
     return proc
 
 
+def _security(config: ServerConfig) -> CurveKeys | None:
+    """The server's CURVE keys (None without), after saying in the log how clients are checked."""
+    if not config.curve:
+        if not is_loopback_endpoint(config.bind):  # only with --insecure (ServerConfig checks)
+            log.warning(
+                "INSECURE: serving %s without CURVE authentication or encryption (--insecure): every "
+                "host that can reach it may read all sources and upload data, and sees batches in clear "
+                "text; clients' code is not run. See `batchup-server keygen --help`.",
+                config.bind,
+            )
+        return None
+    try:
+        keys = load_server_keys(config.curve_secret_key, config.curve_clients)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from None
+    authorised = client_key_files(keys.clients_dir)
+    log.info(
+        "CURVE: server public key %s; %d authorised client key(s) in %s",
+        keys.public.decode(),
+        len(authorised),
+        keys.clients_dir,
+    )
+    if not authorised:
+        log.warning("CURVE: %s holds no NAME.key file, so no client can connect", keys.clients_dir)
+    return keys
+
+
 def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
     """Run a server until SIGINT/SIGTERM (or its parent dies). Returns an exit code."""
+    curve = _security(config)
     runtime, shm = _make_dirs()
     router: Router | None = None
     try:
@@ -98,8 +131,10 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
         for name, (kind, args) in config.plugin_sources.items():
             sources[name] = _plugin_source(name, kind, args)
         server_id = secrets.token_hex(8)
-        spawn = functools.partial(_spawn_worker, plugins=config.plugins)
-        router = Router(config, sources, runtime, shm, server_id, host_id(), spawn)
+        spawn = functools.partial(_spawn_worker, plugins=config.plugins, curve=curve)
+        router = Router(config, sources, runtime, shm, server_id, host_id(), spawn, curve)
+        if config.trust_client_code and not router.trusts_code:
+            log.warning("--trust-client-code is ignored: %s", router._code_refusal)
 
         def stop(signum: int, _frame: Any) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)

@@ -126,6 +126,10 @@ def test_help_explains_every_option():
         "--log-level",
         "ping",
         "SIGTERM",
+        "keygen",
+        "--curve-secret-key",
+        "--curve-clients",
+        "--insecure",
     ):
         assert option in out.stdout, option
 
@@ -136,7 +140,7 @@ def test_help_explains_every_option():
         (["--workers", "zero"], 2, "invalid int value"),
         (["--workers", "0"], 2, "workers should be >= 1"),
         (["--config", "/nonexistent.toml"], 2, "cannot read config file"),
-        (["--bind", "tcp://256.1.1.1:1"], 1, "cannot bind"),
+        (["--insecure", "--bind", "tcp://256.1.1.1:1"], 1, "cannot bind"),  # not loopback: needs --insecure
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(args, code, text):

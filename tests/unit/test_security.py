@@ -1,0 +1,70 @@
+"""The server's security rules, as pure functions: loopback endpoints and code trust."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchup_server.config import ConfigError, ServerConfig
+from batchup_server.security import code_trust, is_loopback_endpoint
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://127.0.0.1:5555",
+        "tcp://127.8.9.10:0",
+        "tcp://localhost:5555",
+        "tcp://[::1]:5555",
+        "tcp://::1:5555",
+        "ipc:///tmp/x.sock",
+        "inproc://x",
+    ],
+)
+def test_loopback_endpoints(endpoint: str) -> None:
+    assert is_loopback_endpoint(endpoint)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://0.0.0.0:5555",
+        "tcp://*:5555",
+        "tcp://[::]:5555",
+        "tcp://192.0.2.2:5555",
+        "tcp://eth0:5555",
+        "tcp://data-host:5555",
+        "tcp://128.0.0.1:5555",
+        "ws://127.0.0.1:5555",
+    ],
+)
+def test_endpoints_reachable_from_the_network(endpoint: str) -> None:
+    assert not is_loopback_endpoint(endpoint)
+
+
+@pytest.mark.parametrize(
+    "flag, bind, curve, trusted",
+    [
+        (False, "tcp://127.0.0.1:1", False, False),
+        (False, "tcp://0.0.0.0:1", True, False),
+        (True, "tcp://127.0.0.1:1", False, True),
+        (True, "ipc:///tmp/s", False, True),
+        (True, "tcp://0.0.0.0:1", True, True),
+        (True, "tcp://0.0.0.0:1", False, False),
+        (True, "tcp://*:1", False, False),
+    ],
+)
+def test_code_trust(flag: bool, bind: str, curve: bool, trusted: bool) -> None:
+    ok, why = code_trust(flag, bind, curve)
+    assert ok is trusted
+    assert bool(why) is not trusted
+    if flag and not trusted:
+        assert "without CURVE authentication" in why and bind in why
+
+
+def test_server_config_is_secure_by_default() -> None:
+    with pytest.raises(ConfigError, match="batchup-server keygen server"):
+        ServerConfig(bind="tcp://0.0.0.0:5555")
+    assert ServerConfig(bind="tcp://0.0.0.0:5555", insecure=True).bind == "tcp://0.0.0.0:5555"
+    assert ServerConfig(bind="tcp://0.0.0.0:5555", curve_secret_key="k", curve_clients="d").curve
+    with pytest.raises(ConfigError, match="both"):
+        ServerConfig(curve_secret_key="k")
