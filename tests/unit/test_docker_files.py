@@ -131,3 +131,50 @@ def test_e2e_script_parses_and_ci_runs_it():
     assert "trap cleanup EXIT" in text and "SKIPPED:" in text
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "docker/e2e.sh" in ci
+
+
+def _train_ranks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_ranks", os.path.join(ROOT, "examples", "train_ranks.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_ranks(folder, epochs_per_rank, n=10):
+    import json
+
+    for rank, epochs in enumerate(epochs_per_rank):
+        record = {
+            "rank": rank,
+            "world_size": len(epochs_per_rank),
+            "n": n,
+            "server": f"s{rank}",
+            "epochs": epochs,
+        }
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+
+
+def test_e2e_check_accepts_disjoint_covering_shards_only(tmp_path, capsys):
+    tr = _train_ranks()
+    even, odd = list(range(0, 10, 2)), list(range(1, 10, 2))
+    good = tmp_path / "good"
+    good.mkdir()
+    _write_ranks(str(good), [[even[::-1], even], [odd, odd[::-1]]])
+    assert tr.check(str(good), 2) == 0
+    assert tr.check(str(good), 3) == 1  # a rank is missing
+
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    _write_ranks(str(dup), [[even, even], [odd, odd[:-1] + [0]]])  # epoch 1: 9 never seen, 0 twice
+    assert tr.check(str(dup), 2) == 1
+    err = capsys.readouterr().err
+    assert "epoch 1: 1 indices never seen" in err and "epoch 1: 1 indices seen twice" in err
+
+    assert tr.check(str(tmp_path / "empty"), 2) == 1
+    assert tr.server_addresses(" tcp://a:1, tcp://b:2 ,") == ["tcp://a:1", "tcp://b:2"]
