@@ -78,7 +78,8 @@ cleanup() {
     if [ "$COMPOSE_STARTED" = 1 ]; then
         if [ "$rc" != 0 ]; then
             log "compose logs (failure):"
-            compose logs --no-color --timestamps >&2 2>&1 | tail -n 200 >&2
+            compose logs --no-color --timestamps 2>&1 | tail -n 200 >&2
+            tail -n 20 "$TMP/dockerd.log" >&2
         fi
         compose down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
     fi
