@@ -70,7 +70,8 @@ phase() { # phase NAME: ends the previous phase (recording its duration) and sta
 TMP="" DOCKERD_PID="" COMPOSE_STARTED=0
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM # a second signal must not cut the teardown short
     set +e
     phase ""
     local t0
