@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Any
 
 from . import data_source, distributed, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
@@ -40,7 +39,7 @@ from .errors import (
 )
 from .fanout import FanoutClient
 from .local import LocalServer
-from .remote import RemoteDataSource
+from .remote import RemoteDataSource, SourceMethods
 
 __all__ = [
     "AuthenticationError",
@@ -72,46 +71,8 @@ __all__ = [
 ]
 
 
-class Client(_ConnectionClient):
+class Client(SourceMethods, _ConnectionClient):
     """A connection to a batchup-server, with batchup-style sources."""
-
-    def source(
-        self,
-        name: str,
-        indices: Any = None,
-        repeats: int = 1,
-        include_indices: bool = False,
-        sampler: Any = None,
-        fields: list[str] | None = None,
-        wait: float | None = None,
-        **params: Any,
-    ) -> RemoteDataSource:
-        """A named source of the server, as a batchup ``RandomAccessDataSource``.
-
-        ``name`` is a source of the server's config, or a standard dataset (``"mnist"``,
-        ``"cifar10"``, ...) with its split and batchup's parameters as keywords::
-
-            client.source("cifar10", split="train", n_val=10000, val_lower=-1.0, val_upper=1.0)
-
-        ``fields`` picks fields (a dataset's: ``X``, ``X_u8``, ``y``, ``y_coarse``; by
-        default what batchup's attributes hold: ``X`` and ``y``). A dataset the server is
-        still fetching is waited for, up to ``wait`` seconds (``None``: as long as it takes).
-        """
-        ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
-        return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
-
-    def array_source(
-        self,
-        data: list[Any],
-        indices: Any = None,
-        repeats: int = 1,
-        include_indices: bool = False,
-        sampler: Any = None,
-    ) -> RemoteDataSource:
-        """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
-        data_source.check_array_list(data)
-        keys = self.ensure_arrays(data)
-        return RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
 
 
 def connect(

@@ -335,7 +335,24 @@ class RandomAccessDataSource(AbstractDataSource):
         world_size: int | None = None,
         **kwargs: Any,
     ) -> Iterator[Any]:
-        yield from self._local_batches(batch_size, shuffle, check_shard(rank, world_size))
+        """batchup's batches, streamed by a server when they can be (:meth:`_stream`); with
+        ``rank``/``world_size``, this rank's shard (:class:`batchup_protocol.plan.ShardedPlan`)."""
+        shard = check_shard(rank, world_size)
+        remote = self._stream(batch_size, shuffle, None, shard)
+        if remote is None:
+            yield from self._local_batches(batch_size, shuffle, shard)
+        else:
+            yield from remote
+
+    def _stream(
+        self,
+        batch_size: int,
+        shuffle: Any,
+        maps: list[MapDataSource] | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[Any] | None:
+        """Batches a server streams (``maps`` applied there), or ``None`` to batch here."""
+        return None
 
 
 def stream_from(
@@ -453,23 +470,6 @@ class ArrayDataSource(RandomAccessDataSource):
             except TypeError:
                 return False
         return True
-
-    def batch_iterator(
-        self,
-        batch_size: int,
-        shuffle: Any = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        **kwargs: Any,
-    ) -> Iterator[Any]:
-        """batchup's batches; with ``rank``/``world_size``, this rank's shard (see
-        :func:`batchup_protocol.plan.ShardedPlan`)."""
-        shard = check_shard(rank, world_size)
-        remote = self._stream(batch_size, shuffle, None, shard)
-        if remote is None:
-            yield from self._local_batches(batch_size, shuffle, shard)
-        else:
-            yield from remote
 
     def _stream(
         self,

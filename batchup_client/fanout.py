@@ -28,7 +28,7 @@ from typing import Any
 from .connection import Client as _Conn
 from .connection import wait_any
 from .errors import BatchupError, ClientClosed, ConnectionLost
-from .remote import RemoteDataSource
+from .remote import SourceMethods
 
 __all__ = ["FanoutClient"]
 
@@ -52,7 +52,7 @@ class _Fan:
     reseeds: list[tuple[int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
 
 
-class FanoutClient:
+class FanoutClient(SourceMethods):
     """A client of several servers with the same sources; see the module docstring."""
 
     def __init__(self, addresses: Sequence[str], **connect_kwargs: Any):
@@ -156,21 +156,6 @@ class FanoutClient:
         for _, conn in self._alive():
             out = conn.ensure_arrays(data, keys)
         return out
-
-    def source(
-        self,
-        name: str,
-        indices: Any = None,
-        repeats: int = 1,
-        include_indices: bool = False,
-        sampler: Any = None,
-        fields: list[str] | None = None,
-        wait: float | None = None,
-        **params: Any,
-    ) -> RemoteDataSource:
-        """As :meth:`batchup_client.Client.source`, served by all the servers."""
-        ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
-        return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
 
     # ------------------------------------------------------------------ streams
     def open_stream(

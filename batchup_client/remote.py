@@ -7,11 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from batchup_protocol.plan import check_shard
+from .data_source import RandomAccessDataSource, check_array_list, plan_for, stream_from
 
-from .data_source import RandomAccessDataSource, plan_for, stream_from
-
-__all__ = ["RemoteArray", "RemoteDataSource", "common_remote_source"]
+__all__ = ["RemoteArray", "RemoteDataSource", "SourceMethods", "common_remote_source"]
 
 
 class RemoteDataSource(RandomAccessDataSource):
@@ -98,22 +96,6 @@ class RemoteDataSource(RandomAccessDataSource):
             shard,
         )
 
-    def batch_iterator(
-        self,
-        batch_size: int,
-        shuffle: Any = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        **kwargs: Any,
-    ) -> Iterator[Any]:
-        """Batches streamed from the server; with ``rank``/``world_size``, this rank's shard."""
-        shard = check_shard(rank, world_size)
-        remote = self._stream(batch_size, shuffle, None, shard)
-        if remote is None:
-            yield from self._local_batches(batch_size, shuffle, shard)
-        else:
-            yield from remote
-
 
 class RemoteArray:
     """One field of a source held by a server, as a read-only array-like.
@@ -195,3 +177,45 @@ def common_remote_source(data: list[Any]) -> tuple[Any, dict[str, Any], list[str
     if any(d.client is not first.client or d.source_ref != first.source_ref for d in data):
         return None
     return first.client, first.source_ref, [d.field for d in data]
+
+
+class SourceMethods:
+    """``source`` and ``array_source`` for clients of one server or of several."""
+
+    def source(
+        self,
+        name: str,
+        indices: Any = None,
+        repeats: int = 1,
+        include_indices: bool = False,
+        sampler: Any = None,
+        fields: list[str] | None = None,
+        wait: float | None = None,
+        **params: Any,
+    ) -> RemoteDataSource:
+        """A named source of the server, as a batchup ``RandomAccessDataSource``.
+
+        ``name`` is a source of the server's config, or a standard dataset (``"mnist"``,
+        ``"cifar10"``, ...) with its split and batchup's parameters as keywords::
+
+            client.source("cifar10", split="train", n_val=10000, val_lower=-1.0, val_upper=1.0)
+
+        ``fields`` picks fields (a dataset's: ``X``, ``X_u8``, ``y``, ``y_coarse``; by
+        default what batchup's attributes hold: ``X`` and ``y``). A dataset the server is
+        still fetching is waited for, up to ``wait`` seconds (``None``: as long as it takes).
+        """
+        ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
+        return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
+
+    def array_source(
+        self,
+        data: list[Any],
+        indices: Any = None,
+        repeats: int = 1,
+        include_indices: bool = False,
+        sampler: Any = None,
+    ) -> RemoteDataSource:
+        """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
+        check_array_list(data)
+        keys = self.ensure_arrays(data)  # type: ignore[attr-defined]
+        return RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)

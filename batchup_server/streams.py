@@ -159,7 +159,8 @@ class Stream:
             self.rng.rng.set_state(self._pending[1])
             self._pending = None
         self._checkpoints[seq] = self.plan.get_state()
-        self._rng_at[seq] = self._rng_state()
+        if self.assigned:  # a batch may be made again later, from here
+            self._rng_at[seq] = self._rng_state()
         draws = self.rng.draws if self.rng is not None else 0
         indices = self.plan.next()
         rng = None
@@ -199,10 +200,14 @@ class Stream:
             self._end_sent = True
             return End(self.end if self.end is not None else seq, self.generation, rng)
         self._sent.add(seq)
+        return self._task(seq, indices, rng, -1)
+
+    def _task(self, seq: int, indices: Any, rng: dict[str, Any] | None, slot: int) -> Task:
+        """The task for batch ``seq``, taking its credit."""
         indices, splits = _joined(indices)
         rows = len(indices) if splits is None else max(splits, default=0)
         self.window.take(seq, rows * self.row_bytes)
-        return Task(seq, self.generation, indices, rng, -1, splits)
+        return Task(seq, self.generation, indices, rng, slot, splits)
 
     def use_slots(self, free: list[int], slots: int) -> None:
         """Deliver through a pool of ``slots`` slots whose free ones are ``free`` (shared,
@@ -226,21 +231,12 @@ class Stream:
         if self.assigned:
             return self._produce_assigned()
         seq = self.next_seq
-        self._checkpoints[seq] = self.plan.get_state()
-        draws = self.rng.draws if self.rng is not None else 0
-        indices = self.plan.next()
-        rng = None
-        if self.rng is not None and self.rng.draws != draws:
-            rng = encode_rng_state(self.rng.rng.get_state())  # type: ignore[arg-type]
+        indices, rng = self._advance()
         if indices is None:
             self.finished = True
             return End(seq, self.generation, rng)
-        indices, splits = _joined(indices)
-        rows = len(indices) if splits is None else max(splits, default=0)
-        self.window.take(seq, rows * self.row_bytes)
-        self.next_seq = seq + 1
         slot = self.free_slots.pop(0) if self.free_slots is not None else -1
-        return Task(seq, self.generation, indices, rng, slot, splits)
+        return self._task(seq, indices, rng, slot)
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]
         """The client consumed ``consumed`` batches in all and grants ``batches`` more.

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import DatasetUnavailableError
 from ..remote import RemoteArray
 
-__all__ = ["RemoteSplit", "open_split"]
+__all__ = ["ImageDataset", "RemoteSplit", "TrainValTest", "open_split"]
 
 
 class RemoteSplit:
@@ -70,6 +70,33 @@ class ImageDataset:
         for label in self._labels:
             if label in split.arrays:
                 setattr(self, f"{prefix}_{label}", split[label])
+
+
+class TrainValTest(ImageDataset):
+    """batchup's datasets with ``train``/``val``/``test`` attributes: ``val`` is the last
+    ``n_val`` training samples, ``X`` is float32 in ``[val_lower, val_upper]``."""
+
+    def __init__(
+        self,
+        n_val: int | None = 10000,
+        val_lower: float = 0.0,
+        val_upper: float = 1.0,
+        *,
+        client: Any = None,
+        wait: float | None = None,
+    ):
+        splits = self._load(
+            {"train": "train", "val": "val", "test": "test"},
+            client,
+            wait,
+            n_val=n_val,
+            val_lower=val_lower,
+            val_upper=val_upper,
+        )
+        self._metadata(splits["train"].metadata)
+
+    def _metadata(self, metadata: dict[str, Any]) -> None:
+        """Attributes from the source's metadata (class names), per dataset."""
 
 
 def folds(metadata: dict[str, Any]) -> list[np.ndarray[Any, Any]]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .mnist import _MNISTLike
+from ._remote import TrainValTest
 
 __all__ = ["FashionMNIST"]
 
 
-class FashionMNIST(_MNISTLike):
+class FashionMNIST(TrainValTest):
     """Fashion-MNIST, with MNIST's attributes and split rule."""
 
     _dataset = "fashion_mnist"

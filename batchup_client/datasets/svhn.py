@@ -4,35 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._remote import ImageDataset, open_split
+from ._remote import TrainValTest, open_split
 
 __all__ = ["SVHN", "SVHNExtra"]
 
 
-class SVHN(ImageDataset):
+class SVHN(TrainValTest):
     """SVHN train/val/test: ``*_X_u8`` (N,3,32,32) uint8, ``*_y`` int32 (digit 0 is 0),
     ``*_X`` float32; the last ``n_val`` training samples are ``val_*``."""
 
     _dataset = "svhn"
     _error = "Could not load SVHN dataset"
-
-    def __init__(
-        self,
-        n_val: int | None = 10000,
-        val_lower: float = 0.0,
-        val_upper: float = 1.0,
-        *,
-        client: Any = None,
-        wait: float | None = None,
-    ):
-        self._load(
-            {"train": "train", "val": "val", "test": "test"},
-            client,
-            wait,
-            n_val=n_val,
-            val_lower=val_lower,
-            val_upper=val_upper,
-        )
 
 
 class SVHNExtra:
