@@ -432,6 +432,7 @@ def start_server(children: Children, bind: str, config: str, workers: int, log_d
         "--workers",
         str(workers),
         "--no-demo",
+        "--trust-client-code",  # the benchmark ships its own augmentation to the workers
         "--log-level",
         "warning",
         "--parent-pid",
