@@ -619,6 +619,11 @@ class Client:
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
 
+    def stream_end(self, stream_id: int) -> int | None:
+        """The stream's length in batches, once the server said so (an EndOfStream)."""
+        inbox = self._inboxes.get(stream_id)
+        return None if inbox is None else inbox.end
+
     def ready(self, stream_id: int, seq: int) -> bool:
         """Whether item ``seq`` of a stream can be had without waiting."""
         inbox = self._inboxes.get(stream_id)

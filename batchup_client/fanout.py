@@ -49,6 +49,7 @@ class _Fan:
     next_seq: int = 0  #: the first batch never asked for
     requeue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
     consumed: int = 0
+    end: int | None = None  #: the stream's length, once a server reported it
     reseeds: list[tuple[int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
 
 
@@ -219,8 +220,17 @@ class FanoutClient(SourceMethods):
             fan.outstanding[address] = {s for s in fan.outstanding[address] if not conn.ready(sid, s)}
         if not fan.outstanding:
             raise ConnectionLost(f"every server of this stream is lost ({self.addresses})")
+        for conn, sid in fan.streams.values():
+            end = conn.stream_end(sid)
+            if end is not None and (fan.end is None or end < fan.end):
+                fan.end = end
+        if fan.end is not None:  # batches past the end are answered by no one: forget them
+            for address in fan.outstanding:
+                fan.outstanding[address] = {s for s in fan.outstanding[address] if s <= fan.end}
+            fan.requeue = collections.deque(s for s in fan.requeue if s <= fan.end)
+        limit = fan.allowed if fan.end is None else min(fan.allowed, fan.end + 1)
         asks: dict[str, list[int]] = collections.defaultdict(list)
-        while fan.requeue or fan.next_seq < fan.allowed:
+        while fan.requeue or fan.next_seq < limit:
             address = min(fan.outstanding, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
             if len(fan.outstanding[address]) + len(asks[address]) >= fan.cap:
                 break  # every server has its share in flight
@@ -260,6 +270,8 @@ class FanoutClient(SourceMethods):
         fan = self._fan(stream_id)
         fan.reseeds.append((from_seq, generation, rng))
         fan.consumed = from_seq
+        if fan.end is not None and fan.end >= from_seq:
+            fan.end = None  # replanned: the length is to be learnt again
         for conn, sid in fan.streams.values():
             try:
                 conn.reseed(sid, from_seq, generation, rng)

@@ -55,6 +55,7 @@ class Inbox:
         self.generation = 0
         self._items: dict[int, tuple[Any, list[Any]]] = {}
         self._failure: tuple[Any, list[Any]] | None = None
+        self.end: int | None = None  #: the stream's length, once an EndOfStream arrived
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
         generation = getattr(msg, "generation", -1)
@@ -63,6 +64,8 @@ class Inbox:
         if isinstance(msg, proto.Error) and msg.seq < 0:
             self._failure = self._failure or (msg, arrays)  # the whole stream failed
             return
+        if isinstance(msg, proto.EndOfStream):
+            self.end = msg.seq
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
     def has(self, seq: int) -> bool:
@@ -76,6 +79,8 @@ class Inbox:
 
     def reset(self, generation: int, from_seq: int) -> None:
         self.generation = generation
+        if self.end is not None and self.end >= from_seq:
+            self.end = None
         for seq in [s for s in self._items if s >= from_seq]:
             del self._items[seq]
 
