@@ -624,6 +624,11 @@ class Client:
         inbox = self._inboxes.get(stream_id)
         return inbox is not None and inbox.has(seq)
 
+    def end_of_stream(self, stream_id: int) -> int | None:
+        """The number of batches of a stream, once its end-of-stream arrived (else None)."""
+        inbox = self._inboxes.get(stream_id)
+        return None if inbox is None else inbox.end
+
     def poll_data(self, timeout: float) -> bool:
         """Receive one pending data message (waiting up to ``timeout`` s); False if none came."""
         self._check()

@@ -234,8 +234,17 @@ class FanoutClient:
             fan.outstanding[address] = {s for s in fan.outstanding[address] if not conn.ready(sid, s)}
         if not fan.outstanding:
             raise ConnectionLost(f"every server of this stream is lost ({self.addresses})")
+        # Once an end-of-stream arrived (from any server, a lost one included), batches
+        # from there on are answered by it: a server asked for them answers only once, so
+        # left outstanding they would fill its share for good and starve requeued batches.
+        ends = [e for conn, sid in fan.streams.values() if (e := conn.end_of_stream(sid)) is not None]
+        end = min(ends) if ends else None
+        if end is not None:
+            for address in fan.outstanding:
+                fan.outstanding[address] = {s for s in fan.outstanding[address] if s < end}
+            fan.requeue = collections.deque(s for s in fan.requeue if s < end)
         asks: dict[str, list[int]] = collections.defaultdict(list)
-        while fan.requeue or fan.next_seq < fan.allowed:
+        while fan.requeue or (fan.next_seq < fan.allowed and (end is None or fan.next_seq < end)):
             address = min(fan.outstanding, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
             if len(fan.outstanding[address]) + len(asks[address]) >= fan.cap:
                 break  # every server has its share in flight

@@ -55,6 +55,8 @@ class Inbox:
         self.generation = 0
         self._items: dict[int, tuple[Any, list[Any]]] = {}
         self._failure: tuple[Any, list[Any]] | None = None
+        #: the plan's length in batches, once an end-of-stream arrived (of this generation)
+        self.end: int | None = None
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
         generation = getattr(msg, "generation", -1)
@@ -63,6 +65,8 @@ class Inbox:
         if isinstance(msg, proto.Error) and msg.seq < 0:
             self._failure = self._failure or (msg, arrays)  # the whole stream failed
             return
+        if isinstance(msg, proto.EndOfStream):
+            self.end = msg.seq if self.end is None else min(self.end, msg.seq)
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
     def has(self, seq: int) -> bool:
@@ -78,6 +82,8 @@ class Inbox:
         self.generation = generation
         for seq in [s for s in self._items if s >= from_seq]:
             del self._items[seq]
+        if self.end is not None and self.end >= from_seq:
+            self.end = None
 
     def __len__(self) -> int:
         return len(self._items)

@@ -178,3 +178,37 @@ def test_no_server_at_all_is_a_clear_error() -> None:
     with pytest.raises(batchup_client.ConnectionLost) as info:
         batchup_client.connect(["tcp://127.0.0.1:9", "tcp://127.0.0.1:7"], timeout=0.5)
     assert "tcp://127.0.0.1:9" in str(info.value) and "tcp://127.0.0.1:7" in str(info.value)
+
+
+def test_a_server_killed_mid_epoch_of_a_sharded_slow_trainer(data: Any) -> None:
+    """While a lost server goes unnoticed, the trainer's credit runs past the end of the
+    epoch: batches asked past the end are answered once (by one end-of-stream), so they
+    must not stay outstanding and starve the batches the lost server leaves to the other."""
+    import threading
+
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint], server_timeout=2.0) as client:
+            src = client.source("train", include_indices=True)
+            got: list[Any] = []
+
+            def run() -> None:
+                rng = np.random.RandomState(4)
+                for i, batch in enumerate(src.batch_iterator(batch_size=4, shuffle=rng, rank=0, world_size=2)):
+                    got.append(batch)
+                    if i == 75:  # of 113: within the credit window of the end
+                        os.kill(b.pid, signal.SIGKILL)
+                    time.sleep(0.04)
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            t.join(40)
+            assert not t.is_alive(), "the rank hangs after a server was killed"
+        want = _reference(8, 4)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g[0], w[0][: len(g[0])])
+            assert len(g[0]) == -(-len(w[0]) // 2)
+    finally:
+        a.stop()
+        b.kill()
