@@ -94,6 +94,7 @@ def train(args: argparse.Namespace) -> int:
         rng = np.random.RandomState(args.seed)  # the same seed on every rank
         for epoch in range(args.epochs):
             start, seen, loss_sum = time.perf_counter(), [], 0.0
+            # gap: the longest wait for a batch (the trainer's own work and --sleep excluded)
             last, gap, gap_at, gap_end = time.time(), 0.0, 0, 0.0
             for step, (ndx, X, y) in enumerate(
                 source.batch_iterator(args.batch_size, shuffle=rng, rank=rank, world_size=world_size)
@@ -126,7 +127,7 @@ def train(args: argparse.Namespace) -> int:
             print(
                 f"rank {rank} epoch {epoch}: {len(indices)} samples in {len(seen)} batches, "
                 f"loss {loss_sum / max(len(indices), 1):.4f}, {elapsed:.2f}s; max gap between "
-                f"batches {gap:.2f}s (before batch {gap_at + 1}, ended t={gap_end:.3f}); "
+                f"batches {gap:.3f}s (before batch {gap_at + 1}, ended t={gap_end:.3f}); "
                 f"servers alive at the end: {alive}; done t={time.time():.3f}",
                 flush=True,
             )
@@ -217,7 +218,7 @@ def main() -> int:
     if args.check:
         return check(args.check, args.world_size)
     # The client's warnings (a server lost, a server back) go to stderr.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="t=%(created).3f %(name)s %(levelname)s %(message)s")
     return train(args)
 
 
