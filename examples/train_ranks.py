@@ -4,16 +4,19 @@
         python examples/train_ranks.py --dataset mnist --epochs 2 --out-dir /results
     python examples/train_ranks.py --check /results     # the ranks' shards, epoch by epoch
 
-This is the trainer of docker/docker-compose.yml (one container per rank). Each rank
-trains a softmax regression on its shard of the dataset's training split, draws its
-batches with ``include_indices=True``, and writes every sample index it received, per
-epoch, to ``OUT_DIR/rank<RANK>.json`` (also a summary line per epoch on stdout).
-``--check DIR`` reads those files and exits 1 unless, in every epoch, the ranks' indices
-together cover each sample of the split exactly once.
+This is the trainer of docker/docker-compose.yml (one container per rank). Every rank
+connects to ALL the servers of ``BATCHUP_SERVER`` (the client merges their batches in
+order, and drops a server that stops answering heartbeats mid-epoch, its outstanding
+batches remade by the others), and takes its shard of each epoch with
+``batch_iterator(..., shuffle=RandomState(SEED), rank=RANK, world_size=WORLD_SIZE)``:
+the same seed on every rank, so that the ranks cut the same global stream. It trains a
+softmax regression, draws its batches with ``include_indices=True``, and writes every
+sample index it received, per epoch, to ``OUT_DIR/rank<RANK>.json``.
 
-Sharding today: the client talks to one server at a time and does not know ranks, so rank
-``r`` uses server ``r % len(servers)`` and the samples ``np.arange(r, N, WORLD_SIZE)``
-(``indices=``). See :func:`open_shard` for what changes when the client shards itself.
+On stdout: a ``progress`` line per batch (wall-clock time included, so a test can act
+mid-epoch), and per epoch a summary with the largest gap between two batches (the stall
+when a server is lost). ``--check DIR`` reads the ranks' files and exits 1 unless, in
+every epoch, their indices together cover each sample of the split exactly once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 import batchup_client
+from batchup_client.distributed import shard_from_env
 
 
 def server_addresses(value: str | None) -> list[str]:
@@ -39,31 +44,19 @@ def server_addresses(value: str | None) -> list[str]:
     return addresses
 
 
-def open_shard(addresses: list[str], rank: int, world_size: int, dataset: str) -> tuple[Any, Any, str, int]:
-    """Connect and return ``(client, source, server address, N)`` for this rank's shard.
+def open_source(addresses: list[str], dataset: str, server_timeout: float | None) -> tuple[Any, Any, int]:
+    """Connect to every server of ``addresses``; return ``(client, training split, N)``.
 
-    TODO(multi-server): when ``batchup_client.connect`` accepts several addresses and
-    ``rank=``/``world_size=``, connect to all of ``addresses`` with those and drop both
-    the ``addresses[rank % ...]`` choice and the ``indices=`` argument below; the check
-    (``--check``) stays as it is.
+    The keys come from ``$BATCHUP_SERVER_KEY`` / ``$BATCHUP_CLIENT_KEY`` when set.
     """
-    address = addresses[rank % len(addresses)]
-    client = batchup_client.connect(address, timeout=30.0)
+    client = batchup_client.connect(addresses, timeout=30.0, server_timeout=server_timeout)
     try:
-        full = client.source(dataset, split="train", n_val=0)
-        n = len(full)
-        shard = client.source(
-            dataset,
-            split="train",
-            n_val=0,
-            indices=np.arange(rank, n, world_size),
-            include_indices=True,
-            wait=120.0,
-        )
+        train = client.source(dataset, split="train", n_val=0, include_indices=True, wait=120.0)
+        n = len(train)
     except BaseException:
         client.close()
         raise
-    return client, shard, address, n
+    return client, train, n
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -73,49 +66,69 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def train(args: argparse.Namespace) -> int:
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if not 0 <= rank < world_size:
-        raise SystemExit(f"train_ranks.py: RANK={rank} should be in [0, WORLD_SIZE={world_size})")
+    shard = shard_from_env()
+    rank, world_size = shard.get("rank", 0), shard.get("world_size", 1)
     addresses = server_addresses(args.server)
-    client, shard, address, n = open_shard(addresses, rank, world_size, args.dataset)
+    client, source, n = open_source(addresses, args.dataset, args.server_timeout)
+    steps = -(-n // (args.batch_size * world_size))
     record: dict[str, Any] = {
         "rank": rank,
         "world_size": world_size,
         "dataset": args.dataset,
         "n": n,
-        "server": address,
+        "servers": addresses,
+        "seed": args.seed,
         "epochs": [],
+        "stalls": [],
+        "servers_alive": [],
     }
-    rng = np.random.RandomState(args.seed + rank)
     with client:
         print(
-            f"rank {rank}/{world_size}: {address} (server {client.server_id}), {args.dataset} train "
-            f"N={n}, shard of {len(np.arange(rank, n, world_size))}, batches via "
+            f"rank {rank}/{world_size}: servers {','.join(addresses)}, {args.dataset} train N={n}, "
+            f"{steps} steps of {args.batch_size} per epoch, seed {args.seed}, batches via "
             f"{client.info()['batch_transport']}",
             flush=True,
         )
         W: np.ndarray | None = None
         b: np.ndarray | None = None
+        rng = np.random.RandomState(args.seed)  # the same seed on every rank
         for epoch in range(args.epochs):
             start, seen, loss_sum = time.perf_counter(), [], 0.0
-            for ndx, X, y in shard.batch_iterator(batch_size=args.batch_size, shuffle=rng):
-                X = X.reshape(len(X), -1)
-                if W is None:
-                    W = np.zeros((X.shape[1], 10), np.float32)
-                    b = np.zeros(10, np.float32)
-                assert b is not None
-                p = softmax(X @ W + b)
-                loss_sum += float(-np.log(p[np.arange(len(y)), y] + 1e-12).sum())
-                p[np.arange(len(y)), y] -= 1.0
-                W -= args.lr * (X.T @ p) / len(y)
-                b -= args.lr * p.mean(axis=0)
+            # gap: the longest wait for a batch (the trainer's own work and --sleep excluded)
+            last, gap, gap_at, gap_end = time.time(), 0.0, 0, 0.0
+            for step, (ndx, X, y) in enumerate(
+                source.batch_iterator(args.batch_size, shuffle=rng, rank=rank, world_size=world_size)
+            ):
+                now = time.time()
+                if step and now - last > gap:
+                    gap, gap_at, gap_end = now - last, step, now
                 seen.append(np.asarray(ndx, np.int64))
+                if len(y):
+                    X = X.reshape(len(X), -1)
+                    if W is None:
+                        W = np.zeros((X.shape[1], 10), np.float32)
+                        b = np.zeros(10, np.float32)
+                    assert b is not None
+                    p = softmax(X @ W + b)
+                    loss_sum += float(-np.log(p[np.arange(len(y)), y] + 1e-12).sum())
+                    p[np.arange(len(y)), y] -= 1.0
+                    W -= args.lr * (X.T @ p) / len(y)
+                    b -= args.lr * p.mean(axis=0)
+                print(f"progress rank {rank} epoch {epoch} batch {step + 1}/{steps} t={now:.3f}", flush=True)
+                if args.sleep:
+                    time.sleep(args.sleep)
+                last = time.time()
             indices = np.concatenate(seen) if seen else np.zeros(0, np.int64)
             record["epochs"].append(indices.tolist())
+            record["stalls"].append({"max_gap_s": round(gap, 3), "before_batch": gap_at + 1, "t": gap_end})
+            alive = client.info().get("servers", {})
+            record["servers_alive"].append(alive)
             elapsed = time.perf_counter() - start
             print(
                 f"rank {rank} epoch {epoch}: {len(indices)} samples in {len(seen)} batches, "
-                f"loss {loss_sum / max(len(indices), 1):.4f}, {elapsed:.2f}s",
+                f"loss {loss_sum / max(len(indices), 1):.4f}, {elapsed:.2f}s; max gap between "
+                f"batches {gap:.3f}s (before batch {gap_at + 1}, ended t={gap_end:.3f}); "
+                f"servers alive at the end: {alive}; done t={time.time():.3f}",
                 flush=True,
             )
     os.makedirs(args.out_dir, exist_ok=True)
@@ -156,9 +169,7 @@ def check(folder: str, world_size: int | None) -> int:
                 np.add.at(counts, idx, 1)
             missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
             status = "ok" if not (missing.size or repeated.size) else "FAILED"
-            per_rank = ", ".join(
-                "rank {}@{}: {}".format(r["rank"], r["server"], len(r["epochs"][epoch])) for r in records
-            )
+            per_rank = ", ".join("rank {}: {}".format(r["rank"], len(r["epochs"][epoch])) for r in records)
             print(
                 f"epoch {epoch}: {counts.sum()} samples over {len(records)} ranks ({per_rank}); "
                 f"missing {missing.size}, seen more than once {repeated.size}: {status}"
@@ -187,13 +198,27 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2, help="passes over the shard (default 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=12345, help="shuffling seed (plus the rank)")
+    parser.add_argument(
+        "--seed", type=int, default=12345, help="shuffling seed, the same on every rank (default 12345)"
+    )
+    parser.add_argument(
+        "--sleep", type=float, default=0.0, help="seconds to pause after each batch (a slow trainer)"
+    )
+    parser.add_argument(
+        "--server-timeout",
+        type=float,
+        default=float(os.environ.get("BATCHUP_SERVER_TIMEOUT") or 5.0),
+        help="drop a server silent this long and remake its batches on the others "
+        "(default $BATCHUP_SERVER_TIMEOUT or 5)",
+    )
     parser.add_argument("--out-dir", default="/results", help="where rank<RANK>.json goes (default /results)")
     parser.add_argument("--check", metavar="DIR", help="check the ranks' files in DIR instead of training")
     parser.add_argument("--world-size", type=int, help="with --check: the number of ranks expected")
     args = parser.parse_args()
     if args.check:
         return check(args.check, args.world_size)
+    # The client's warnings (a server lost, a server back) go to stderr.
+    logging.basicConfig(level=logging.WARNING, format="t=%(created).3f %(name)s %(levelname)s %(message)s")
     return train(args)
 
 

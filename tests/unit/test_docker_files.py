@@ -29,8 +29,24 @@ def test_dockerfile_runs_the_server_unprivileged_with_a_handshake_healthcheck():
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1] not in ("root", "0")
-    assert re.search(r'^HEALTHCHECK .*\n?.*CMD \["batchup-server", "ping"', text, re.M)
+    health = re.search(r"^HEALTHCHECK .*\n?.*CMD \[(.*)\]$", text, re.M)
+    assert health, "no exec-form HEALTHCHECK"
+    # a handshake over loopback, with the health-check key when it is mounted
+    assert "batchup-server ping tcp://127.0.0.1:5555" in health.group(1)
+    assert "--client-key $s/batchup_healthcheck_secret_key" in health.group(1)
     assert re.search(r'^ENTRYPOINT \["batchup-server"\]$', text, re.M)
+    # secure by default: binding every interface with the keys' secret paths, no --insecure
+    cmd = re.search(r"^CMD (\[[^]]*\])$", text, re.M | re.S)
+    assert cmd and "--insecure" not in cmd.group(1)
+    args = [a.strip().strip('"') for a in cmd.group(1).strip("[]").replace("\\\n", " ").split(",")]
+    assert args == [
+        "--bind",
+        "tcp://0.0.0.0:5555",
+        "--curve-secret-key",
+        "/run/secrets/batchup_server_secret_key",
+        "--curve-clients",
+        "/run/secrets/batchup_client_public_keys",
+    ]
     assert "python3 -m venv" in text  # Debian's system pip refuses to install
 
 
@@ -92,11 +108,18 @@ def test_compose_deployment_wires_fetch_servers_trainers_and_keys():
         assert cmd[cmd.index("--bind") + 1] == "tcp://0.0.0.0:5555"
         assert cmd[cmd.index("--curve-secret-key") + 1] == "/run/secrets/batchup_server_secret_key"
         assert cmd[cmd.index("--curve-clients") + 1] == "/run/secrets/batchup_client_public_keys"
+        assert "--insecure" not in cmd
         assert {s["source"] for s in server["secrets"]} == {
             "batchup_server_secret_key",
             "batchup_client_public_keys",
+            "batchup_server_public_key",
+            "batchup_healthcheck_secret_key",
         }
-        assert server["healthcheck"]["test"][:3] == ["CMD", "batchup-server", "ping"]
+        test = server["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "batchup-server", "ping", "tcp://127.0.0.1:5555"]
+        assert test[test.index("--server-key") + 1] == "/run/secrets/batchup_server_public_key"
+        assert test[test.index("--client-key") + 1] == "/run/secrets/batchup_healthcheck_secret_key"
+        assert server["restart"] == "unless-stopped"
         assert server["depends_on"]["fetch"]["condition"] == "service_completed_successfully"
         assert int(server["shm_size"]) > 64 << 20
         assert any(v["source"] == "batchup-data" and v.get("read_only") for v in server["volumes"])
@@ -107,6 +130,8 @@ def test_compose_deployment_wires_fetch_servers_trainers_and_keys():
         assert env["BATCHUP_SERVER"] == "tcp://server-a:5555,tcp://server-b:5555"
         assert env["BATCHUP_SERVER_KEY"] == "/run/secrets/batchup_server_public_key"
         assert env["BATCHUP_CLIENT_KEY"] == "/run/secrets/batchup_client_secret_key"
+        assert trainer["entrypoint"][-1] == "/usr/local/share/batchup/examples/train_ranks.py"
+        assert float(env["BATCHUP_SERVER_TIMEOUT"]) > 0
         assert {s["source"] for s in trainer["secrets"]} == {
             "batchup_server_public_key",
             "batchup_client_secret_key",
@@ -121,6 +146,7 @@ def test_compose_deployment_wires_fetch_servers_trainers_and_keys():
         "/keys/server.key",
         "/keys/client.key_secret",
         "/keys/clients",
+        "/keys/healthcheck.key_secret",
     }
 
 
@@ -129,6 +155,8 @@ def test_e2e_script_parses_and_ci_runs_it():
     assert out.returncode == 0, out.stderr
     text = open(E2E).read()
     assert "trap cleanup EXIT" in text and "SKIPPED:" in text
+    assert "docker kill" in text and "keygen" in text and "TODO" not in text
+    assert "!override" not in text  # the servers run docker-compose.yml's (Curve) command
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "docker/e2e.sh" in ci
 
@@ -153,7 +181,7 @@ def _write_ranks(folder, epochs_per_rank, n=10):
             "rank": rank,
             "world_size": len(epochs_per_rank),
             "n": n,
-            "server": f"s{rank}",
+            "servers": ["s0", "s1"],
             "epochs": epochs,
         }
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
