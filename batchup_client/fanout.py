@@ -110,9 +110,13 @@ class FanoutClient(SourceMethods):
                     )
                 except BatchupError:
                     continue
-                log.warning("server %s answers again; it will serve new streams", address)
                 with self._lock:
-                    self._back.append((address, fresh))
+                    if not self._stop.is_set():
+                        self._back.append((address, fresh))
+                        log.warning("server %s answers again; it will serve new streams", address)
+                        continue
+                fresh.close()  # closed meanwhile: nobody would adopt it
+                return
 
     def _adopt_returned(self) -> None:
         with self._lock:
@@ -301,8 +305,9 @@ class FanoutClient(SourceMethods):
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._reconnector.join(5)
+        with self._lock:
+            self._stop.set()
+        self._reconnector.join(0.5)  # a try in progress (DNS, handshake) ends on its own
         self._adopt_returned()
         for conn in [*self._conns.values(), *self._retired]:
             conn.close()
