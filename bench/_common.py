@@ -418,10 +418,13 @@ class Server:
     log_path: str
 
 
-def start_server(children: Children, bind: str, config: str, workers: int, log_dir: str) -> Server:
-    """``python -m batchup_server`` on ``bind``; returns once it printed its ready line."""
+def start_server(
+    children: Children, bind: str, config: str, workers: int, log_dir: str, cpus: str = ""
+) -> Server:
+    """``python -m batchup_server`` on ``bind`` (pinned to ``cpus`` with taskset, if given);
+    returns once it printed its ready line."""
     log_path = os.path.join(log_dir, f"server-{len(children.procs)}.log")
-    cmd = [
+    cmd = (["taskset", "-c", cpus] if cpus else []) + [
         sys.executable,
         "-m",
         "batchup_server",

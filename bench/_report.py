@@ -365,6 +365,28 @@ def write_markdown(
                 )
     L.append("")
 
+    fanin: list[Result] = extras.get("fanin") or []
+    if len(fanin) == 2:
+        one, two = fanin
+        ratio = two.samples / one.samples if one.samples else float("nan")
+        verdict = "PASS" if ratio >= 1.8 else "MISS"
+        L.append("## Several servers feeding one trainer (augmentation, CIFAR-shaped, batch 256, tcp)")
+        L.append("")
+        L.append(
+            "Each server runs its router and one worker pinned to one core (`taskset -c 0`, `taskset -c 1`); "
+            "the trainer is not pinned. One server alone against both feeding one stream "
+            f"(`connect([a, b])`), medians of {len(one.samples_per_s)} run(s):"
+        )
+        L.append("")
+        L.append("| system | samples/s | batches/s | spread (min–max samples/s) |")
+        L.append("|---|---:|---:|---|")
+        for r in fanin:
+            spread = f"{min(r.samples_per_s):,.0f}–{max(r.samples_per_s):,.0f}"
+            L.append(f"| {r.system} | {r.samples:,.0f} | {r.batches:,.0f} | {spread} |")
+        L.append("")
+        L.append(f"Two servers ÷ one: **{ratio:.2f}×** (issue 8 goal ≥ 1.8×: **{verdict}**).")
+        L.append("")
+
     aug: list[Result] = extras.get("augmentation") or []
     if aug:
         cal = extras.get("augment") or {}

@@ -75,6 +75,40 @@ def log(msg: str) -> None:
 AUG_BATCH = 256
 
 
+FANIN_ONE = "service, 1 server (pinned to core 0), .map(augment)"
+FANIN_TWO = "service, 2 servers (pinned to cores 0 and 1), .map(augment)"
+
+
+def fanin_section(
+    settings: Settings, children: Children, config: str, work: str, key: Workload, load: LoadMonitor
+) -> list[Result]:
+    """Several servers feeding one trainer: two servers, each pinned to one core with
+    taskset (router and one worker), against one of them alone; the augmentation on the
+    CIFAR-shaped source, batch 256, over tcp (fanned-out streams do not use shared memory)."""
+    load.start("fan-in: 1 vs 2 pinned servers")
+    log("fan-in: one server vs two, each pinned to one core")
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for cpu in ("0", "1"):
+            server = start_server(children, "tcp://127.0.0.1:0", config, 1, work, cpus=cpu)
+            stack.callback(stop_server, server)
+            servers.append(server)
+        one = batchup_client.connect(servers[0].endpoint)
+        stack.callback(_close, one)
+        one.shared_memory_batches = False  # the same transport as the fanned-out stream
+        two = batchup_client.connect([s.endpoint for s in servers])
+        stack.callback(_close, two)
+        systems = [
+            (FANIN_ONE, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
+            (FANIN_TWO, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
+        ]
+        results = measure_cell(
+            dataclasses.replace(settings, runs=settings.aug_runs), key, AUG_BATCH, systems, log
+        )
+        log("stopping the fan-in servers")
+    return results
+
+
 def augmentation_sections(
     settings: Settings,
     children: Children,
@@ -262,6 +296,8 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             extras["augmentation"], extras["training_step"] = augmentation_sections(
                 settings, children, config, work, key, data[key.name], dropin[key.name], pools, load, extras
             )
+
+            extras["fanin"] = fanin_section(settings, children, config, work, key, load)
 
             load.start("connect latency, concurrency, embedded start")
             log("connect → first batch")
