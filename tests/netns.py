@@ -408,7 +408,7 @@ def trainer(spec: dict[str, Any]) -> int:
                 parts.append(list(batch[:3]))
                 made_by.append(int(batch[3][0]) if spec.get("tag") else 0)
                 say("batch", i=i, pid=made_by[-1], gap=gaps[-1])
-                time.sleep(spec["sleep"])  # the training step
+                time.sleep(spec["sleep"])  # noqa: sleep-ok (the emulated training step)
                 last = time.monotonic()
         except batchup_client.BatchupError as exc:
             say(

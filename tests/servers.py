@@ -155,3 +155,18 @@ class RunningServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def write_train_source(folder: Any, X: Any, y: Any, server_toml: str = "") -> str:
+    """Save ``X`` and ``y`` as ``.npy`` files in ``folder`` and write ``s.toml`` serving them
+    as the source ``train`` (after the ``[server]`` lines ``server_toml``); its path."""
+    import numpy as np
+
+    folder = os.fspath(folder)
+    paths = {name: os.path.join(folder, f"{name}.npy") for name in ("X", "y")}
+    np.save(paths["X"], X)
+    np.save(paths["y"], y)
+    config = os.path.join(folder, "s.toml")
+    with open(config, "w") as f:
+        f.write(server_toml + f'[sources.train]\nnpy = {{ X = "{paths["X"]}", y = "{paths["y"]}" }}\n')
+    return config

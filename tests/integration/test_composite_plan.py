@@ -13,7 +13,7 @@ import pytest
 import batchup_client
 import batchup_protocol as proto
 from batchup_client import data_source
-from tests.servers import RunningServer, worker_pids
+from tests.servers import RunningServer, worker_pids, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +29,8 @@ def _eq(a: Any, b: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    folder = tmp_path_factory.mktemp("comp")
-    np.save(folder / "X.npy", X)
-    np.save(folder / "y.npy", Y)
-    cfg = folder / "s.toml"
-    cfg.write_text(f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n')
-    srv = RunningServer("--config", str(cfg), "--trust-client-code")
+    cfg = write_train_source(tmp_path_factory.mktemp("comp"), X, Y)
+    srv = RunningServer("--config", cfg, "--trust-client-code")
     try:
         yield srv
     finally:

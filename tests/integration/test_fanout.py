@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import batchup_client
-from tests.servers import RunningServer, wait_until, worker_pids
+from tests.servers import RunningServer, wait_until, worker_pids, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ from batchup_server.plugins import transform
 
 @transform("tag")
 def tag(*batch):  # sleeps BU_DELAY seconds, says which process made the batch
-    time.sleep(float(os.environ.get("BU_DELAY", "0")))
+    time.sleep(float(os.environ.get("BU_DELAY", "0")))  # noqa: sleep-ok (a slow server's work)
     return (*batch, np.full(len(batch[0]), os.getpid()))
 """
 
@@ -36,15 +36,9 @@ def tag(*batch):  # sleeps BU_DELAY seconds, says which process made the batch
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = tmp_path_factory.mktemp("fan")
-    np.save(folder / "X.npy", X)
-    np.save(folder / "y.npy", Y)
     (folder / "bu_fan_plugin.py").write_text(PLUGIN)
-    cfg = folder / "s.toml"
-    cfg.write_text(
-        '[server]\nplugins = ["bu_fan_plugin"]\nheartbeat_interval = 0.5\nclient_timeout = 5.0\n'
-        f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n'
-    )
-    return folder, str(cfg)
+    server_toml = '[server]\nplugins = ["bu_fan_plugin"]\nheartbeat_interval = 0.5\nclient_timeout = 5.0\n'
+    return folder, write_train_source(folder, X, Y, server_toml)
 
 
 def _server(data: Any, delay: float = 0.0, bind: str = "tcp://127.0.0.1:0") -> RunningServer:
@@ -200,7 +194,7 @@ def test_a_server_killed_mid_epoch_of_a_sharded_slow_trainer(data: Any) -> None:
                     got.append(batch)
                     if i == int(os.environ.get("KILL_AT", "75")):
                         os.kill(b.pid, signal.SIGKILL)
-                    time.sleep(0.04)
+                    time.sleep(0.04)  # noqa: sleep-ok (the emulated training step)
 
             t = threading.Thread(target=run, daemon=True)
             t.start()

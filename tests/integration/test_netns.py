@@ -22,7 +22,7 @@ import pytest
 
 from tests import netns
 from tests.netns import NetnsUnavailable, Network, NsProcess, NsServer
-from tests.servers import worker_pids
+from tests.servers import worker_pids, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -75,14 +75,8 @@ class Setup:
 
     def __init__(self, folder: Any):
         self.folder = str(folder)
-        np.save(folder / "X.npy", X)
-        np.save(folder / "y.npy", Y)
         (folder / "bu_netns_plugin.py").write_text(PLUGIN)
-        self.config = str(folder / "s.toml")
-        (folder / "s.toml").write_text(
-            '[server]\nplugins = ["bu_netns_plugin"]\n'
-            f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n'
-        )
+        self.config = write_train_source(folder, X, Y, '[server]\nplugins = ["bu_netns_plugin"]\n')
         keys = folder / "keys"
         for name, where in (("server", keys), ("trainer", keys / "trainer")):
             done = subprocess.run(
@@ -208,7 +202,7 @@ def test_a_namespace_left_by_a_killed_test_process_is_swept(tmp_path: Any) -> No
     with _make_network(["h1"]):
         assert netns.leftovers(prefix, short) == []  # swept by the next network
 
-    code = code.replace("os.kill(os.getpid(), 9)", "os.kill(os.getpid(), 15); import time; time.sleep(30)")
+    code = code.replace("os.kill(os.getpid(), 9)", "os.kill(os.getpid(), 15); import time; time.sleep(30)")  # noqa: sleep-ok (the child waits to die)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     prefix, short = done.stdout.split()
     assert done.returncode == -15 and netns.leftovers(prefix, short) == []  # SIGTERM cleans up

@@ -13,7 +13,7 @@ import pytest
 import batchup_client
 from batchup_client import data_source, sampling
 from batchup_client.distributed import rank_from_env, shard_from_env
-from tests.servers import RunningServer
+from tests.servers import RunningServer, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,8 @@ Y = np.arange(N) % 5
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    folder = tmp_path_factory.mktemp("shard")
-    np.save(folder / "X.npy", X)
-    np.save(folder / "y.npy", Y)
-    cfg = folder / "s.toml"
-    cfg.write_text(f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n')
-    srv = RunningServer("--config", str(cfg))
+    cfg = write_train_source(tmp_path_factory.mktemp("shard"), X, Y)
+    srv = RunningServer("--config", cfg)
     try:
         yield srv
     finally:

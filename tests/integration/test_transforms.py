@@ -16,7 +16,7 @@ import pytest
 
 import batchup_client
 import batchup_protocol as proto
-from tests.servers import RunningServer, worker_pids
+from tests.servers import RunningServer, worker_pids, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -87,12 +87,8 @@ def _write(tmp_path: Any, name: str, text: str) -> str:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
 def trusted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    folder = tmp_path_factory.mktemp("trusted")
-    np.save(folder / "X.npy", X)
-    np.save(folder / "y.npy", Y)
-    cfg = folder / "s.toml"
-    cfg.write_text(f'[sources.train]\nnpy = {{ X = "{folder / "X.npy"}", y = "{folder / "y.npy"}" }}\n')
-    server = _server("--trust-client-code", "--workers", str(request.param), config=str(cfg))
+    cfg = write_train_source(tmp_path_factory.mktemp("trusted"), X, Y)
+    server = _server("--trust-client-code", "--workers", str(request.param), config=cfg)
     try:
         yield server, request.param
     finally:
@@ -222,11 +218,7 @@ def test_drop_in_map_of_a_main_script_function_runs_in_the_embedded_server(tmp_p
 
 
 def test_untrusted_server_runs_maps_here_or_refuses_without_unpickling(tmp_path, plugin_dir) -> None:
-    np.save(tmp_path / "X.npy", X)
-    np.save(tmp_path / "y.npy", Y)
-    cfg = _write(
-        tmp_path, "s.toml", f'[sources.train]\nnpy = {{ X = "{tmp_path}/X.npy", y = "{tmp_path}/y.npy" }}\n'
-    )
+    cfg = write_train_source(tmp_path, X, Y)
     server = _server(config=cfg, plugin_dir=plugin_dir)
     try:
         with batchup_client.connect(server.endpoint) as client:

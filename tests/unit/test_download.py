@@ -298,7 +298,7 @@ def test_ctrl_c_leaves_no_final_file_and_a_resumable_part(server: FileServer, fo
         # so how much shows up before the stall depends on how the socket handed the bytes over).
         while not (os.path.exists(part) and os.path.getsize(part)):
             assert time.monotonic() < deadline and child.poll() is None, "the download never got going"
-            time.sleep(0.02)
+            time.sleep(0.02)  # noqa: sleep-ok (polling the child's file with a deadline)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=10)
     finally:
