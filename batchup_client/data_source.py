@@ -48,13 +48,8 @@ log = logging.getLogger("batchup_client")
 _length_of_batch = length_of_batch
 
 
-def _trim_batch(batch: Any, length: int) -> Any:
-    if isinstance(batch, tuple):
-        return tuple(_trim_batch(b, length) for b in batch)
-    return batch[:length]
-
-
 def _cut_batch(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of every array of a (nested) batch."""
     if isinstance(batch, tuple):
         return tuple(_cut_batch(b, start, stop) for b in batch)
     return batch[start:stop]
@@ -548,7 +543,7 @@ class CompositeDataSource(AbstractDataSource):
     def _trimmed(self, batch: tuple[Any, ...]) -> Any:
         lengths = [length_of_batch(sub) for sub in batch]
         shortest = min(lengths)
-        return _trim_batch(batch, shortest) if shortest != max(lengths) else batch
+        return _cut_batch(batch, 0, shortest) if shortest != max(lengths) else batch
 
     def _prepare_batch(self, batch: tuple[Any, ...]) -> Any:
         if self.trim:

@@ -597,15 +597,13 @@ class Router:
     @staticmethod
     def _check_plan_fits(plan: dict[str, Any], arrays: list[Any], length: int) -> None:
         """A (child) plan's indices lie in its source; a standard plan has its length."""
-        for key in ("indices",):
-            pos = plan.get(key)
-            if isinstance(pos, int) and 0 <= pos < len(arrays):
-                arr = arrays[pos]
-                if arr.dtype.kind in "iu" and not _in_range(arr, length):
-                    raise RequestError(
-                        ErrorCode.INVALID_ARGUMENT,
-                        f"plan indices out of range for a source of length {length}",
-                    )
+        pos = plan.get("indices")
+        if isinstance(pos, int) and 0 <= pos < len(arrays):
+            arr = arrays[pos]
+            if arr.dtype.kind in "iu" and not _in_range(arr, length):
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT, f"plan indices out of range for a source of length {length}"
+                )
         if plan.get("kind") == "standard" and plan.get("length") != length:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,

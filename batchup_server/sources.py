@@ -87,17 +87,23 @@ class SourceSpec:
         return SourceSpec(str(d["name"]), tuple(FieldSpec.from_wire(f) for f in d["fields"]))
 
 
-def _h5_array(path: str, dataset: str) -> Any:
-    """An HDF5 dataset: memory-mapped when it is contiguous and unfiltered (fast gathers,
-    no h5py handle kept), else the h5py dataset itself (compressed or chunked files,
-    e.g. caches written by batchup with blosc; ``hdf5plugin`` is loaded to read them)."""
+def open_h5(path: str) -> Any:
+    """An HDF5 file opened read-only, with ``hdf5plugin``'s filters (blosc & co., which
+    caches written by batchup itself use) registered."""
     import h5py
 
     try:
-        import hdf5plugin  # noqa: F401  (registers blosc & co. with HDF5)
+        import hdf5plugin  # noqa: F401  (registers the filters with HDF5)
     except ImportError:  # pragma: no cover - a declared dependency
         pass
-    f = h5py.File(path, "r")
+    return h5py.File(path, "r")
+
+
+def _h5_array(path: str, dataset: str) -> Any:
+    """An HDF5 dataset: memory-mapped when it is contiguous and unfiltered (fast gathers,
+    no h5py handle kept), else the h5py dataset itself (compressed or chunked files,
+    e.g. caches written by batchup with blosc; see :func:`open_h5`)."""
+    f = open_h5(path)
     try:
         if dataset not in f:
             raise SourceError(f"{path} has no dataset {dataset!r}")

@@ -81,8 +81,5 @@ class CodeCache:
 
         self._fns[key] = cloudpickle.loads(payload)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._fns
-
     def get(self, key: str) -> Callable[..., Any]:
         return self._fns[key]

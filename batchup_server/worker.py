@@ -121,13 +121,20 @@ class TaskRunner:
         layout, used = slot_layout([(a.dtype, a.shape) for a in arrays])
         if used > header["slot_bytes"]:
             return None
-        pool = self._pool(header["pool"])
-        base = header["slot"] * header["slot_bytes"]
-        for a, (dtype, shape, offset) in zip(arrays, layout):
-            np.ndarray(tuple(shape), np.dtype(dtype), buffer=pool, offset=base + offset)[...] = a
+        for view, a in zip(self._slot_views(header, layout), arrays):
+            view[...] = a
         return proto.Batch(
             header["stream"], header["seq"], header["gen"], header["rng"], header["slot"], layout, container
         )
+
+    def _slot_views(self, header: dict[str, Any], layout: list[list[Any]]) -> list[np.ndarray[Any, Any]]:
+        """Writable views of the task's slot, one per ``[dtype, shape, offset]`` of ``layout``."""
+        pool = self._pool(header["pool"])
+        base = header["slot"] * header["slot_bytes"]
+        return [
+            np.ndarray(tuple(shape), np.dtype(dtype), buffer=pool, offset=base + offset)
+            for dtype, shape, offset in layout
+        ]
 
     def _into_slot(self, header: dict[str, Any], source: OpenedSource, indices: np.ndarray[Any, Any]) -> Any:
         """Gather straight into the stream's shared-memory slot; the reply only describes it."""
@@ -139,12 +146,7 @@ class TaskRunner:
         slot_bytes = header["slot_bytes"]
         if used > slot_bytes:
             raise ValueError(f"a batch of {used} bytes does not fit a {slot_bytes}-byte slot")
-        pool = self._pool(header["pool"])
-        base = header["slot"] * slot_bytes
-        views = [
-            np.ndarray(tuple(shape), np.dtype(dtype), buffer=pool, offset=base + offset)
-            for dtype, shape, offset in layout
-        ]
+        views = self._slot_views(header, layout)
         if header["include_indices"]:
             views[0][...] = indices
             views = views[1:]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..sources import FieldSpec, SourceSpec
+from ..sources import FieldSpec, SourceSpec, open_h5
 from .catalog import DatasetInfo
 
 __all__ = ["DatasetRequestError", "check_layout", "dataset_source", "split_arrays"]
@@ -24,16 +24,6 @@ __all__ = ["DatasetRequestError", "check_layout", "dataset_source", "split_array
 
 class DatasetRequestError(ValueError):
     """A request names a split, field or parameter the dataset does not have."""
-
-
-def _open(path: str) -> Any:
-    import h5py
-
-    try:
-        import hdf5plugin  # noqa: F401  (blosc, for caches written by batchup itself)
-    except ImportError:  # pragma: no cover - a declared dependency
-        pass
-    return h5py.File(path, "r")
 
 
 def split_arrays(info: DatasetInfo, split: str) -> dict[str, str]:
@@ -48,7 +38,7 @@ def split_arrays(info: DatasetInfo, split: str) -> dict[str, str]:
 def check_layout(info: DatasetInfo, path: str) -> str:
     """Why ``path`` is not a usable file of ``info`` ("" when it is)."""
     try:
-        with _open(path) as f:
+        with open_h5(path) as f:
             if info.group not in f:
                 return f"it has no group /{info.group}"
             group = f[info.group]
@@ -125,25 +115,24 @@ def dataset_source(info: DatasetInfo, path: str, params: dict[str, Any], scratch
     fields = (["X"] if info.uint8 else []) + list(arrays)  # X first: float32 in [val_lower, val_upper]
     default = ["X", *[k for k in arrays if k in info.labels][:1]]
 
-    with _open(path) as f:
+    with open_h5(path) as f:
         group = f[info.group]
         n = int(group[next(iter(arrays.values()))].shape[0])
         rows: tuple[int, int] | None = None
         row_index = ""
+        folds = _read_folds(group) if info.val == "n_val_folds" else []
         if info.splits[split] == "train" and split in ("train", "val") and info.val:
             if info.val == "n_val":
                 cut = n if not n_val else max(n - n_val, 0)  # batchup: X[:-n_val], X[-n_val:]
                 rows = (0, cut) if split == "train" else (cut, n)
+            elif not n_val:
+                rows = (0, n) if split == "train" else (n, n)
             else:
-                folds = _read_folds(group)
-                if not n_val:
-                    rows = (0, n) if split == "train" else (n, n)
-                else:
-                    val_idx = np.concatenate(folds[-n_val:], axis=0)
-                    mask = np.zeros(n, dtype=bool)
-                    mask[val_idx] = True
-                    index = np.arange(n)[~mask] if split == "train" else val_idx
-                    row_index = _write_index(scratch, index.astype(np.int64))
+                val_idx = np.concatenate(folds[-n_val:], axis=0)
+                mask = np.zeros(n, dtype=bool)
+                mask[val_idx] = True
+                index = np.arange(n)[~mask] if split == "train" else val_idx
+                row_index = _write_index(scratch, index.astype(np.int64))
         metadata: dict[str, Any] = {
             "dataset": info.name,
             "title": info.title,
@@ -160,7 +149,7 @@ def dataset_source(info: DatasetInfo, path: str, params: dict[str, Any], scratch
         if coarse is not None:
             metadata["class_names_coarse"] = coarse
         if info.val == "n_val_folds":
-            metadata["folds"] = [fold.tolist() for fold in _read_folds(group)]
+            metadata["folds"] = [fold.tolist() for fold in folds]
 
     specs = []
     for name in fields:

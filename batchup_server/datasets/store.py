@@ -27,6 +27,7 @@ from typing import Any
 
 from .catalog import DATASETS, DatasetInfo
 from .download import DiskFullError, DownloadError, RemoteFile, fetch_file, sha256_file
+from .layout import check_layout
 
 __all__ = ["DatasetSettings", "DatasetStore", "DatasetUnavailable", "batchup_home"]
 
@@ -108,8 +109,6 @@ class DatasetStore:
         manifest = self._manifest(info)
         if manifest is not None and manifest.get("size") != size:
             return f"its size is {size} bytes, but {manifest.get('size')} were written"
-        from .layout import check_layout
-
         return check_layout(info, path)
 
     def _manifest(self, info: DatasetInfo) -> dict[str, Any] | None:
@@ -214,9 +213,7 @@ class DatasetStore:
         try:
             with h5py.File(partial, "w") as out:
                 CONVERTERS[info.converter](sources, out, progress)
-            from .layout import check_layout
-
-            problem = check_layout(info, partial)
+                problem = check_layout(info, partial)
             if problem:
                 raise DatasetUnavailable(f"{info.name}: the converted file is not usable: {problem}")
             manifest = {
