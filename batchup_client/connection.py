@@ -251,6 +251,8 @@ class Client:
             "streams_opened": 0,
             "streams_shared_memory": 0,
             "streams_socket": 0,
+            "data_messages": 0,  #: ZeroMQ messages received on the data socket
+            "bundled": 0,  #: messages that came in a bundle with others (protocol 1.3)
             "batches_copied_out": 0,
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
@@ -512,10 +514,22 @@ class Client:
                 frames = self._data.recv_multipart(copy=False)
         except zmq.ZMQError as exc:
             raise ConnectionLost(f"data connection failed: {exc}") from exc
-        msg, arrays = self._decode(frames)
+        try:
+            items = proto.decode_bundle(frames)  # one message, or several back to back (1.3)
+        except proto.ProtocolError as exc:
+            raise ProtocolViolation(f"the server sent an invalid message: {exc}") from exc
+        self._stats["data_messages"] += 1
+        if len(items) > 1:
+            self._stats["bundled"] += len(items)
+        for msg, arrays in items:
+            self._file(msg, arrays)
+        return True
+
+    def _file(self, msg: Any, arrays: list[Any]) -> None:
+        """Put one data message where its reader looks for it."""
         if isinstance(msg, proto.GatherResult) or (isinstance(msg, proto.Error) and msg.stream_id == 0):
             self._replies[msg.request_id] = (msg, arrays)
-            return True
+            return
         stream_id = getattr(msg, "stream_id", None)
         inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
         if isinstance(msg, proto.Batch) and msg.slot >= 0:
@@ -524,14 +538,13 @@ class Client:
                 raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
             if inbox is None:  # a late batch of a closed stream: its slot is free again
                 pool.free_unused(msg.slot)
-                return True
+                return
             try:
                 arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
             except proto.ProtocolError as exc:
                 raise ProtocolViolation(f"the server sent an invalid slot batch: {exc}") from exc
         if inbox is not None:
             inbox.put(msg, arrays)
-        return True
 
     # ------------------------------------------------------------------ streams
     def open_stream(
@@ -602,7 +615,17 @@ class Client:
             self._check()
             if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait
                 self._drain_control()
+                self._return_freed(stream_id, seq)
                 self._recv_data(POLL_SLICE_MS)
+
+    def _return_freed(self, stream_id: int, consumed: int) -> None:
+        """Before waiting, hand back the stream's slots freed since its reader last looked
+        (late batches of a closed stream that shared its pool free slots while it waits;
+        kept, the server could have no slot left to fill)."""
+        pool = self._pools.get(stream_id)
+        freed = pool.take_freed() if pool is not None else []
+        if freed:
+            self.send_credit(stream_id, len(freed), consumed, freed)
 
     def _drain_control(self) -> None:
         """While streaming, errors about streams (a refused Credit...) come on the control socket."""

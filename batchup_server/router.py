@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -58,7 +59,15 @@ __all__ = ["Router", "worker_main"]
 
 log = logging.getLogger("batchup_server")
 
-WORKER_DEPTH = 4  #: tasks queued per worker, so a worker never waits for the router
+WORKER_DEPTH = 4  #: task messages queued per worker, so a worker never waits for the router
+#: A task message carries up to GROUP batches of one stream, about GROUP_WORK_S of a
+#: worker's time by the stream's measured cost per batch (one batch while unmeasured): the
+#: router's and the workers' costs per message are paid once per group, which matters for
+#: batches that take well under a millisecond to make.
+GROUP = 8
+GROUP_WORK_S = 0.002
+#: how long a worker holds finished batches of a group to send them as one bundle
+BUNDLE_WAIT_S = 0.002
 POLL_MS = 100
 AUTH_LOG_EVERY_S = 10.0  #: at most one log line per kind of refused handshake this often
 #: fewest slots in a pool: the user's previous batch is still alive when the next is handed
@@ -95,6 +104,7 @@ class ClientState:
     last_seen: float
     streams: dict[int, StreamEntry] = dataclasses.field(default_factory=dict)
     idle_pools: list[Pool] = dataclasses.field(default_factory=list)
+    bundles: bool = False  #: it decodes several batches in one data message (1.3)
 
 
 @dataclasses.dataclass
@@ -110,9 +120,11 @@ class StreamEntry:
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transform_seed: int = 0
     parts: list[tuple[SourceSpec, list[int], bool]] = dataclasses.field(default_factory=list)  #: composites
+    job: Job | None = None  #: what its tasks carry (made at its first task)
+    batch_s: float = 0.0  #: a worker's time per batch of it (moving average; 0 = not yet known)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Job:
     """Where a task's result goes and what it gathers (a stream's batches, or a gather)."""
 
@@ -128,6 +140,30 @@ class Job:
     transform_seed: int = 0
     parts: tuple[tuple[SourceSpec, list[int], bool], ...] = ()
 
+    @functools.cached_property
+    def wire(self) -> dict[str, Any]:
+        """The task header's fields common to every batch of the job (built once)."""
+        header = {
+            "op": "task",
+            "endpoint": self.client.data_endpoint,
+            "stream": self.stream_id,
+            "source": self.source.to_wire(),
+            "fields": self.fields,
+            "include_indices": self.include_indices,
+            "gather": self.gather,
+            "pool": self.pool,
+            "slot_bytes": self.slot_bytes,
+            "bundle": self.client.bundles and not self.gather,
+        }
+        if self.transforms:
+            header["transforms"] = list(self.transforms)
+            header["transform_seed"] = self.transform_seed
+        if self.parts:
+            header["parts"] = [
+                {"source": spec.to_wire(), "fields": f, "include_indices": inc} for spec, f, inc in self.parts
+            ]
+        return header
+
 
 @dataclasses.dataclass
 class WorkerHandle:
@@ -135,7 +171,7 @@ class WorkerHandle:
     endpoint: str
     socket: zmq.Socket[Any]
     process: Any
-    outstanding: dict[int, tuple[Job, Task]] = dataclasses.field(default_factory=dict)
+    outstanding: dict[int, tuple[Job, list[Task]]] = dataclasses.field(default_factory=dict)
     ready: bool = False  #: the process connected and said so; before that a send could block
     code: set[str] = dataclasses.field(default_factory=set)  #: client functions it holds
 
@@ -522,7 +558,12 @@ class Router:
                 ErrorCode.INVALID_ARGUMENT, f"cannot connect to data endpoint {msg.data_endpoint!r}: {exc}"
             ) from exc
         self.clients[routing_id] = ClientState(
-            routing_id, routing_id, msg.data_endpoint, data, time.monotonic()
+            routing_id,
+            routing_id,
+            msg.data_endpoint,
+            data,
+            time.monotonic(),
+            bundles=proto.takes_bundles(msg.version),
         )
         log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
         self._reply(
@@ -810,7 +851,7 @@ class Router:
                 return
             job, task = self._retry.popleft()
             if job.client.client_id in self.clients:
-                self._send_task(worker, job, task)
+                self._send_task(worker, job, [task])
         while self._gathers:
             worker = self._free_worker()
             if worker is None:
@@ -818,7 +859,7 @@ class Router:
             client, request_id, spec, fields, idx = self._gathers.popleft()
             if client.client_id in self.clients:
                 self._send_task(
-                    worker, Job(client, 0, spec, fields, False, True), Task(request_id, 0, idx, None)
+                    worker, Job(client, 0, spec, fields, False, True), [Task(request_id, 0, idx, None)]
                 )
         idle = 0
         while self._rr and idle < len(self._rr):
@@ -834,67 +875,70 @@ class Router:
             if worker is None:
                 return
             idle = 0
+            tasks = self._produce(entry, group_size(entry.batch_s))
+            if tasks:
+                self._send_task(worker, self._job(entry), tasks)
+
+    def _produce(self, entry: StreamEntry, most: int) -> list[Task]:
+        """Up to ``most`` of the stream's next batches (its caller checked that it can make
+        one); an end of stream or a failure goes to the client at once."""
+        tasks: list[Task] = []
+        for n in range(most):
+            if n and not entry.stream.can_produce():
+                break
             try:
                 item = entry.stream.produce()
             except Exception as exc:
                 self._stream_error(entry, entry.stream.next_seq, exc)
-                continue
+                break
             if item is None:  # an assigned batch past the end, already answered
                 continue
             if isinstance(item, End):
                 msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng)
                 self._send_data(entry.client, proto.encode(msg))
-            else:
-                job = Job(
-                    entry.client, entry.stream_id, entry.source, entry.fields, entry.include_indices,
-                    False,
-                    entry.slot_pool.path if entry.slot_pool else "",
-                    entry.slot_pool.slot_bytes if entry.slot_pool else 0,
-                    tuple(entry.transforms),
-                    entry.transform_seed,
-                    tuple(entry.parts),
-                )  # fmt: skip
-                self._send_task(worker, job, item)
+                break
+            tasks.append(item)
+        return tasks
 
-    def _send_task(self, worker: WorkerHandle, job: Job, task: Task) -> None:
+    @staticmethod
+    def _job(entry: StreamEntry) -> Job:
+        if entry.job is None:
+            entry.job = Job(
+                entry.client, entry.stream_id, entry.source, entry.fields, entry.include_indices,
+                False,
+                entry.slot_pool.path if entry.slot_pool else "",
+                entry.slot_pool.slot_bytes if entry.slot_pool else 0,
+                tuple(entry.transforms),
+                entry.transform_seed,
+                tuple(entry.parts),
+            )  # fmt: skip
+        return entry.job
+
+    def _send_task(self, worker: WorkerHandle, job: Job, tasks: list[Task]) -> None:
+        """One task message: ``tasks`` (batches of one job), one index frame each."""
         self._tasks += 1
         header = {
-            "op": "task",
+            **job.wire,
             "task": self._tasks,
-            "endpoint": job.client.data_endpoint,
-            "stream": job.stream_id,
-            "seq": task.seq,
-            "gen": task.generation,
-            "rng": task.rng,
-            "source": job.source.to_wire(),
-            "fields": job.fields,
-            "include_indices": job.include_indices,
-            "gather": job.gather,
-            "index_dtype": task.indices.dtype.str,
-            "slot": task.slot,
-            "pool": job.pool,
-            "slot_bytes": job.slot_bytes,
+            "batches": [
+                [t.seq, t.generation, t.rng, t.slot, list(t.splits or ()), t.indices.dtype.str] for t in tasks
+            ],
         }
-        if job.transforms:
-            header["transforms"] = list(job.transforms)
-            header["transform_seed"] = job.transform_seed
-        if job.parts:
-            header["parts"] = [
-                {"source": spec.to_wire(), "fields": f, "include_indices": inc} for spec, f, inc in job.parts
-            ]
-            header["splits"] = list(task.splits or ())
         try:
             self._send_code(worker, job)
             worker.socket.send_multipart(
-                [msgpack.packb(header, use_bin_type=True), np.ascontiguousarray(task.indices).data],
+                [
+                    msgpack.packb(header, use_bin_type=True),
+                    *(np.ascontiguousarray(t.indices).data for t in tasks),
+                ],
                 zmq.NOBLOCK,
                 copy=False,
             )
         except zmq.ZMQError as exc:  # never block the router: try again on the next round
             log.warning("cannot send a task to worker %d (%s); will retry", worker.index, exc)
-            self._retry.append((job, task))
+            self._retry.extend((job, t) for t in tasks)
             return
-        worker.outstanding[self._tasks] = (job, task)
+        worker.outstanding[self._tasks] = (job, tasks)
 
     def _send_code(self, worker: WorkerHandle, job: Job) -> None:
         """Hand the worker the client functions the job needs, ahead of the task (the
@@ -935,23 +979,28 @@ class Router:
             worker.ready = True
             return
         info = worker.outstanding.pop(result["task"], None)
-        if info is None or (result["ok"] and not result.get("slot_unused")):
+        if info is None:
             return
-        job, task = info
+        job, tasks = info
         client, stream_id = job.client, job.stream_id
-        if task.slot >= 0:  # the client never got this slot's batch: it is free again
-            pools = [e.slot_pool for e in client.streams.values()] + client.idle_pools
-            pool = next((p for p in pools if p is not None and p.path == job.pool), None)
-            if pool is not None and task.slot not in pool.free:
-                pool.free.append(task.slot)
-        if result["ok"]:
-            return
         entry = client.streams.get(stream_id)
-        if entry is not None and entry.stream.generation == task.generation:
-            entry.failed = True  # the worker already sent the Error to the client
-            log.warning(
-                "stream %d of client %s failed: %s", stream_id, client.client_id.hex()[:8], result["error"]
-            )
+        if entry is not None and entry.job is job and result["busy"] > 0:  # a batch's cost to a worker
+            per_batch = result["busy"] / len(tasks)
+            entry.batch_s = per_batch if not entry.batch_s else 0.8 * entry.batch_s + 0.2 * per_batch
+        errors = dict(result["errors"])
+        missed = set(result["unused"]) | set(errors)
+        if not missed:
+            return
+        pools = [e.slot_pool for e in client.streams.values()] + client.idle_pools
+        pool = next((p for p in pools if p is not None and p.path == job.pool), None)
+        for i in sorted(missed):
+            slot = tasks[i].slot
+            if slot >= 0 and pool is not None and slot not in pool.free:
+                pool.free.append(slot)  # the client never got this slot's batch: it is free again
+        for i, text in errors.items():
+            if entry is not None and not entry.failed and entry.stream.generation == tasks[i].generation:
+                entry.failed = True  # the worker already sent the Error to the client
+                log.warning("stream %d of client %s failed: %s", stream_id, client.client_id.hex()[:8], text)
 
     # ------------------------------------------------------------------ liveness
     def _check_workers(self) -> None:
@@ -964,7 +1013,7 @@ class Router:
             worker.code = set()
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
-            self._retry.extend(lost.values())
+            self._retry.extend((job, task) for job, tasks in lost.values() for task in tasks)
 
     def _refresh_keys(self) -> None:
         if self.auth is None:
@@ -1137,8 +1186,6 @@ def worker_main(
                 except Exception as exc:  # reported by the tasks that need it
                     log.warning("worker %d cannot load %s: %r", index, header.get("name"), exc)
                 continue
-            indices = np.frombuffer(frames[1].buffer, dtype=np.dtype(header["index_dtype"]))
-            msg, arrays, error = runner.run(header, indices)
             endpoint = header["endpoint"]
             sock = clients.get(endpoint)
             if sock is None:
@@ -1148,16 +1195,64 @@ def worker_main(
                 if curve is not None:
                     make_curve_server(sock, curve)
                 sock.connect(endpoint)
-            try:
-                sock.send_multipart(proto.encode(msg, arrays), zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:
-                error = error or f"cannot send to {endpoint}: {exc}"
-            reply = {"worker": index, "task": header["task"], "ok": not error, "error": error}
-            if header["slot"] >= 0 and getattr(msg, "slot", 0) < 0:
-                reply["slot_unused"] = True  # a transformed batch too big for its slot went as frames
+            started = time.perf_counter()
+            errors, unused = _run_task(runner, header, frames[1:], sock)
+            busy = time.perf_counter() - started
+            reply = {
+                "worker": index,
+                "task": header["task"],
+                "errors": errors,
+                "unused": unused,
+                "busy": busy,
+            }
             results.send(msgpack.packb(reply))
     finally:
         runner.close()
         if auth is not None:
             auth.stop()
         ctx.destroy(linger=0)
+
+
+def group_size(batch_s: float) -> int:
+    """Batches per task message for a stream whose batches cost a worker ``batch_s``."""
+    if batch_s <= 0:
+        return 1
+    return max(1, min(GROUP, int(GROUP_WORK_S / batch_s)))
+
+
+def _run_task(
+    runner: TaskRunner, header: dict[str, Any], index_frames: list[Any], sock: zmq.Socket[Any]
+) -> tuple[list[tuple[int, str]], list[int]]:
+    """Make a task's batches and send them to the client; returns the failed ones (with
+    why) and those whose slot went unused.
+
+    With ``header["bundle"]`` finished batches wait (at most :data:`BUNDLE_WAIT_S` after
+    the first of them was ready) and go as one bundle: one message, one wake-up of the
+    client, for several batches (PROTOCOL.md, "Bundles")."""
+    errors: list[tuple[int, str]] = []
+    unused: list[int] = []
+    pending: list[Any] = []
+    held: list[int] = []  #: batches in ``pending``
+    since = 0.0
+    last = len(index_frames) - 1
+    for i, (batch, frame) in enumerate(zip(header["batches"], index_frames, strict=True)):
+        seq, gen, rng, slot, splits, index_dtype = batch
+        task = {**header, "seq": seq, "gen": gen, "rng": rng, "slot": slot, "splits": splits}
+        msg, arrays, error = runner.run(task, np.frombuffer(frame.buffer, dtype=np.dtype(index_dtype)))
+        if error:
+            errors.append((i, error))
+        elif slot >= 0 and getattr(msg, "slot", 0) < 0:
+            unused.append(i)  # a transformed batch too big for its slot went as frames
+        if not pending:
+            since = time.perf_counter()
+        pending += proto.encode(msg, arrays)
+        held.append(i)
+        if header["bundle"] and i < last and time.perf_counter() - since < BUNDLE_WAIT_S:
+            continue
+        try:
+            sock.send_multipart(pending, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            failed = {j for j, _ in errors}
+            errors += [(j, f"cannot send to {header['endpoint']}: {exc}") for j in held if j not in failed]
+        pending, held = [], []
+    return errors, unused

@@ -235,7 +235,7 @@ class Stream:
         if indices is None:
             self.finished = True
             return End(seq, self.generation, rng)
-        slot = self.free_slots.pop(0) if self.free_slots is not None else -1
+        slot = self.free_slots.pop() if self.free_slots is not None else -1
         return self._task(seq, indices, rng, slot)
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]

@@ -15,7 +15,7 @@ from .errors import (
     UnsupportedDtype,
     VersionMismatch,
 )
-from .framing import Limits, decode, encode
+from .framing import Limits, decode, decode_bundle, encode, encode_bundle
 from .messages import (
     HEARTBEAT_SUFFIX,
     MESSAGE_TYPES,
@@ -46,7 +46,7 @@ from .messages import (
     message_from_fields,
 )
 from .rng import decode_rng_state, encode_rng_state, states_equal
-from .version import PROTOCOL_VERSION, is_compatible
+from .version import PROTOCOL_VERSION, is_compatible, takes_bundles
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -87,11 +87,14 @@ __all__ = [
     "array_from_buffer",
     "check_dtype",
     "decode",
+    "decode_bundle",
     "decode_rng_state",
     "dtype_from_wire",
     "encode",
+    "encode_bundle",
     "encode_rng_state",
     "is_compatible",
     "message_from_fields",
     "states_equal",
+    "takes_bundles",
 ]

@@ -1,4 +1,5 @@
-"""Multipart framing: ``[header, *array_frames]``.
+"""Multipart framing: ``[header, *array_frames]``; on the data socket (1.3) a bundle of
+several such messages back to back.
 
 The header is a msgpack map (the message's fields, its ``type`` and, when arrays
 follow, ``arrays``: one ``[dtype_str, shape]`` per following frame). Array frames are
@@ -18,7 +19,7 @@ from .arrays import array_from_buffer, as_wire_array, spec_of
 from .errors import FrameTooLarge, MalformedFrame
 from .messages import message_from_fields
 
-__all__ = ["Limits", "decode", "encode", "encode_header"]
+__all__ = ["Limits", "decode", "decode_bundle", "encode", "encode_bundle", "encode_header"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Limits:
     max_header_bytes: int = 1 << 20
     max_array_bytes: int = 1 << 31
     max_arrays: int = 1024
+    max_bundle: int = 256  #: messages in one bundle (1.3)
 
 
 DEFAULT_LIMITS = Limits()
@@ -80,7 +82,39 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[Any,
     """
     if not frames:
         raise MalformedFrame("a message needs at least a header frame, got 0 frames")
-    header = memoryview(_buffer(frames[0]))
+    msg, arrays, end = _decode_at(frames, 0, limits)
+    if end != len(frames):
+        raise MalformedFrame(f"header announces {end - 1} array frames but {len(frames) - 1} follow it")
+    return msg, arrays
+
+
+def encode_bundle(items: Sequence[tuple[Any, Sequence[Any]]]) -> list[Any]:
+    """One data-socket message carrying several ``(message, arrays)`` back to back (1.3)."""
+    return [frame for msg, arrays in items for frame in encode(msg, arrays)]
+
+
+def decode_bundle(
+    frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS
+) -> list[tuple[Any, list[np.ndarray[Any, Any]]]]:
+    """Decode a data-socket message: one or more messages back to back, each a header and
+    the array frames it announces (PROTOCOL.md, "Bundles"). Raises as :func:`decode`."""
+    if not frames:
+        raise MalformedFrame("a message needs at least a header frame, got 0 frames")
+    items: list[tuple[Any, list[np.ndarray[Any, Any]]]] = []
+    start = 0
+    while start < len(frames):
+        if len(items) == limits.max_bundle:
+            raise FrameTooLarge(f"a bundle of more than {limits.max_bundle} messages")
+        msg, arrays, start = _decode_at(frames, start, limits)
+        items.append((msg, arrays))
+    return items
+
+
+def _decode_at(
+    frames: Sequence[Any], start: int, limits: Limits
+) -> tuple[Any, list[np.ndarray[Any, Any]], int]:
+    """The message whose header is ``frames[start]``, and where the next one starts."""
+    header = memoryview(_buffer(frames[start]))
     if header.nbytes > limits.max_header_bytes:
         raise FrameTooLarge(f"header of {header.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
@@ -94,11 +128,14 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> tuple[Any,
         raise MalformedFrame(f"'arrays' should be a list of [dtype, shape] specs, got {specs!r:.60}")
     if len(specs) > limits.max_arrays:
         raise FrameTooLarge(f"{len(specs)} arrays exceed the limit of {limits.max_arrays}")
-    if len(specs) != len(frames) - 1:
-        raise MalformedFrame(f"header announces {len(specs)} array frames but {len(frames) - 1} follow it")
+    end = start + 1 + len(specs)
+    if end > len(frames):
+        raise MalformedFrame(
+            f"header announces {len(specs)} array frames but {len(frames) - start - 1} follow it"
+        )
     msg = message_from_fields(fields)
     arrays = [
         array_from_buffer(_buffer(f), spec, limits.max_array_bytes, owner=f)
-        for spec, f in zip(specs, frames[1:])
+        for spec, f in zip(specs, frames[start + 1 : end])
     ]
-    return msg, arrays
+    return msg, arrays, end

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-__all__ = ["PROTOCOL_VERSION", "is_compatible"]
+from typing import Any
+
+__all__ = ["BUNDLES_SINCE", "PROTOCOL_VERSION", "is_compatible", "takes_bundles"]
 
 #: (major, minor). Minor bumps only add optional fields or message types;
 #: anything else bumps major. See PROTOCOL.md, "Evolution".
-PROTOCOL_VERSION: tuple[int, int] = (1, 2)
+PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+
+#: the first version whose clients decode bundles on the data socket
+BUNDLES_SINCE: tuple[int, int] = (1, 3)
 
 
 def is_compatible(peer: tuple[int, int]) -> bool:
     """Peers speak to each other when their major versions are equal."""
     return peer[0] == PROTOCOL_VERSION[0]
+
+
+def takes_bundles(peer: Any) -> bool:
+    """Whether a client that sent ``Hello.version == peer`` decodes bundles (1.3)."""
+    try:
+        return (int(peer[0]), int(peer[1])) >= BUNDLES_SINCE
+    except (TypeError, ValueError, IndexError):
+        return False

@@ -234,6 +234,30 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
     }
 
 
+def bundles() -> dict[str, list[tuple[Any, list[np.ndarray[Any, Any]]]]]:
+    """(1.3) Data-socket messages carrying several messages back to back, keyed by name."""
+    return {
+        "batches": [
+            (
+                proto.Batch(stream_id=3, seq=8, generation=1, rng=None),
+                [np.arange(6, dtype="<f4").reshape(2, 3), np.array([4, 5], dtype="<i8")],
+            ),
+            (
+                proto.Batch(
+                    stream_id=3,
+                    seq=9,
+                    generation=1,
+                    rng=None,
+                    slot=2,
+                    layout=[["<f4", [2, 3], 0], ["<i8", [2], 64]],
+                ),
+                [],
+            ),
+            (proto.EndOfStream(stream_id=3, seq=10, generation=1, rng=None), []),
+        ],
+    }
+
+
 def frame_bytes(frame: Any) -> bytes:
     """The bytes of one frame as it travels (arrays: their raw C-ordered buffer)."""
     if isinstance(frame, np.ndarray):
@@ -243,7 +267,12 @@ def frame_bytes(frame: Any) -> bytes:
 
 def golden_file(msg: Any, arrays: list[np.ndarray[Any, Any]]) -> bytes:
     """The content of a ``.bin`` file: a msgpack array of one ``bin`` per frame."""
-    frames = [frame_bytes(f) for f in proto.encode(msg, arrays)]
+    return bundle_file([(msg, arrays)])
+
+
+def bundle_file(items: list[tuple[Any, list[np.ndarray[Any, Any]]]]) -> bytes:
+    """A ``.bin`` file holding every frame of one message carrying ``items`` back to back."""
+    frames = [frame_bytes(f) for f in proto.encode_bundle(items)]
     return msgpack.packb(frames, use_bin_type=True)  # type: ignore[no-any-return]
 
 
@@ -256,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         help="overwrite existing files (only when the protocol changed on purpose)",
     )
     args = parser.parse_args(argv)
-    messages = golden_messages()
-    targets = {name: os.path.join(args.out, f"{name}.bin") for name in sorted(messages)}
+    contents = {name: golden_file(*item) for name, item in golden_messages().items()}
+    contents.update({f"bundles/{name}": bundle_file(items) for name, items in bundles().items()})
+    targets = {name: os.path.join(args.out, f"{name}.bin") for name in sorted(contents)}
     existing = [p for p in targets.values() if os.path.exists(p)]
     if existing and not args.force:
         missing = {n: p for n, p in targets.items() if not os.path.exists(p)}
@@ -270,10 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         targets = missing
-    os.makedirs(args.out, exist_ok=True)
     for name, path in targets.items():
-        msg, arrays = messages[name]
-        data = golden_file(msg, arrays)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = contents[name]
         with open(path, "wb") as f:
             f.write(data)
         print(f"wrote {path} ({len(data)} bytes)")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import batchup_client
+from batchup_client import data_source, sampling
 from batchup_server.demo import make_demo_arrays
 from tests.integration.test_streaming import assert_same, expected_batches
 from tests.servers import wait_until
@@ -130,6 +131,23 @@ def test_iterators_closed_early_leak_no_slot(server):
             pass
         assert client.buffered(sid) == pool.slots  # every slot came back
         client.close_stream(sid)
+
+
+def test_a_stream_opened_while_the_last_ones_slots_are_in_flight_gets_its_batches():
+    """Short-lived iterators in a row share one pool, and the user still holds the last
+    one's batches: a new stream may start with every other slot held by the closed one's
+    late batches. The reader hands those back while it waits (else the server has no slot
+    to fill and both sides wait for ever). Sharded weighted draws hit this most often."""
+    x = np.arange(206, dtype=np.float32).reshape(103, 2)
+    w = np.linspace(1, 2, 103)
+    for trial in range(20):
+        kept = []
+        for rank in range(3):
+            ds = data_source.ArrayDataSource([x], sampler=sampling.WeightedSampler(w))
+            it = ds.batch_iterator(5, shuffle=np.random.RandomState(trial), rank=rank, world_size=3)
+            kept.append([next(it) for _ in range(4)])  # held while the next iterators start
+        assert [len(b[0]) for batches in kept for b in batches] == [5] * 12
+    assert batchup_client.default_client().info()["streams_shared_memory"] >= 60
 
 
 def test_a_failed_batch_gives_its_slot_back(tmp_path):
