@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 K8S = os.path.join(os.path.dirname(__file__), "..", "..", "docker", "k8s")
 
@@ -22,7 +23,7 @@ def test_manifests_are_valid_kubernetes() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     passed = [line for line in (done.stdout + done.stderr).splitlines() if " passed for resource " in line]
     kinds = sorted(line.split("resource ")[1].split("/")[0] for line in passed)
-    assert kinds == ["deployment", "job", "job", "persistentvolumeclaim", "service"]
+    assert kinds == ["job", "job", "persistentvolumeclaim", "service", "statefulset"]
 
 
 def test_training_ranks_are_an_indexed_job_that_reads_its_rank() -> None:
@@ -30,4 +31,24 @@ def test_training_ranks_are_an_indexed_job_that_reads_its_rank() -> None:
         text = f.read()
     assert "completionMode: Indexed" in text
     assert "batch.kubernetes.io/job-completion-index" in text
-    assert "BATCHUP_SERVER" in text and "tcp://batchup-server:5555" in text
+    assert "BATCHUP_SERVER" in text
+
+
+def _docs(name: str) -> list[dict]:
+    with open(os.path.join(K8S, name)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def test_every_rank_reaches_every_server_pod_by_its_own_name() -> None:
+    """A StatefulSet behind a headless Service gives each server pod a DNS name; the
+    trainers list all of them, so batches fan out over every server (not one per rank)."""
+    server = {d["kind"]: d for d in _docs("server.yaml")}
+    sset, service = server["StatefulSet"], server["Service"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert sset["spec"]["serviceName"] == service["metadata"]["name"]
+    name, svc, replicas = sset["metadata"]["name"], service["metadata"]["name"], sset["spec"]["replicas"]
+    port = service["spec"]["ports"][0]["port"]
+    (job,) = _docs("trainer.yaml")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    addresses = env["BATCHUP_SERVER"].split(",")
+    assert addresses == [f"tcp://{name}-{i}.{svc}:{port}" for i in range(replicas)]
