@@ -608,6 +608,7 @@ class Client:
         inbox = self._inboxes.get(stream_id)
         if inbox is None:
             raise ClientClosed(f"stream {stream_id} is closed")
+        waited = False  # a wait of a whole poll slice went by without a message
         while True:
             item = inbox.take(seq)
             if item is not None:
@@ -615,13 +616,26 @@ class Client:
             self._check()
             if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait
                 self._drain_control()
-                self._return_freed(stream_id, seq)
-                self._recv_data(POLL_SLICE_MS)
+                if waited or self.short_of_slots(stream_id):
+                    self._return_freed(stream_id, seq)
+                waited = not self._recv_data(POLL_SLICE_MS)
+
+    def short_of_slots(self, stream_id: int) -> bool:
+        """Whether the server may lack a free slot for the stream: fewer than two of its
+        pool's slots are not held here (by the user, waiting in the inbox, or freed and not
+        yet reported), so fewer than two can be in flight."""
+        pool = self._pools.get(stream_id)
+        inbox = self._inboxes.get(stream_id)
+        if pool is None or inbox is None:
+            return False
+        return pool.slots - pool.handed - len(inbox) - pool.freed_count() < 2
 
     def _return_freed(self, stream_id: int, consumed: int) -> None:
-        """Before waiting, hand back the stream's slots freed since its reader last looked
-        (late batches of a closed stream that shared its pool free slots while it waits;
-        kept, the server could have no slot left to fill)."""
+        """Hand back the stream's slots freed since its reader last reported (the user's
+        dropped batches, or late batches of a closed stream that shared the pool); kept,
+        the server could have no slot left to fill. Done before a wait when the server may
+        be short of slots, and after any wait in vain (so a miscount costs one poll slice,
+        never a hang)."""
         pool = self._pools.get(stream_id)
         freed = pool.take_freed() if pool is not None else []
         if freed:

@@ -105,6 +105,7 @@ class Connection(Protocol):
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
     def ready(self, stream_id: int, seq: int) -> bool: ...
     def pool(self, stream_id: int) -> SlotPool | None: ...
+    def short_of_slots(self, stream_id: int) -> bool: ...
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: list[int] = ...) -> None: ...
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
     def close_stream(self, stream_id: int) -> None: ...
@@ -145,16 +146,18 @@ def iterate(
     grant_every = max(1, prefetch // 4)
     consumed = granted = generation = 0
     pool = conn.pool(sid)
-    freed: list[int] = []
     framed = 0  # batches of a pool stream that came as frames (their credit is not a slot)
     try:
         while True:
             if pool is not None:  # credit comes back as slots are freed, not as batches are read
-                freed += pool.take_freed()
-                returned = len(freed) + framed
-                if returned and (returned >= grant_every or not conn.ready(sid, consumed)):
-                    conn.send_credit(sid, returned, consumed, freed)
-                    freed, framed = [], 0
+                returned = pool.freed_count() + framed
+                # about to wait: hand slots back only when the server may be short of them
+                # (conn.next_item also does, after a wait in vain): one message less per batch
+                waiting = returned and not conn.ready(sid, consumed)
+                if returned >= grant_every or (waiting and (framed or conn.short_of_slots(sid))):
+                    freed = pool.take_freed()
+                    conn.send_credit(sid, len(freed) + framed, consumed, freed)
+                    framed = 0
             elif consumed > granted and not conn.ready(sid, consumed):
                 # about to wait: report every consumed batch first, or a byte budget
                 # smaller than grant_every batches would never be released (deadlock)
@@ -189,9 +192,7 @@ def iterate(
             yield batch
             del batch
     finally:
-        if pool is not None and freed:
-            pool.unreported(freed)  # the pool's next stream reports them: no slot leaks
-        conn.close_stream(sid)
+        conn.close_stream(sid)  # freed slots not reported stay in the pool for its next stream
 
 
 class _Lease:
@@ -254,9 +255,9 @@ class SlotPool:
         if 0 <= slot < self.slots:
             self._freed.append(slot)
 
-    def unreported(self, slots: list[int]) -> None:
-        """Freed slots a closed stream could not report; the pool's next stream will."""
-        self._freed.extend(slots)
+    def freed_count(self) -> int:
+        """Slots freed and not yet reported to the server."""
+        return len(self._freed)
 
     def take_freed(self) -> list[int]:
         out = []

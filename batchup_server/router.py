@@ -65,7 +65,7 @@ WORKER_DEPTH = 4  #: task messages queued per worker, so a worker never waits fo
 #: router's and the workers' costs per message are paid once per group, which matters for
 #: batches that take well under a millisecond to make.
 GROUP = 8
-GROUP_WORK_S = 0.002
+GROUP_WORK_S = 0.012
 #: how long a worker holds finished batches of a group to send them as one bundle
 BUNDLE_WAIT_S = 0.002
 POLL_MS = 100
