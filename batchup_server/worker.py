@@ -32,6 +32,7 @@ class TaskRunner:
         self._pools: dict[str, np.memmap[Any, Any]] = {}
         self.registry = registry or Registry()
         self.code = CodeCache()
+        self._last: tuple[Any, Any] = (None, None)  #: the last wire dict and its source
 
     def _transforms(self, specs: list[dict[str, Any]]) -> list[Any]:
         fns = []
@@ -44,11 +45,14 @@ class TaskRunner:
         return fns
 
     def _source(self, wire: dict[str, Any]) -> OpenedSource:
+        if wire is self._last[0]:  # the batches of one task message share one wire dict
+            return self._last[1]
         spec = SourceSpec.from_wire(wire)
         key = tuple(f.key for f in spec.fields)
         source = self._sources.get(key)
         if source is None:
             source = self._sources[key] = open_source(spec)
+        self._last = (wire, source)
         return source
 
     def _pool(self, path: str) -> np.memmap[Any, Any]:
@@ -156,6 +160,7 @@ class TaskRunner:
         )
 
     def close(self) -> None:
+        self._last = (None, None)
         for source in self._sources.values():
             source.close()
         self._sources.clear()
