@@ -194,7 +194,7 @@ class _Heartbeat(threading.Thread):
                     if isinstance(msg, proto.Heartbeat):
                         last_ok = time.monotonic()
                     elif isinstance(msg, proto.Error) and msg.code == ErrorCode.UNKNOWN_CLIENT:
-                        self.lost = "the server reclaimed this client (it was silent too long)"
+                        self.lost = "the server no longer knows this client (it restarted, or reclaimed it)"
                 if time.monotonic() - last_ok > self.timeout:
                     self.lost = f"the server stopped answering heartbeats for {self.timeout:g}s"
         except (zmq.ZMQError, proto.ProtocolError) as exc:
@@ -648,6 +648,12 @@ class Client:
                 msg, arrays = self._decode(self._control.recv_multipart(copy=False))
                 if not isinstance(msg, proto.Error):
                     continue  # a late answer to a request that timed out
+                if msg.code == ErrorCode.UNKNOWN_CLIENT:  # a restarted server: this session is gone
+                    why = "the server no longer knows this client (it restarted, or reclaimed it)"
+                    if self._heartbeat is None:
+                        raise ConnectionLost(f"lost the server at {self.address}: {why}")
+                    self._heartbeat.lost = why  # alive() is False from now on; _check() raises
+                    continue
                 inbox = self._inboxes.get(msg.stream_id)
                 if inbox is not None:
                     inbox.put(dataclasses.replace(msg, seq=-1), arrays)
@@ -660,6 +666,11 @@ class Client:
         """The stream's length in batches, once the server said so (an EndOfStream)."""
         inbox = self._inboxes.get(stream_id)
         return None if inbox is None else inbox.end
+
+    def holds(self, stream_id: int, seq: int) -> bool:
+        """Whether item ``seq`` of a stream arrived (a stream failure does not count)."""
+        inbox = self._inboxes.get(stream_id)
+        return inbox is not None and inbox.holds(seq)
 
     def ready(self, stream_id: int, seq: int) -> bool:
         """Whether item ``seq`` of a stream can be had without waiting."""

@@ -9,7 +9,10 @@ in the order, one server would give — RNG parity, reseeds and transforms inclu
 
 A server that stops answering heartbeats (``server_timeout``) is dropped and its
 outstanding batches are assigned to the others; a background thread keeps trying to
-reconnect it, and once back it takes part in the streams opened from then on.
+reconnect it, and once back it makes batches again: of the streams opened from then on,
+and of the open ones (each is opened on it anew and is handed its share of the next
+batches), except a stream that was replanned (a reseed: the returned server could not
+reach the replanned state).
 
 The class speaks the connection interface :func:`batchup_client.streaming.iterate` uses,
 so everything above it (sources, drop-ins, maps, sharding) works unchanged. Sockets stay
@@ -51,6 +54,19 @@ class _Fan:
     consumed: int = 0
     end: int | None = None  #: the stream's length, once a server reported it
     reseeds: list[tuple[int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    #: streams on connections that were lost and replaced: their received batches still count
+    retired: list[tuple[_Conn, int]] = dataclasses.field(default_factory=list)
+
+    def every_stream(self) -> list[tuple[_Conn, int]]:
+        return [*self.streams.values(), *self.retired]
+
+    def has(self, seq: int) -> tuple[_Conn, int] | None:
+        """The stream holding batch ``seq`` (or the live stream failing); a lost server's
+        stream counts only for batches it delivered (its failure is its loss, handled)."""
+        for address, (conn, sid) in self.streams.items():
+            if conn.ready(sid, seq) if address in self.outstanding else conn.holds(sid, seq):
+                return conn, sid
+        return next(((c, s) for c, s in self.retired if c.holds(s, seq)), None)
 
 
 class FanoutClient(SourceMethods):
@@ -113,7 +129,7 @@ class FanoutClient(SourceMethods):
                 with self._lock:
                     if not self._stop.is_set():
                         self._back.append((address, fresh))
-                        log.warning("server %s answers again; it will serve new streams", address)
+                        log.warning("server %s answers again", address)
                         continue
                 fresh.close()  # closed meanwhile: nobody would adopt it
                 return
@@ -210,9 +226,30 @@ class FanoutClient(SourceMethods):
             raise ClientClosed(f"stream {stream_id} is closed")
         return fan
 
+    def _rejoin(self, fan: _Fan) -> None:
+        """Open the stream anew on servers that came back since they were lost."""
+        self._adopt_returned()
+        if fan.reseeds:
+            return  # replanned: a fresh stream on the returned server would not match it
+        for address, conn in list(self._conns.items()):
+            old = fan.streams.get(address)
+            if address in fan.outstanding or old is None or old[0] is conn or not conn.alive():
+                continue
+            try:
+                sid = conn.open_stream(*fan.open_args, assigned=True)  # type: ignore[misc]
+            except BatchupError as exc:
+                log.warning("server %s is back but cannot reopen a stream: %s", address, exc)
+                continue
+            fan.retired.append(old)
+            fan.streams[address] = (conn, sid)
+            fan.outstanding[address] = set()
+            log.warning("server %s is back: it makes batches of an open stream again", address)
+
     def _pump(self, fan: _Fan) -> None:
-        """Drop dead servers (their batches not yet received go back in the queue), and ask
-        the live ones for more batches, each up to its cap of outstanding batches."""
+        """Drop dead servers (their batches not yet received go back in the queue), take
+        back returned ones, and ask the live ones for more batches, each up to its cap of
+        outstanding batches."""
+        self._rejoin(fan)
         for address in list(fan.outstanding):
             conn, sid = fan.streams[address]
             if not conn.alive():
@@ -253,15 +290,15 @@ class FanoutClient(SourceMethods):
 
     def ready(self, stream_id: int, seq: int) -> bool:
         fan = self._fan(stream_id)
-        return any(conn.ready(sid, seq) for conn, sid in fan.streams.values())
+        return fan.has(seq) is not None
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         fan = self._fan(stream_id)
         while True:
             self._pump(fan)
-            for conn, sid in fan.streams.values():  # a lost server's received batches count too
-                if conn.ready(sid, seq):
-                    return conn.next_item(sid, seq)
+            found = fan.has(seq)  # a lost server's received batches count too
+            if found is not None:
+                return found[0].next_item(found[1], seq)
             wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
 
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
@@ -286,7 +323,7 @@ class FanoutClient(SourceMethods):
         fan = self._fans.pop(stream_id, None)
         if fan is None:
             return
-        for conn, sid in fan.streams.values():
+        for conn, sid in fan.every_stream():
             conn.close_stream(sid)
 
     # ------------------------------------------------------------------ lifecycle

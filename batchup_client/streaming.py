@@ -72,6 +72,10 @@ class Inbox:
         """Whether :meth:`take` would return something now."""
         return seq in self._items or self._failure is not None
 
+    def holds(self, seq: int) -> bool:
+        """Whether item ``seq`` itself arrived (not counting a failure of the stream)."""
+        return seq in self._items
+
     def take(self, seq: int) -> tuple[Any, list[Any]] | None:
         """Item ``seq`` if it arrived; else the stream's failure, if it has one."""
         item = self._items.pop(seq, None)

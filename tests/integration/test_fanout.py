@@ -208,3 +208,31 @@ def test_a_server_killed_mid_epoch_of_a_sharded_slow_trainer(data: Any) -> None:
     finally:
         a.stop()
         b.kill()
+
+
+def test_a_server_that_comes_back_mid_epoch_makes_batches_of_the_open_stream(data: Any) -> None:
+    a, b = _server(data, delay=0.01), _server(data, delay=0.01)
+    bind = b.endpoint
+    try:
+        with batchup_client.connect([a.endpoint, bind], server_timeout=2.0) as client:
+            src = client.source("train", include_indices=True, repeats=-1).map("tag")
+            it = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(4))
+            got = [next(it) for _ in range(10)]
+            os.kill(b.pid, signal.SIGKILL)
+            b.kill()
+            b = _server(data, delay=0.01, bind=bind)
+            back = set(worker_pids(b.pid))
+            deadline = time.monotonic() + 60
+            while not {int(g[3][0]) for g in got[-20:]} & back:  # the returned server's work
+                assert time.monotonic() < deadline, "the returned server made no batch of the stream"
+                got.append(next(it))
+            for _ in range(20):  # and the stream goes on, shared again
+                got.append(next(it))
+            it.close()
+        ref = bds.ArrayDataSource([X, Y], repeats=-1, include_indices=True).batch_iterator(
+            10, shuffle=np.random.RandomState(4)
+        )
+        _same([g[:3] for g in got], [next(ref) for _ in got])  # every batch once, in order
+    finally:
+        a.stop()
+        b.stop()
