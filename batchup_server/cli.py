@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
         "client code is never run for such anonymous clients",
     )
     p.add_argument(
+        "--health-bind",
+        metavar="ENDPOINT",
+        help="also answer handshakes (and nothing else) on this loopback or ipc endpoint, "
+        "without keys, so `batchup-server ping ENDPOINT` and container health checks work "
+        "when the control endpoint requires CURVE keys (e.g. tcp://127.0.0.1:5556)",
+    )
+    p.add_argument(
         "--trust-client-code",
         action="store_true",
         default=None,
@@ -324,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             curve_secret_key=args.curve_secret_key,
             curve_clients=args.curve_clients,
             insecure=args.insecure,
+            health_bind=args.health_bind,
         )
         from .server import serve
 

@@ -77,6 +77,7 @@ class ServerConfig:
     curve_secret_key: str = ""  #: the server's CURVE ``NAME.key_secret`` file ("" = no CURVE)
     curve_clients: str = ""  #: folder of authorised clients' public ``NAME.key`` files
     insecure: bool = False  #: allow a non-loopback bind without CURVE keys
+    health_bind: str = ""  #: loopback/ipc endpoint answering handshakes without keys ("" = none)
 
     @property
     def curve(self) -> bool:
@@ -104,6 +105,11 @@ class ServerConfig:
             )
         if not self.curve and not self.insecure and not is_loopback_endpoint(self.bind):
             raise ConfigError(insecure_bind_message(self.bind))
+        if self.health_bind and not is_loopback_endpoint(self.health_bind):
+            raise ConfigError(
+                f"health_bind should be a loopback or ipc endpoint (it answers without keys), e.g. "
+                f"tcp://127.0.0.1:5556 or ipc:///run/batchup-health; got {self.health_bind!r}"
+            )
 
 
 def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str, Any]:

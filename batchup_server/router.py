@@ -228,6 +228,13 @@ class Router:
             self.control.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))
             self.control.bind(config.bind)
             self.endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.health: zmq.Socket[Any] | None = None
+            self.health_endpoint = ""
+            if config.health_bind:  # never CURVE: loopback or ipc only (checked by the config)
+                self.health = self._socket(zmq.ROUTER)
+                self.health.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+                self.health.bind(config.health_bind)
+                self.health_endpoint = self.health.getsockopt_string(zmq.LAST_ENDPOINT)
             self.results = self._socket(zmq.PULL)
             results_endpoint = f"ipc://{runtime_dir}/results"
             self.results.bind(results_endpoint)
@@ -273,6 +280,8 @@ class Router:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        if self.health is not None:
+            poller.register(self.health, zmq.POLLIN)
         next_check = 0.0
         while not self.stopping:
             try:
@@ -287,6 +296,8 @@ class Router:
                 self._drain(self.results, self._on_result)
             if self.monitor in events:
                 self._on_monitor()
+            if self.health is not None and self.health in events:
+                self._drain(self.health, self._on_health)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + min(0.5, self.config.heartbeat_interval)
@@ -566,21 +577,57 @@ class Router:
             bundles=proto.takes_bundles(msg.version),
         )
         log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
-        self._reply(
-            routing_id,
-            proto.Welcome(
-                list(proto.PROTOCOL_VERSION),
-                self.server_id,
-                self.host,
-                self.shm_dir,
-                self.config.heartbeat_interval,
-                self.config.client_timeout,
-                self.config.max_message_bytes,
-                sorted(self.sources),
-                self.trusts_code,
-                sorted(self.registry.transforms),
-            ),
+        self._reply(routing_id, self._welcome())
+
+    def _welcome(self) -> proto.Welcome:
+        return proto.Welcome(
+            list(proto.PROTOCOL_VERSION),
+            self.server_id,
+            self.host,
+            self.shm_dir,
+            self.config.heartbeat_interval,
+            self.config.client_timeout,
+            self.config.max_message_bytes,
+            sorted(self.sources),
+            self.trusts_code,
+            sorted(self.registry.transforms),
         )
+
+    def _on_health(self, frames: list[Any]) -> None:
+        """The health endpoint: a handshake is answered (and forgotten: no session, no
+        data connection), a heartbeat echoed; anything else refused."""
+        routing_id = frames[0].bytes
+        try:
+            msg, _ = proto.decode(frames[1:], proto.Limits(max_array_bytes=0, max_arrays=0))
+        except proto.ProtocolError as exc:
+            reply: Any = proto.Error(ErrorCode.MALFORMED, f"malformed request: {exc}")
+        else:
+            if (
+                isinstance(msg, proto.Hello)
+                and len(msg.version) == 2
+                and proto.is_compatible(tuple(msg.version))
+            ):
+                reply = self._welcome()
+            elif isinstance(msg, proto.Hello):
+                reply = proto.Error(
+                    ErrorCode.VERSION_MISMATCH, f"server speaks {proto.PROTOCOL_VERSION[0]}.x"
+                )
+            elif isinstance(msg, proto.Heartbeat):
+                reply = proto.Heartbeat(b"", time.time())
+            elif isinstance(msg, proto.Goodbye):
+                return
+            else:
+                reply = proto.Error(
+                    ErrorCode.UNAUTHORIZED,
+                    f"{self.health_endpoint} is the health endpoint: it answers handshakes only; "
+                    f"stream from {self.endpoint}",
+                    getattr(msg, "request_id", 0),
+                )
+        assert self.health is not None
+        try:
+            self.health.send_multipart([routing_id, *proto.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("cannot answer a health check: %s", exc)
 
     def _resolve(self, source: dict[str, Any]) -> SourceEntry:
         if "arrays" in source:

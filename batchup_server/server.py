@@ -150,6 +150,8 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
             router.endpoint,
             config.workers,
         )
+        if router.health_endpoint:
+            log.info("health endpoint (handshakes only, no keys) on %s", router.health_endpoint)
         print(f"batchup-server ready on {router.endpoint}", file=ready_file, flush=True)
         router.run()
         return 0

@@ -387,3 +387,39 @@ def test_a_client_key_added_to_the_folder_is_served_without_a_restart(keys: Keys
         _refused(server.endpoint, **bob)
     finally:
         _stop(server)
+
+
+# ---------------------------------------------------------------------- health endpoint
+def test_the_health_endpoint_answers_ping_without_keys_and_serves_nothing(keys: Keys, tmp_path: Any) -> None:
+    health = f"ipc://{tmp_path}/health"
+    server = _start("--bind", "tcp://127.0.0.1:0", *keys.server_args(), "--health-bind", health)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHUP_")}
+
+    def ping(address: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "batchup_server", "ping", address, "--timeout", "5"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+    try:
+        ok = ping(health)
+        assert ok.returncode == 0 and "answered" in ok.stdout, ok.stderr
+        assert ping(server.endpoint).returncode == 1  # the keyed endpoint still wants keys
+        with batchup_client.connect(health, timeout=5) as client:
+            assert "demo" in client.sources
+            with pytest.raises(batchup_client.UnauthorizedError, match="health endpoint"):
+                client.source("demo").num_samples()
+        with batchup_client.connect(server.endpoint, **keys.good()) as client:  # others unaffected
+            assert client.source("demo").num_samples() == 12000
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("health", ["tcp://0.0.0.0:5556", "tcp://10.1.2.3:5556"])
+def test_a_health_endpoint_beyond_loopback_is_a_config_error(keys: Keys, health: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "batchup_server", *keys.server_args(), "--health-bind", health],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "loopback or ipc" in done.stderr and health in done.stderr
+    assert "ready" not in done.stdout

@@ -52,3 +52,14 @@ def test_every_rank_reaches_every_server_pod_by_its_own_name() -> None:
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     addresses = env["BATCHUP_SERVER"].split(",")
     assert addresses == [f"tcp://{name}-{i}.{svc}:{port}" for i in range(replicas)]
+
+
+def test_probes_ping_the_keyless_health_endpoint_the_server_binds() -> None:
+    server = {d["kind"]: d for d in _docs("server.yaml")}
+    (container,) = server["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    health = command[command.index("--health-bind") + 1]
+    assert health.startswith("tcp://127.0.0.1:")
+    for probe in ("readinessProbe", "livenessProbe"):
+        ping = container[probe]["exec"]["command"]
+        assert ping[:3] == ["batchup-server", "ping", health] and "--client-key" not in ping
