@@ -13,11 +13,10 @@
 #     CA bundle, since no image registry may be reachable,
 #  4. builds docker/Dockerfile on it (--build-arg BASE_IMAGE=...),
 #  5. writes synthetic MNIST files (tests/datasets_synth.py), CurveZMQ keys
-#     (`batchup-server keygen`: the servers' pair, the trainers' pair, the health check's
-#     pair) and a config pointing the fetch job at a mirror container serving those files
+#     (`batchup-server keygen`: the servers' pair and the trainers' pair) and a config pointing the fetch job at a mirror container serving those files
 #     (no internet: builtin_mirrors = false, sha256 overrides),
 #  6. brings docker/docker-compose.yml up as it is (servers with --curve-secret-key and
-#     --curve-clients, authenticated health checks): fetch job -> two servers (healthy)
+#     --curve-clients, health checks on the keyless loopback health endpoint): fetch job -> two servers (healthy)
 #     -> two trainer ranks, each streaming from BOTH servers, taking its rank's shard of
 #     each epoch, training two epochs and recording the indices it saw,
 #  7. `docker kill`s one server container mid-epoch (once both ranks have logged
@@ -271,13 +270,13 @@ sys.path.insert(0, '/synth')
 from datasets_synth import write_mnist_sources
 write_mnist_sources('/mirror', n_train=$N_TRAIN, n_test=$N_TEST, seed=7)
 "
-# Curve keys, as docker/README.md says: the servers' pair, the trainers' pair (client) and
-# the health check's pair; the clients' public halves go into clients/.
-for name in server client healthcheck; do
+# Curve keys, as docker/README.md says: the servers' pair and the trainers' pair (client),
+# whose public half goes into clients/.
+for name in server client; do
     docker run --rm --network none --user 0 -v "$TMP/keys:/keys" "$IMAGE" keygen "$name" --dir /keys >/dev/null
 done
 mkdir -p "$TMP/keys/clients"
-mv "$TMP/keys/client.key" "$TMP/keys/healthcheck.key" "$TMP/keys/clients/"
+mv "$TMP/keys/client.key" "$TMP/keys/clients/"
 # The servers' and trainers' user (uid 10001) reads the keys; nobody else does.
 chown -R 10001:10001 "$TMP/keys"
 chmod -R go-rwx "$TMP/keys"
@@ -339,8 +338,10 @@ for s in server-a server-b; do
     if docker exec "$(compose ps -q "$s")" batchup-server ping tcp://127.0.0.1:5555 --timeout 2 >/dev/null 2>&1; then
         die "$s answers a ping without keys"
     fi
+    docker exec "$(compose ps -q "$s")" batchup-server ping tcp://127.0.0.1:5556 --timeout 2 >/dev/null ||
+        die "$s does not answer on its health endpoint"
 done
-log "servers run with Curve keys; healthy through the health-check key; a ping without keys is refused"
+log "servers run with Curve keys; healthy through the keyless health endpoint; a ping without keys on the control endpoint is refused"
 compose run --rm --no-deps --entrypoint sh trainer-0 -c 'test -r /run/secrets/batchup_server_public_key &&
     test -r /run/secrets/batchup_client_secret_key' >"$TMP/run-keys.log" 2>&1 || {
     cat "$TMP/run-keys.log" >&2

@@ -31,9 +31,9 @@ def test_dockerfile_runs_the_server_unprivileged_with_a_handshake_healthcheck():
     assert user and user[-1] not in ("root", "0")
     health = re.search(r"^HEALTHCHECK .*\n?.*CMD \[(.*)\]$", text, re.M)
     assert health, "no exec-form HEALTHCHECK"
-    # a handshake over loopback, with the health-check key when it is mounted
-    assert "batchup-server ping tcp://127.0.0.1:5555" in health.group(1)
-    assert "--client-key $s/batchup_healthcheck_secret_key" in health.group(1)
+    # a handshake on the keyless loopback health endpoint, else on the control endpoint
+    assert "batchup-server ping tcp://127.0.0.1:5556" in health.group(1)
+    assert "|| exec batchup-server ping tcp://127.0.0.1:5555" in health.group(1)
     assert re.search(r'^ENTRYPOINT \["batchup-server"\]$', text, re.M)
     # secure by default: binding every interface with the keys' secret paths, no --insecure
     cmd = re.search(r"^CMD (\[[^]]*\])$", text, re.M | re.S)
@@ -46,6 +46,8 @@ def test_dockerfile_runs_the_server_unprivileged_with_a_handshake_healthcheck():
         "/run/secrets/batchup_server_secret_key",
         "--curve-clients",
         "/run/secrets/batchup_client_public_keys",
+        "--health-bind",
+        "tcp://127.0.0.1:5556",
     ]
     assert "python3 -m venv" in text  # Debian's system pip refuses to install
 
@@ -112,13 +114,11 @@ def test_compose_deployment_wires_fetch_servers_trainers_and_keys():
         assert {s["source"] for s in server["secrets"]} == {
             "batchup_server_secret_key",
             "batchup_client_public_keys",
-            "batchup_server_public_key",
-            "batchup_healthcheck_secret_key",
         }
+        assert cmd[cmd.index("--health-bind") + 1] == "tcp://127.0.0.1:5556"
         test = server["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "batchup-server", "ping", "tcp://127.0.0.1:5555"]
-        assert test[test.index("--server-key") + 1] == "/run/secrets/batchup_server_public_key"
-        assert test[test.index("--client-key") + 1] == "/run/secrets/batchup_healthcheck_secret_key"
+        assert test[:4] == ["CMD", "batchup-server", "ping", "tcp://127.0.0.1:5556"]
+        assert "--client-key" not in test  # the health endpoint needs no keys
         assert server["restart"] == "unless-stopped"
         assert server["depends_on"]["fetch"]["condition"] == "service_completed_successfully"
         assert int(server["shm_size"]) > 64 << 20
@@ -146,7 +146,6 @@ def test_compose_deployment_wires_fetch_servers_trainers_and_keys():
         "/keys/server.key",
         "/keys/client.key_secret",
         "/keys/clients",
-        "/keys/healthcheck.key_secret",
     }
 
 
