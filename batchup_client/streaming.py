@@ -56,6 +56,7 @@ class Inbox:
         self._items: dict[int, tuple[Any, list[Any]]] = {}
         self._failure: tuple[Any, list[Any]] | None = None
         self.end: int | None = None  #: the stream's length, once an EndOfStream arrived
+        self._taken = 0  #: items before this sequence number were taken (handed out)
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
         generation = getattr(msg, "generation", -1)
@@ -64,6 +65,8 @@ class Inbox:
         if isinstance(msg, proto.Error) and msg.seq < 0:
             self._failure = self._failure or (msg, arrays)  # the whole stream failed
             return
+        if msg.seq < self._taken:
+            return  # a recomputed duplicate of an item already handed out: dropped (its slot too)
         if isinstance(msg, proto.EndOfStream):
             self.end = msg.seq
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
@@ -79,10 +82,14 @@ class Inbox:
     def take(self, seq: int) -> tuple[Any, list[Any]] | None:
         """Item ``seq`` if it arrived; else the stream's failure, if it has one."""
         item = self._items.pop(seq, None)
-        return item if item is not None else self._failure
+        if item is None:
+            return self._failure
+        self._taken = max(self._taken, seq + 1)
+        return item
 
     def reset(self, generation: int, from_seq: int) -> None:
         self.generation = generation
+        self._taken = min(self._taken, from_seq)  # replanned from there: sent again
         if self.end is not None and self.end >= from_seq:
             self.end = None
         for seq in [s for s in self._items if s >= from_seq]:

@@ -174,6 +174,20 @@ def test_inbox_drops_stale_generations_and_duplicates():
     assert box.take(0)[1] == ["a"] and box.take(1)[1] == ["new"] and box.take(2) is None
 
 
+def test_inbox_drops_a_duplicate_that_comes_after_its_original_was_taken():
+    """A batch recomputed after a worker died may arrive when the user already has the
+    first copy; kept, it would sit in the inbox for ever (pinning its shared-memory slot)."""
+    box = Inbox()
+    box.put(proto.Batch(1, 0, 0), ["a"])
+    box.put(proto.Batch(1, 1, 0), ["b"])
+    assert box.take(0)[1] == ["a"] and box.take(1)[1] == ["b"]
+    box.put(proto.Batch(1, 0, 0), ["late copy"])
+    assert len(box) == 0
+    box.reset(1, 1)  # replanned from 1: batch 1 comes again, of the new generation
+    box.put(proto.Batch(1, 1, 1), ["replanned"])
+    assert box.take(1)[1] == ["replanned"]
+
+
 def test_resolve_shuffle():
     assert resolve_shuffle(None) is None and resolve_shuffle(False) is None
     assert resolve_shuffle(True) is np.random.mtrand._rand
