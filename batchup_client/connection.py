@@ -539,6 +539,8 @@ class Client:
             if inbox is None:  # a late batch of a closed stream: its slot is free again
                 pool.free_unused(msg.slot)
                 return
+            if inbox.duplicate(msg):
+                return  # made again after a worker died, into the slot the first copy holds
             try:
                 arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
             except proto.ProtocolError as exc:

@@ -71,6 +71,15 @@ class Inbox:
             self.end = msg.seq
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
+    def duplicate(self, msg: Any) -> bool:
+        """Whether ``msg`` repeats an item of this generation that arrived already (a batch
+        made again after a worker died). Its shared-memory slot is the first copy's: the
+        caller must not map it (dropping the copy's views would free the slot under the
+        first copy, which the user may hold)."""
+        if getattr(msg, "generation", -1) != self.generation:
+            return False
+        return msg.seq < self._taken or msg.seq in self._items
+
     def has(self, seq: int) -> bool:
         """Whether :meth:`take` would return something now."""
         return seq in self._items or self._failure is not None

@@ -216,3 +216,17 @@ def test_byte_budget_below_the_credit_batching_never_deadlocks():
     gen = iterate(fake, {"name": "x"}, {"kind": "standard", "length": 100}, [], 5, rng=None, prefetch=32)
     assert sum(1 for _ in gen) == 20
     assert fake.credits and all(b >= 1 for b, _ in fake.credits)
+
+
+def test_a_duplicate_of_this_generation_is_known_before_its_slot_is_mapped():
+    """The client must not map a duplicate's slot (it is the first copy's): dropping the
+    duplicate's views would free the slot while the user holds the first copy."""
+    box = Inbox()
+    box.put(proto.Batch(1, 0, 0, slot=3), ["first"])
+    assert box.duplicate(proto.Batch(1, 0, 0, slot=3))  # waiting in the inbox
+    assert box.take(0)[1] == ["first"]
+    assert box.duplicate(proto.Batch(1, 0, 0, slot=3))  # already handed out
+    assert not box.duplicate(proto.Batch(1, 1, 0, slot=4))
+    box.reset(1, 0)
+    assert not box.duplicate(proto.Batch(1, 0, 1, slot=5))  # replanned: a new batch
+    assert not box.duplicate(proto.Batch(1, 0, 0, slot=3))  # stale generation: dropped by put, slot freed
