@@ -325,10 +325,23 @@ class Client:
         hello = proto.Hello(
             list(proto.PROTOCOL_VERSION), self.client_id, self.data_endpoint, host_id(), token, os.getpid()
         )
-        self._send(hello)
+        deadline = time.monotonic() + self.timeout
+        self._handshake_failures = 0
         try:
-            self._watch_handshake(time.monotonic() + self.timeout)
-            reply, _ = self._wait_reply(0, self.timeout, heartbeat=False)
+            frames = proto.encode(hello)
+            while True:  # never block in send: with no peer (its handshake failed) it would hang
+                try:
+                    self._control.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:
+                    self._watch_handshake(min(deadline, time.monotonic() + 0.1), writable=True)
+                except zmq.ZMQError as exc:
+                    raise ConnectionLost(f"cannot send to {self.address}: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise BatchupTimeout(f"could not send to {self.address}")
+            if not self._watch_handshake(deadline):
+                raise BatchupTimeout(f"no handshake with {self.address} within {self.timeout:g}s")
+            reply, _ = self._wait_reply(0, max(0.0, deadline - time.monotonic()), heartbeat=False)
         except BatchupTimeout as exc:
             raise ConnectionLost(
                 f"no batchup-server answered at {self.address} within {self.timeout:g}s; "
@@ -346,32 +359,35 @@ class Client:
             )
         return reply
 
-    def _watch_handshake(self, deadline: float) -> None:
-        """Wait until the control socket's security handshake succeeded (or a reply came);
-        raise :class:`AuthenticationError` when it fails, instead of waiting for nothing."""
+    def _watch_handshake(self, deadline: float, writable: bool = False) -> bool:
+        """Wait until the control socket's security handshake succeeded (or a reply came, or,
+        with ``writable``, a send would not block); False at ``deadline``. Raises
+        :class:`AuthenticationError` when the handshake fails, instead of waiting for nothing."""
         assert self._monitor is not None
         from zmq.utils.monitor import recv_monitor_message
 
         poller = zmq.Poller()
         poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._control, zmq.POLLIN)
-        failures = 0
+        poller.register(self._control, zmq.POLLIN | (zmq.POLLOUT if writable else 0))
         while (left := deadline - time.monotonic()) > 0:
             try:
                 ready = dict(poller.poll(int(min(left * 1000, POLL_SLICE_MS)) + 1))
                 if self._control in ready:
-                    return  # an answer came, so the handshake succeeded
+                    return True  # an answer came (the handshake succeeded), or room to send
                 if self._monitor not in ready:
                     continue
                 event = recv_monitor_message(self._monitor)["event"]
             except zmq.ZMQError as exc:
                 raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                return
-            failures += 1
-            if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL or failures >= HANDSHAKE_FAILURES:
+                return True
+            self._handshake_failures += 1
+            if (
+                event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                or self._handshake_failures >= HANDSHAKE_FAILURES
+            ):
                 raise AuthenticationError(handshake_failure(self.address, event, self.curve))
-        raise BatchupTimeout(f"no handshake with {self.address} within {self.timeout:g}s")
+        return False
 
     def _stop_monitor(self) -> None:
         if self._monitor is None:
