@@ -546,13 +546,17 @@ class Router:
             raise RequestError(ErrorCode.UNKNOWN_STREAM, f"stream {stream_id} is not open")
         return entry
 
-    def _on_hello(self, routing_id: bytes, msg: proto.Hello) -> None:
+    @staticmethod
+    def _check_version(msg: proto.Hello) -> None:
         if len(msg.version) != 2 or not proto.is_compatible((msg.version[0], msg.version[1])):
             raise RequestError(
                 ErrorCode.VERSION_MISMATCH,
                 f"protocol version mismatch: server speaks {proto.PROTOCOL_VERSION[0]}.x, "
                 f"client sent {msg.version}",
             )
+
+    def _on_hello(self, routing_id: bytes, msg: proto.Hello) -> None:
+        self._check_version(msg)
         if self.config.token and msg.token != self.config.token:
             raise RequestError(ErrorCode.UNAUTHORIZED, "wrong or missing token")
         if routing_id != msg.client_id:
@@ -602,16 +606,12 @@ class Router:
         except proto.ProtocolError as exc:
             reply: Any = proto.Error(ErrorCode.MALFORMED, f"malformed request: {exc}")
         else:
-            if (
-                isinstance(msg, proto.Hello)
-                and len(msg.version) == 2
-                and proto.is_compatible(tuple(msg.version))
-            ):
-                reply = self._welcome()
-            elif isinstance(msg, proto.Hello):
-                reply = proto.Error(
-                    ErrorCode.VERSION_MISMATCH, f"server speaks {proto.PROTOCOL_VERSION[0]}.x"
-                )
+            if isinstance(msg, proto.Hello):
+                try:
+                    self._check_version(msg)
+                    reply = self._welcome()
+                except RequestError as exc:
+                    reply = proto.Error(exc.code, str(exc))
             elif isinstance(msg, proto.Heartbeat):
                 reply = proto.Heartbeat(b"", time.time())
             elif isinstance(msg, proto.Goodbye):
