@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
@@ -281,25 +280,7 @@ class NsServer(RunningServer):
     (``ip netns exec`` execs the server, so the pid is the server's)."""
 
     def __init__(self, net: Network, host: str, *args: str, env: dict[str, str] | None = None):
-        cmd = [*net.exec_prefix(host), sys.executable, "-m", "batchup_server", *args]
-        self.process = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
-        )
-        self.lines: list[str] = []
-        self._new_lines: queue.Queue[str] = queue.Queue()
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-        assert self.process.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.process.stdout, selectors.EVENT_READ)
-        ready = self.process.stdout.readline() if sel.select(JOIN_TIMEOUT) else ""
-        sel.close()
-        match = re.match(r"batchup-server ready on (\S+)", ready)
-        if not match:
-            self.kill()
-            raise AssertionError(f"server failed to start on {host}: {ready!r}\n" + "".join(self.lines))
-        self.endpoint = match.group(1)
-        self.pid = self.process.pid
+        super().__init__(*args, env=env, prefix=net.exec_prefix(host), where=f" on {host}")
 
 
 class NsProcess:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from batchup_protocol.host import sweep_stale
@@ -66,8 +67,17 @@ def wait_until(predicate: Any, timeout: float = JOIN_TIMEOUT, what: str = "condi
 class RunningServer:
     """A ``python -m batchup_server`` subprocess whose stderr is collected line by line."""
 
-    def __init__(self, *args: str, cwd: str | None = None, env: dict[str, str] | None = None):
-        cmd = [sys.executable, "-m", "batchup_server", *args]
+    def __init__(
+        self,
+        *args: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        where: str = "",
+    ):
+        """``prefix`` goes before the command (e.g. ``ip netns exec HOST``, which execs the
+        server, so the pid stays the server's); ``where`` names it in a failure."""
+        cmd = [*prefix, sys.executable, "-m", "batchup_server", *args]
         if not any(a.startswith("--bind") for a in args):
             cmd += ["--bind", "tcp://127.0.0.1:0"]
         self.process = subprocess.Popen(
@@ -88,14 +98,14 @@ class RunningServer:
         sel.register(self.process.stdout, selectors.EVENT_READ)
         if not sel.select(JOIN_TIMEOUT):
             self.kill()
-            raise AssertionError("server did not print its ready line")
+            raise AssertionError(f"server{where} did not print its ready line")
         ready = self.process.stdout.readline()
         sel.close()
         match = re.match(r"batchup-server ready on (\S+)", ready)
         if not match:
             self.process.wait(JOIN_TIMEOUT)
             self._reader.join(JOIN_TIMEOUT)
-            raise AssertionError(f"server failed to start: {ready!r}\n" + "".join(self.lines))
+            raise AssertionError(f"server failed to start{where}: {ready!r}\n" + "".join(self.lines))
         self.endpoint = match.group(1)
         self.pid = self.process.pid
 
