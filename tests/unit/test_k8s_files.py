@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 
-import pytest
 import yaml
+
+from tests.tools import tool_path
 
 K8S = os.path.join(os.path.dirname(__file__), "..", "..", "docker", "k8s")
 
 
 def test_manifests_are_valid_kubernetes() -> None:
-    tool = shutil.which("kubernetes-validate")
-    if tool is None:
-        pytest.fail("kubernetes-validate is a test dependency: pip install -e '.[test]'")
+    tool = tool_path("kubernetes-validate", "pip install kubernetes-validate")
     files = sorted(glob.glob(os.path.join(K8S, "*.yaml")))
     assert len(files) == 2
     done = subprocess.run([tool, "--strict", *files], capture_output=True, text=True, timeout=120)
