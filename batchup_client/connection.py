@@ -584,7 +584,7 @@ class Client:
         self._next_stream += 1
         sid = self._next_stream
         self._inboxes[sid] = Inbox()
-        shm = self.same_host and self.shared_memory_batches and not assigned
+        shm = self.same_host and self.shared_memory_batches
         try:
             reply, _ = self.request(
                 lambda rid: proto.OpenStream(
@@ -647,6 +647,18 @@ class Client:
         if pool is None or inbox is None:
             return False
         return pool.slots - pool.handed - len(inbox) - pool.freed_count() < 2
+
+    def copy_out_waiting(self, stream_id: int) -> int:
+        """Copy the stream's batches that arrived ahead of their turn out of their slots
+        (several servers: the batch awaited may be another server's, or one this server
+        cannot make until it has a free slot); returns how many were copied."""
+        inbox = self._inboxes.get(stream_id)
+        pool = self._pools.get(stream_id)
+        if inbox is None or pool is None:
+            return 0
+        copied = inbox.copy_out()
+        pool.copied += copied
+        return copied
 
     def _return_freed(self, stream_id: int, consumed: int) -> None:
         """Hand back the stream's slots freed since its reader last reported (the user's

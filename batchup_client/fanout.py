@@ -17,6 +17,12 @@ reach the replanned state).
 The class speaks the connection interface :func:`batchup_client.streaming.iterate` uses,
 so everything above it (sources, drop-ins, maps, sharding) works unchanged. Sockets stay
 in :mod:`batchup_client.connection`.
+
+Servers on the trainer's host fill shared-memory slots of a pool per stream and server
+(protocol 1.4). Credit stays per batch (``Credit.assign``); freed slots go back to their
+server in groups, and all of them before a wait. A batch that waits for another server's
+earlier batch holds its slot; before a wait, a server with batches to make and too few
+free slots has its waiting batches copied out of their slots, so it can go on.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ class FanoutClient(SourceMethods):
             raise ConnectionLost("no batchup-server answered:\n  " + "\n  ".join(errors))
         for e in errors:
             log.warning("server unavailable, will retry: %s", e)
+        self._shm: bool | None = None  #: shared_memory_batches for every connection (None: theirs)
         self._retired: list[_Conn] = []  #: replaced connections, kept while streams read them
         self.prefetch: tuple[int, int] = (32, 64 << 20)
         self._fans: dict[int, _Fan] = {}
@@ -142,7 +149,21 @@ class FanoutClient(SourceMethods):
             old = self._conns.get(address)
             if old is not None:
                 self._retired.append(old)  # its streams' received batches stay readable
+            if self._shm is not None:
+                conn.shared_memory_batches = self._shm
             self._conns[address] = conn
+
+    @property
+    def shared_memory_batches(self) -> bool:
+        """Whether servers on this host put batches in shared-memory slots (each connection
+        decides for itself: a server on another host always sends frames)."""
+        return all(c.shared_memory_batches for c in self._conns.values())
+
+    @shared_memory_batches.setter
+    def shared_memory_batches(self, value: bool) -> None:
+        self._shm = bool(value)
+        for conn in self._conns.values():
+            conn.shared_memory_batches = self._shm
 
     @property
     def trusts_code(self) -> bool:
@@ -192,6 +213,8 @@ class FanoutClient(SourceMethods):
         transforms: list[dict[str, Any]] | None = None,
         transform_seed: int = 0,
     ) -> int:
+        live = self._alive()
+        cap = max(2, -(-credit_batches // (2 * len(live))))
         args = (
             source,
             plan,
@@ -199,13 +222,15 @@ class FanoutClient(SourceMethods):
             batch_size,
             include_indices,
             fields,
-            1,
+            # a server makes only the batches assigned to it; this sizes its slot pool (same
+            # host): its share in flight (cap) and as many waiting here for their turn
+            min(credit_batches, 2 * cap),
             credit_bytes,
             transforms,
             transform_seed,
         )
         streams: dict[str, tuple[_Conn, int]] = {}
-        for address, conn in self._alive():
+        for address, conn in live:
             try:
                 streams[address] = (conn, conn.open_stream(*args, assigned=True))
             except ConnectionLost:
@@ -213,12 +238,11 @@ class FanoutClient(SourceMethods):
         if not streams:
             raise ConnectionLost(f"no server could open the stream ({self.addresses})")
         self._next_sid += 1
-        cap = max(2, -(-credit_batches // (2 * len(streams))))
         self._fans[self._next_sid] = _Fan(args, streams, {a: set() for a in streams}, credit_batches, cap)
         return self._next_sid
 
     def pool(self, stream_id: int) -> None:
-        return None  # fanned-out batches come as frames
+        return None  # each server's stream has its own pool, handled here (credit is per batch)
 
     def _fan(self, stream_id: int) -> _Fan:
         fan = self._fans.get(stream_id)
@@ -280,6 +304,7 @@ class FanoutClient(SourceMethods):
             else:
                 asks[address].append(fan.next_seq)
                 fan.next_seq += 1
+        self._return_slots(fan, waiting=False)
         for address, seqs in asks.items():
             fan.outstanding[address].update(seqs)
             conn, sid = fan.streams[address]
@@ -298,8 +323,33 @@ class FanoutClient(SourceMethods):
             self._pump(fan)
             found = fan.has(seq)  # a lost server's received batches count too
             if found is not None:
-                return found[0].next_item(found[1], seq)
+                conn, sid = found
+                msg, arrays = conn.next_item(sid, seq)
+                pool = conn.pool(sid)
+                if pool is not None and arrays:  # copies when the user holds nearly every slot
+                    arrays = list(pool.hand_out(arrays))
+                return msg, arrays
+            self._return_slots(fan, waiting=True)
             wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
+
+    def _return_slots(self, fan: _Fan, waiting: bool) -> None:
+        """Hand each server the shared-memory slots freed here since it last heard: in
+        groups of a quarter of its pool, or all of them when about to wait. Before a wait,
+        batches held ahead of their turn by a server that has batches to make and too few
+        free slots to make them are copied out of their slots, which would otherwise wait
+        for a batch that cannot be made: copy out rather than block."""
+        for address, (conn, sid) in fan.streams.items():
+            pool = conn.pool(sid)
+            if pool is None or not conn.alive():
+                continue
+            if waiting and fan.outstanding.get(address) and conn.short_of_slots(sid):
+                conn.copy_out_waiting(sid)
+            freed = pool.freed_count()
+            if freed and (waiting or freed >= max(1, pool.slots // 4)):
+                try:
+                    conn.send_credit(sid, 0, fan.consumed, pool.take_freed())
+                except ConnectionLost:
+                    pass  # noticed on the next round
 
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
         fan = self._fan(stream_id)
@@ -331,7 +381,10 @@ class FanoutClient(SourceMethods):
         self._adopt_returned()
         return {
             "servers": {a: (a in self._conns and self._conns[a].alive()) for a in self.addresses},
-            "batch_transport": "socket (fanned out)",
+            "batch_transport": {a: c.info()["batch_transport"] for a, c in self._conns.items()},
+            "batches_copied_out": sum(
+                c.info()["batches_copied_out"] for c in [*self._conns.values(), *self._retired]
+            ),
         }
 
     @property

@@ -104,6 +104,17 @@ class Inbox:
         for seq in [s for s in self._items if s >= from_seq]:
             del self._items[seq]
 
+    def copy_out(self) -> int:
+        """Replace the shared-memory views of the batches waiting here with copies, so their
+        slots are freed (once the views are collected) while the batches wait their turn;
+        returns how many were copied."""
+        copied = 0
+        for seq, (msg, arrays) in list(self._items.items()):
+            if getattr(msg, "slot", -1) >= 0 and arrays:
+                self._items[seq] = (msg, [a.copy() for a in arrays])
+                copied += 1
+        return copied
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -797,7 +797,7 @@ class Router:
             parts=[(e.spec, f, inc) for e, f, inc in parts],
         )
         slots = 0
-        if msg.shm and not msg.assigned:
+        if msg.shm:
             slots = self._make_pool(stream, batch_size, row_bytes, n_arrays, msg)
         client.streams[msg.stream_id] = stream
         self._rr.append(stream)

@@ -172,6 +172,9 @@ class Stream:
             self.next_seq = seq + 1
         return indices, rng
 
+    def _past_end(self, seq: int) -> bool:
+        return self.end is not None and seq >= self.end
+
     def _produce_assigned(self) -> Task | End | None:
         seq = self._queue.popleft()
         if self.end is not None and seq >= self.end:
@@ -200,7 +203,7 @@ class Stream:
             self._end_sent = True
             return End(self.end if self.end is not None else seq, self.generation, rng)
         self._sent.add(seq)
-        return self._task(seq, indices, rng, -1)
+        return self._task(seq, indices, rng, self.free_slots.pop() if self.free_slots is not None else -1)
 
     def _task(self, seq: int, indices: Any, rng: dict[str, Any] | None, slot: int) -> Task:
         """The task for batch ``seq``, taking its credit."""
@@ -220,7 +223,10 @@ class Stream:
 
     def can_produce(self) -> bool:
         if self.assigned:
-            return bool(self._queue) and self.window.allows(self._batch_bytes())
+            if not self._queue or not self.window.allows(self._batch_bytes()):
+                return False
+            # a batch needs a free slot; an end of stream does not
+            return self.free_slots is None or bool(self.free_slots) or self._past_end(self._queue[0])
         if self.free_slots is not None and not self.free_slots:
             return False
         return not self.finished and self.window.allows(self._batch_bytes())

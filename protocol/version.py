@@ -8,7 +8,7 @@ __all__ = ["BUNDLES_SINCE", "PROTOCOL_VERSION", "is_compatible", "takes_bundles"
 
 #: (major, minor). Minor bumps only add optional fields or message types;
 #: anything else bumps major. See PROTOCOL.md, "Evolution".
-PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+PROTOCOL_VERSION: tuple[int, int] = (1, 4)
 
 #: the first version whose clients decode bundles on the data socket
 BUNDLES_SINCE: tuple[int, int] = (1, 3)

@@ -219,6 +219,27 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
         ),
         # (1.2) an assigned stream (several servers): make batches 12, 14 and 15
         "credit.assign": (proto.Credit(3, 3, 11, [], [12, 14, 15]), []),
+        # (1.4) an assigned stream on a server of the client's host, with a slot pool of 16
+        "open_stream.assigned_shm": (
+            proto.OpenStream(
+                5,
+                4,
+                {"name": "train"},
+                {"kind": "standard", "length": 50000, "repeats": 1, "rng": _rng_state(6)},
+                256,
+                False,
+                16,
+                1 << 26,
+                None,
+                True,
+                [],
+                0,
+                True,
+            ),
+            [],
+        ),
+        # (1.4) an assigned stream's freed slots handed back, granting nothing
+        "credit.freed_assigned": (proto.Credit(4, 0, 20, [3, 0, 7]), []),
         # (1.2) a transformed batch whose function returned a list
         "batch.list": (
             proto.Batch(2, 5, 0, None, -1, [], "list"),

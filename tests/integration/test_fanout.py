@@ -60,10 +60,16 @@ def _same(got: list[Any], want: list[Any]) -> None:
             np.testing.assert_array_equal(a, b)
 
 
-def test_two_servers_give_one_servers_batches_and_rng(data: Any) -> None:
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "socket"])
+def test_two_servers_give_one_servers_batches_and_rng(data: Any, shm: bool) -> None:
     a, b = _server(data), _server(data)
     try:
         with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            client.shared_memory_batches = shm  # servers on this host: slots, unless told not to
+            assert client.info()["batch_transport"] == {
+                a.endpoint: "shared memory" if shm else "tcp socket",
+                b.endpoint: "shared memory" if shm else "tcp socket",
+            }
             rng = np.random.RandomState(5)
             src = client.source("train", repeats=2, include_indices=True)
             got = []
@@ -81,6 +87,24 @@ def test_two_servers_give_one_servers_batches_and_rng(data: Any) -> None:
                 want_rng.uniform()
         _same(got, want)
         assert rng.randint(1 << 30) == want_rng.randint(1 << 30)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_two_servers_on_this_host_keep_every_batch_the_user_keeps(data: Any) -> None:
+    """Shared-memory slots with several servers: a user who keeps every batch (list(it))
+    runs each server's pool dry; batches are then copied out of their slots, never
+    blocking, and each kept batch stays as it was delivered."""
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            src = client.source("train", repeats=3, include_indices=True)
+            got = list(src.batch_iterator(batch_size=8, shuffle=np.random.RandomState(3)))
+            info = client.info()
+        assert set(info["batch_transport"].values()) == {"shared memory"}
+        assert info["batches_copied_out"] > 0  # 338 batches kept, 16 slots a server
+        _same(got, _reference(8, 3, repeats=3))
     finally:
         a.stop()
         b.stop()

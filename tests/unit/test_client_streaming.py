@@ -230,3 +230,18 @@ def test_a_duplicate_of_this_generation_is_known_before_its_slot_is_mapped():
     box.reset(1, 0)
     assert not box.duplicate(proto.Batch(1, 0, 1, slot=5))  # replanned: a new batch
     assert not box.duplicate(proto.Batch(1, 0, 0, slot=3))  # stale generation: dropped by put, slot freed
+
+
+def test_inbox_copy_out_replaces_slot_views_and_leaves_frames():
+    """Several servers: batches waiting for another server's batch are copied out of their
+    shared-memory slots (the views are dropped, so the slots can be freed)."""
+    box = Inbox()
+    slot_view = np.arange(4.0)
+    framed = np.arange(3.0)
+    box.put(proto.Batch(1, 2, 0, slot=5, layout=[]), [slot_view])
+    box.put(proto.Batch(1, 3, 0), [framed])
+    assert box.copy_out() == 1
+    (copied,) = box.take(2)[1]
+    np.testing.assert_array_equal(copied, slot_view)
+    assert copied is not slot_view and not np.shares_memory(copied, slot_view)
+    assert box.take(3)[1][0] is framed

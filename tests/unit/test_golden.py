@@ -215,6 +215,25 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [np.array([0, 5, 9, 13], dtype="<i8")],
     ),
     "credit.assign": (proto.Credit(stream_id=3, batches=3, consumed=11, assign=[12, 14, 15]), []),
+    "open_stream.assigned_shm": (
+        proto.OpenStream(
+            request_id=5,
+            stream_id=4,
+            source={"name": "train"},
+            plan={"kind": "standard", "length": 50000, "repeats": 1, "rng": rng_state(6)},
+            batch_size=256,
+            include_indices=False,
+            credit_batches=16,
+            credit_bytes=1 << 26,
+            fields=None,
+            shm=True,
+            transforms=[],
+            transform_seed=0,
+            assigned=True,
+        ),
+        [],
+    ),
+    "credit.freed_assigned": (proto.Credit(stream_id=4, batches=0, consumed=20, freed=[3, 0, 7]), []),
     "batch.list": (
         proto.Batch(stream_id=2, seq=5, generation=0, container="list"),
         [np.array([[0.5, 1.5]], dtype="<f4"), np.array([7], dtype="<i8")],
@@ -245,6 +264,8 @@ VARIANTS = {
     "batch.list",
     "credit.assign",
     "open_stream.composite",
+    "open_stream.assigned_shm",
+    "credit.freed_assigned",
 }
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))

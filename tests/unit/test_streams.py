@@ -209,3 +209,34 @@ def test_assign_below_consumed_or_on_a_plain_stream_is_refused() -> None:
         s.assign([1])
     with pytest.raises(StreamError):
         make_stream().assign([0])
+
+
+def test_assigned_stream_with_slots_fills_one_free_slot_per_batch_and_waits_for_more() -> None:
+    """Several servers on the client's host (1.4): each assigned batch takes a free slot of
+    the stream's pool; with none free the stream waits for the client to free one."""
+    s = _assigned()
+    free = [0, 1]
+    s.use_slots(free, 2)
+    first = _take(s, [0, 1, 2])
+    assert sorted(t.slot for t in first) == [0, 1] and free == []
+    assert not s.can_produce()  # batch 2 is assigned, but every slot is in use
+    s.credit(0, 0, [first[0].slot])
+    (third,) = _take(s, [])
+    assert third.seq == 2 and third.slot == first[0].slot
+
+
+def test_assigned_stream_past_its_known_end_needs_no_slot() -> None:
+    serial = _serial()
+    end = serial[-1]
+    assert isinstance(end, End)
+    s = _assigned()
+    free = [0]
+    s.use_slots(free, 1)
+    (last,) = _take(s, [end.seq - 1])
+    assert last.slot == 0 and free == []
+    assert _take(s, [end.seq]) == []  # the end is not known yet: finding it waits for a slot
+    s.credit(0, 0, [0])
+    (item,) = _take(s, [])
+    assert isinstance(item, End) and item.seq == end.seq and free == [0]  # no slot taken
+    free.clear()  # every slot in use again
+    assert _take(s, [end.seq + 1]) == [] and not s.can_produce()  # answered (told once), not stuck
