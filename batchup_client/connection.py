@@ -721,10 +721,11 @@ class Client:
         self._check()
         self._send(proto.Credit(stream_id, batches, consumed, list(freed)))
 
-    def assign(self, stream_id: int, seqs: list[int], consumed: int) -> None:
-        """Ask for batches ``seqs`` of an assigned stream (each one more credit)."""
+    def assign(self, stream_id: int, seqs: list[int], consumed: int, freed: Sequence[int] = ()) -> None:
+        """Ask for batches ``seqs`` of an assigned stream (each one more credit), handing back
+        the shared-memory slots ``freed``."""
         self._check()
-        self._send(proto.Credit(stream_id, len(seqs), consumed, [], list(seqs)))
+        self._send(proto.Credit(stream_id, len(seqs), consumed, list(freed), list(seqs)))
 
     def alive(self) -> bool:
         """Open, and the server still answers heartbeats."""

@@ -19,10 +19,12 @@ so everything above it (sources, drop-ins, maps, sharding) works unchanged. Sock
 in :mod:`batchup_client.connection`.
 
 Servers on the trainer's host fill shared-memory slots of a pool per stream and server
-(protocol 1.4). Credit stays per batch (``Credit.assign``); freed slots go back to their
-server in groups, and all of them before a wait. A batch that waits for another server's
-earlier batch holds its slot; before a wait, a server with batches to make and too few
-free slots has its waiting batches copied out of their slots, so it can go on.
+(protocol 1.4). Credit stays per batch (``Credit.assign``): a server is asked again once
+half its share came in, and freed slots go back with that request (or alone, a quarter of
+the pool at a time, or before a wait when the server may be short). A batch that waits
+for another server's earlier batch holds its slot; before a wait, a server with batches
+to make and too few free slots has its waiting batches copied out of their slots, so it
+can go on.
 """
 
 from __future__ import annotations
@@ -269,10 +271,11 @@ class FanoutClient(SourceMethods):
             fan.outstanding[address] = set()
             log.warning("server %s is back: it makes batches of an open stream again", address)
 
-    def _pump(self, fan: _Fan) -> None:
+    def _pump(self, fan: _Fan, waiting: bool = False) -> None:
         """Drop dead servers (their batches not yet received go back in the queue), take
         back returned ones, and ask the live ones for more batches, each up to its cap of
-        outstanding batches."""
+        outstanding batches, handing back freed slots with the request (``waiting``: the
+        reader is about to wait)."""
         self._rejoin(fan)
         for address in list(fan.outstanding):
             conn, sid = fan.streams[address]
@@ -295,21 +298,28 @@ class FanoutClient(SourceMethods):
             fan.requeue = collections.deque(s for s in fan.requeue if s <= fan.end)
         limit = fan.allowed if fan.end is None else min(fan.allowed, fan.end + 1)
         asks: dict[str, list[int]] = collections.defaultdict(list)
-        while fan.requeue or fan.next_seq < limit:
-            address = min(fan.outstanding, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
+        # a server is topped up to its cap once half its share came in: several batches per
+        # request, which its router hands a worker as one task (one message, not one a batch)
+        room = {a for a, out in fan.outstanding.items() if len(out) <= fan.cap // 2}
+        while room and (fan.requeue or fan.next_seq < limit):
+            address = min(room, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
             if len(fan.outstanding[address]) + len(asks[address]) >= fan.cap:
-                break  # every server has its share in flight
+                room.discard(address)  # its share is in flight
+                continue
             if fan.requeue:
                 asks[address].append(fan.requeue.popleft())
             else:
                 asks[address].append(fan.next_seq)
                 fan.next_seq += 1
-        self._return_slots(fan, waiting=False)
-        for address, seqs in asks.items():
+        for address in fan.outstanding:  # the live servers: one Credit each, when needed
+            seqs = asks.get(address, [])
+            freed = self._slots_back(fan, address, bool(seqs), waiting)
+            if not seqs and not freed:
+                continue
             fan.outstanding[address].update(seqs)
             conn, sid = fan.streams[address]
             try:
-                conn.assign(sid, seqs, fan.consumed)
+                conn.assign(sid, seqs, fan.consumed, freed)
             except ConnectionLost:
                 pass  # noticed on the next round
 
@@ -320,7 +330,7 @@ class FanoutClient(SourceMethods):
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         fan = self._fan(stream_id)
         while True:
-            self._pump(fan)
+            self._pump(fan, waiting=fan.has(seq) is None)
             found = fan.has(seq)  # a lost server's received batches count too
             if found is not None:
                 conn, sid = found
@@ -329,27 +339,28 @@ class FanoutClient(SourceMethods):
                 if pool is not None and arrays:  # copies when the user holds nearly every slot
                     arrays = list(pool.hand_out(arrays))
                 return msg, arrays
-            self._return_slots(fan, waiting=True)
             wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
 
-    def _return_slots(self, fan: _Fan, waiting: bool) -> None:
-        """Hand each server the shared-memory slots freed here since it last heard: in
-        groups of a quarter of its pool, or all of them when about to wait. Before a wait,
-        batches held ahead of their turn by a server that has batches to make and too few
-        free slots to make them are copied out of their slots, which would otherwise wait
-        for a batch that cannot be made: copy out rather than block."""
-        for address, (conn, sid) in fan.streams.items():
-            pool = conn.pool(sid)
-            if pool is None or not conn.alive():
-                continue
-            if waiting and fan.outstanding.get(address) and conn.short_of_slots(sid):
-                conn.copy_out_waiting(sid)
-            freed = pool.freed_count()
-            if freed and (waiting or freed >= max(1, pool.slots // 4)):
-                try:
-                    conn.send_credit(sid, 0, fan.consumed, pool.take_freed())
-                except ConnectionLost:
-                    pass  # noticed on the next round
+    @staticmethod
+    def _slots_back(fan: _Fan, address: str, asking: bool, waiting: bool) -> list[int]:
+        """The shared-memory slots to hand back to a server with this round's request: those
+        freed here since it last heard, when it is asked for batches anyway, when a quarter
+        of its pool is free, or when the reader is about to wait and the server may be short
+        of slots. In that last case, if it has batches to make, the batches it made that wait
+        here for their turn (another server's batch comes first) are copied out of their
+        slots first: held, they could wait for a batch it cannot make without a slot. Copy
+        out rather than block."""
+        conn, sid = fan.streams[address]
+        pool = conn.pool(sid)
+        if pool is None:
+            return []
+        short = waiting and conn.short_of_slots(sid)
+        if short and fan.outstanding.get(address):
+            conn.copy_out_waiting(sid)
+        freed = pool.freed_count()
+        if freed and (asking or short or freed >= max(1, pool.slots // 4)):
+            return pool.take_freed()
+        return []
 
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
         fan = self._fan(stream_id)
