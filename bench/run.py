@@ -75,8 +75,10 @@ def log(msg: str) -> None:
 AUG_BATCH = 256
 
 
-FANIN_ONE = "service, 1 server (pinned to core 0), .map(augment)"
-FANIN_TWO = "service, 2 servers (pinned to cores 0 and 1), .map(augment)"
+FANIN_ONE = "service, 1 server (pinned to core 0), .map(augment), shared memory"
+FANIN_TWO = "service, 2 servers (pinned to cores 0 and 1), .map(augment), shared memory"
+FANIN_ONE_TCP = "service, 1 server (pinned to core 0), .map(augment), tcp socket"
+FANIN_TWO_TCP = "service, 2 servers (pinned to cores 0 and 1), .map(augment), tcp socket"
 
 
 def fanin_section(
@@ -84,7 +86,8 @@ def fanin_section(
 ) -> list[Result]:
     """Several servers feeding one trainer: two servers, each pinned to one core with
     taskset (router and one worker), against one of them alone; the augmentation on the
-    CIFAR-shaped source, batch 256, over tcp (fanned-out streams do not use shared memory)."""
+    CIFAR-shaped source, batch 256, servers on tcp. Batches come through shared memory (the
+    default on one host, fanned out too since protocol 1.4) and, forced, over the socket."""
     load.start("fan-in: 1 vs 2 pinned servers")
     log("fan-in: one server vs two, each pinned to one core")
     with contextlib.ExitStack() as stack:
@@ -93,15 +96,21 @@ def fanin_section(
             server = start_server(children, "tcp://127.0.0.1:0", config, 1, work, cpus=cpu)
             stack.callback(stop_server, server)
             servers.append(server)
-        one = batchup_client.connect(servers[0].endpoint)
-        stack.callback(_close, one)
-        one.shared_memory_batches = False  # the same transport as the fanned-out stream
-        two = batchup_client.connect([s.endpoint for s in servers])
-        stack.callback(_close, two)
-        systems = [
-            (FANIN_ONE, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
-            (FANIN_TWO, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
-        ]
+        systems = []
+        for shm, (one_name, two_name) in (
+            (True, (FANIN_ONE, FANIN_TWO)),
+            (False, (FANIN_ONE_TCP, FANIN_TWO_TCP)),
+        ):
+            one = batchup_client.connect(servers[0].endpoint)
+            stack.callback(_close, one)
+            one.shared_memory_batches = shm
+            two = batchup_client.connect([s.endpoint for s in servers])
+            stack.callback(_close, two)
+            two.shared_memory_batches = shm
+            systems += [
+                (one_name, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
+                (two_name, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
+            ]
         results = measure_cell(
             dataclasses.replace(settings, runs=settings.aug_runs), key, AUG_BATCH, systems, log
         )
