@@ -237,7 +237,7 @@ class Client:
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
         self._next_stream = 0
         #: credit each stream grants: (batches, bytes) in flight; the server caps batches at 64
-        self.prefetch: tuple[int, int] = (32, 64 << 20)
+        self.prefetch: tuple[int, int] = (32, 128 << 20)
         #: on the server's host, receive batches in shared-memory slots instead of frames
         self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
         self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)

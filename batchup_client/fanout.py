@@ -98,7 +98,7 @@ class FanoutClient(SourceMethods):
             log.warning("server unavailable, will retry: %s", e)
         self._shm: bool | None = None  #: shared_memory_batches for every connection (None: theirs)
         self._retired: list[_Conn] = []  #: replaced connections, kept while streams read them
-        self.prefetch: tuple[int, int] = (32, 64 << 20)
+        self.prefetch: tuple[int, int] = (32, 128 << 20)
         self._fans: dict[int, _Fan] = {}
         self._next_sid = 0
         self._closed = False

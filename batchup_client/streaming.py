@@ -153,7 +153,7 @@ def iterate(
     include_indices: bool = False,
     fields: list[str] | None = None,
     prefetch: int = 32,
-    prefetch_bytes: int = 64 << 20,
+    prefetch_bytes: int = 128 << 20,
     transforms: list[dict[str, Any]] | None = None,
     transform_seed: int = 0,
 ) -> Any:
