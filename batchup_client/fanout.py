@@ -355,7 +355,7 @@ class FanoutClient(SourceMethods):
         if pool is None:
             return []
         short = waiting and conn.short_of_slots(sid)
-        if short and fan.outstanding.get(address):
+        if short and (asking or fan.outstanding.get(address)):
             conn.copy_out_waiting(sid)
         freed = pool.freed_count()
         if freed and (asking or short or freed >= max(1, pool.slots // 4)):

@@ -15,6 +15,7 @@ from that batch with the caller's current state, and the speculative batches are
 from __future__ import annotations
 
 import collections
+import dataclasses
 import weakref
 from typing import Any, Protocol
 
@@ -110,8 +111,9 @@ class Inbox:
         returns how many were copied."""
         copied = 0
         for seq, (msg, arrays) in list(self._items.items()):
-            if getattr(msg, "slot", -1) >= 0 and arrays:
-                self._items[seq] = (msg, [a.copy() for a in arrays])
+            if isinstance(msg, proto.Batch) and msg.slot >= 0 and arrays:
+                # no longer in a slot: a batch is copied once
+                self._items[seq] = (dataclasses.replace(msg, slot=-1, layout=[]), [a.copy() for a in arrays])
                 copied += 1
         return copied
 

@@ -110,6 +110,36 @@ def test_two_servers_on_this_host_keep_every_batch_the_user_keeps(data: Any) -> 
         b.stop()
 
 
+def test_a_server_lost_while_the_others_slots_all_wait_for_its_batch(data: Any) -> None:
+    """Shared memory, a slow server and a fast one: the fast one's slots fill with batches
+    waiting for the slow one's earlier batch. When the slow one is killed, its batch goes to
+    the fast one, which has no free slot: the waiting batches are copied out of their slots
+    so it can make it, instead of everyone waiting for ever."""
+    slow, fast = _server(data, delay=0.4), _server(data, delay=0.0)
+    try:
+        with batchup_client.connect([slow.endpoint, fast.endpoint], server_timeout=2.0) as client:
+            src = client.source("train", include_indices=True, repeats=2).map("tag")
+            it = src.batch_iterator(batch_size=4, shuffle=np.random.RandomState(6))
+            got = [tuple(a.copy() for a in next(it)[:3]) for _ in range(3)]  # slots free again
+            fast_conn = client._conns[fast.endpoint]  # which server holds what
+
+            def fast_server_out_of_slots() -> bool:
+                for conn in client._conns.values():
+                    while conn.poll_data(0):  # file what came (the reader is not reading)
+                        pass
+                return any(fast_conn.short_of_slots(sid) for sid in list(fast_conn._inboxes))
+
+            wait_until(fast_server_out_of_slots, timeout=30, what="the fast server to run out of slots")
+            os.kill(slow.pid, signal.SIGKILL)
+            got += [tuple(a.copy() for a in b[:3]) for b in it]
+            info = client.info()
+        assert info["batches_copied_out"] > 0  # the user kept no slot: these waited in one
+        _same(got, _reference(4, 6, repeats=2))  # every batch once, in order
+    finally:
+        fast.stop()
+        slow.kill()
+
+
 def test_a_faster_server_makes_more_batches(data: Any) -> None:
     slow, fast = _server(data, delay=0.03), _server(data, delay=0.0)
     try:

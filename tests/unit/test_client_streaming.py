@@ -241,6 +241,7 @@ def test_inbox_copy_out_replaces_slot_views_and_leaves_frames():
     box.put(proto.Batch(1, 2, 0, slot=5, layout=[]), [slot_view])
     box.put(proto.Batch(1, 3, 0), [framed])
     assert box.copy_out() == 1
+    assert box.copy_out() == 0  # copied once: it is in no slot now
     (copied,) = box.take(2)[1]
     np.testing.assert_array_equal(copied, slot_view)
     assert copied is not slot_view and not np.shares_memory(copied, slot_view)
