@@ -389,7 +389,9 @@ def write_markdown(
             ratio = two.samples / one.samples if one.samples else float("nan")
             verdict = "PASS" if ratio >= 1.8 else "MISS"
             transport = one.system.rsplit(", ", 1)[-1]
-            L.append(f"- {transport}: two servers ÷ one **{ratio:.2f}×** (issue 8 goal ≥ 1.8×: **{verdict}**)")
+            L.append(
+                f"- {transport}: two servers ÷ one **{ratio:.2f}×** (issue 8 goal ≥ 1.8×: **{verdict}**)"
+            )
         L.append("")
 
     aug: list[Result] = extras.get("augmentation") or []
