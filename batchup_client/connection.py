@@ -254,6 +254,7 @@ class Client:
             "data_messages": 0,  #: ZeroMQ messages received on the data socket
             "bundled": 0,  #: messages that came in a bundle with others (protocol 1.3)
             "batches_copied_out": 0,
+            "batches_made_again": 0,  #: batches recomputed after a server's worker died (1.4)
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
         self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
@@ -548,6 +549,14 @@ class Client:
             return
         stream_id = getattr(msg, "stream_id", None)
         inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
+        if isinstance(msg, proto.Batch) and msg.supersedes >= 0:
+            # made again after its worker died (1.4). If the first making came, the user may
+            # hold it (in the superseded slot): drop this one. If not, this one goes in its
+            # place and the superseded slot is freed when it is consumed (next_item). A closed
+            # stream, or a replanned generation, cannot tell: the slot stays in use.
+            self._stats["batches_made_again"] += 1
+            if inbox is None or inbox.duplicate(msg):
+                return
         if isinstance(msg, proto.Batch) and msg.slot >= 0:
             pool = self._pools.get(msg.stream_id)
             if pool is None:
@@ -630,6 +639,11 @@ class Client:
         while True:
             item = inbox.take(seq)
             if item is not None:
+                msg = item[0]
+                if isinstance(msg, proto.Batch) and msg.supersedes >= 0 and msg.seq == seq:
+                    pool = self._pools.get(stream_id)
+                    if pool is not None:  # its first making never came: that slot is free
+                        pool.free_unused(msg.supersedes)
                 return item
             self._check()
             if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait

@@ -215,8 +215,8 @@ def iterate(
             if pool is None and consumed - granted >= grant_every:
                 conn.send_credit(sid, consumed - granted, consumed)
                 granted = consumed
-            elif pool is not None and msg.slot < 0:
-                framed += 1
+            elif pool is not None and msg.slot < 0 and msg.supersedes < 0:
+                framed += 1  # (a batch made again returns its credit as the slot it supersedes)
             container = msg.container
             batch: Any = pool.hand_out(arrays) if pool is not None else tuple(arrays)
             del msg, arrays  # hold no view of a slot while the user has the batch

@@ -968,7 +968,8 @@ class Router:
             **job.wire,
             "task": self._tasks,
             "batches": [
-                [t.seq, t.generation, t.rng, t.slot, list(t.splits or ()), t.indices.dtype.str] for t in tasks
+                [t.seq, t.generation, t.rng, t.slot, list(t.splits or ()), t.indices.dtype.str, t.supersedes]
+                for t in tasks
             ],
         }
         try:
@@ -1060,7 +1061,7 @@ class Router:
             worker.code = set()
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
-            self._retry.extend((job, task) for job, tasks in lost.values() for task in tasks)
+            self._retry.extend((job, task.again()) for job, tasks in lost.values() for task in tasks)
 
     def _refresh_keys(self) -> None:
         if self.auth is None:
@@ -1283,8 +1284,9 @@ def _run_task(
     since = 0.0
     last = len(index_frames) - 1
     for i, (batch, frame) in enumerate(zip(header["batches"], index_frames, strict=True)):
-        seq, gen, rng, slot, splits, index_dtype = batch
+        seq, gen, rng, slot, splits, index_dtype, supersedes = batch
         task = {**header, "seq": seq, "gen": gen, "rng": rng, "slot": slot, "splits": splits}
+        task["supersedes"] = supersedes
         msg, arrays, error = runner.run(task, np.frombuffer(frame.buffer, dtype=np.dtype(index_dtype)))
         if error:
             errors.append((i, error))

@@ -88,6 +88,15 @@ class Task:
     rng: dict[str, Any] | None
     slot: int = -1  #: the shared-memory slot to fill, -1 when the batch goes as frames
     splits: tuple[int, ...] | None = None  #: composites: rows of each child, in ``indices`` order
+    supersedes: int = -1  #: made again after its worker died: the slot its first making had
+
+    def again(self) -> Task:
+        """This task, to make again after its worker died. A first making that was to fill
+        a slot may have reached the client, which may hold it, or freed it for another batch
+        since: the batch is made again as frames, naming that slot (PROTOCOL.md, 1.4)."""
+        if self.slot < 0:
+            return self
+        return dataclasses.replace(self, slot=-1, supersedes=self.slot)
 
 
 def _joined(indices: Any) -> tuple[np.ndarray[Any, Any], tuple[int, ...] | None]:

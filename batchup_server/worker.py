@@ -89,7 +89,12 @@ class TaskRunner:
                 if placed is not None:
                     return placed, [], ""
             batch = proto.Batch(
-                header["stream"], header["seq"], header["gen"], header["rng"], container=container
+                header["stream"],
+                header["seq"],
+                header["gen"],
+                header["rng"],
+                container=container,
+                supersedes=header.get("supersedes", -1),
             )
             return batch, arrays, ""
         except Exception as exc:

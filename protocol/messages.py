@@ -207,6 +207,9 @@ class Batch:
     container: str = _since(
         (1, 2), ""
     )  #: (1.2) a transform's result: "" tuple, "list", "array" (one), "none"
+    #: (1.4) a batch made again after its worker died, as frames: the slot its first making
+    #: was given (the client frees it if that one never came); -1 otherwise
+    supersedes: int = _since((1, 4), -1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -238,6 +238,11 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             ),
             [],
         ),
+        # (1.4) a batch made again after its worker died, as frames, superseding slot 5
+        "batch.again": (
+            proto.Batch(2, 9, 0, None, -1, [], "", 5),
+            [np.array([[0.25, -1.0]], dtype="<f4"), np.array([3], dtype="<i4")],
+        ),
         # (1.4) an assigned stream's freed slots handed back, granting nothing
         "credit.freed_assigned": (proto.Credit(4, 0, 20, [3, 0, 7]), []),
         # (1.2) a transformed batch whose function returned a list

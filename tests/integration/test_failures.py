@@ -17,7 +17,7 @@ import batchup_client
 import batchup_protocol
 from batchup_protocol.host import sweep_stale
 from batchup_server.demo import make_demo_arrays
-from tests.servers import RunningServer, children_of, pid_alive, wait_until, worker_pids
+from tests.servers import RunningServer, children_of, pid_alive, wait_until, worker_pids, write_train_source
 
 pytestmark = pytest.mark.integration
 
@@ -113,6 +113,59 @@ def test_crashed_worker_batches_are_recomputed_exactly_once():
     for (bx, by), idx in zip(got, want):
         np.testing.assert_array_equal(bx, X[idx])
         np.testing.assert_array_equal(by, y[idx])
+
+
+SLOW_PLUGIN = """
+import time
+from batchup_server.plugins import transform
+
+@transform("slow")
+def slow(idx, X, y):  # a worker is always mid-batch when it is killed
+    time.sleep(0.02)  # noqa: sleep-ok (a slow transform's work)
+    return idx, X * 1, y
+"""
+
+
+def test_a_dead_workers_slot_batches_are_made_again_as_frames_and_kept_batches_stay(tmp_path):
+    """Protocol 1.4: a batch a dead worker was to put in a slot is made again as frames
+    (naming that slot), never into the slot, which the user may hold or may have freed for
+    another batch since. Batches the user keeps and edits in place stay as edited, each
+    batch comes once, in order, and the superseded slots come back (later epochs run)."""
+    X = np.arange(400 * 6, dtype=np.float32).reshape(400, 6)
+    Y = np.arange(400, dtype=np.int64) % 7
+    (tmp_path / "bu_slow_plugin.py").write_text(SLOW_PLUGIN)
+    cfg = write_train_source(tmp_path, X, Y, '[server]\nplugins = ["bu_slow_plugin"]\n')
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p),
+    )
+    with RunningServer("--config", cfg, "--workers", "2", env=env) as srv:
+        wait_until(lambda: len(worker_pids(srv.pid)) == 2, what="two workers")
+        with batchup_client.connect(srv.endpoint) as client:
+            src = client.source("train", include_indices=True).map("slow")
+            kept = []
+            for i, (idx, bx, by) in enumerate(
+                src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(3))
+            ):
+                if i == 6:
+                    os.kill(worker_pids(srv.pid)[0], signal.SIGKILL)
+                bx *= -1  # the user normalises its batch in place
+                kept.append((idx, bx, by))
+            info = client.info()
+            assert info["batch_transport"] == "shared memory"
+            assert info["batches_made_again"] >= 1  # the killed worker had tasks in hand
+            for _ in range(3):  # the pool's slots all came back: later epochs stream as before
+                assert len(list(src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(4)))) == 40
+    want = list(
+        batchup_client.data_source.RandomAccessDataSource(400).batch_indices_iterator(
+            10, shuffle=np.random.RandomState(3)
+        )
+    )
+    assert len(kept) == len(want) == 40
+    for (idx, bx, by), w in zip(kept, want):
+        np.testing.assert_array_equal(idx, w)
+        np.testing.assert_array_equal(bx, -X[w])  # the user's edit was not written over
+        np.testing.assert_array_equal(by, Y[w])
 
 
 def test_error_in_a_source_reaches_next_and_the_server_keeps_serving(tmp_path):

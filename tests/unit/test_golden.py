@@ -234,6 +234,10 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [],
     ),
     "credit.freed_assigned": (proto.Credit(stream_id=4, batches=0, consumed=20, freed=[3, 0, 7]), []),
+    "batch.again": (
+        proto.Batch(stream_id=2, seq=9, generation=0, supersedes=5),
+        [np.array([[0.25, -1.0]], dtype="<f4"), np.array([3], dtype="<i4")],
+    ),
     "batch.list": (
         proto.Batch(stream_id=2, seq=5, generation=0, container="list"),
         [np.array([[0.5, 1.5]], dtype="<f4"), np.array([7], dtype="<i8")],
@@ -266,6 +270,7 @@ VARIANTS = {
     "open_stream.composite",
     "open_stream.assigned_shm",
     "credit.freed_assigned",
+    "batch.again",
 }
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))

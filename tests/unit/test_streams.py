@@ -240,3 +240,14 @@ def test_assigned_stream_past_its_known_end_needs_no_slot() -> None:
     assert isinstance(item, End) and item.seq == end.seq and free == [0]  # no slot taken
     free.clear()  # every slot in use again
     assert _take(s, [end.seq + 1]) == [] and not s.can_produce()  # answered (told once), not stuck
+
+
+def test_a_slot_task_is_made_again_as_frames_naming_its_slot() -> None:
+    """Protocol 1.4: after a worker died, its slot batches go as frames; the slot they had
+    is named, not written again (the client may hold it, or have freed it since)."""
+    t = Task(4, 1, np.arange(3), None, slot=6)
+    again = t.again()
+    assert (again.slot, again.supersedes, again.seq, again.generation) == (-1, 6, 4, 1)
+    assert again.again() is again  # made again twice: still naming the first slot
+    framed = Task(5, 0, np.arange(2), None)
+    assert framed.again() is framed  # a frames batch is simply made again
