@@ -561,6 +561,8 @@ class Client:
             pool = self._pools.get(msg.stream_id)
             if pool is None:
                 raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
+            if pool.late_first_making(msg.stream_id, msg.seq, msg.slot):
+                return  # its slot was freed when the batch made again in its place was taken
             if inbox is None:  # a late batch of a closed stream: its slot is free again
                 pool.free_unused(msg.slot)
                 return
@@ -642,8 +644,8 @@ class Client:
                 msg = item[0]
                 if isinstance(msg, proto.Batch) and msg.supersedes >= 0 and msg.seq == seq:
                     pool = self._pools.get(stream_id)
-                    if pool is not None:  # its first making never came: that slot is free
-                        pool.free_unused(msg.supersedes)
+                    if pool is not None:  # its first making has not come: that slot is free
+                        pool.free_superseded(stream_id, msg.seq, msg.supersedes)
                 return item
             self._check()
             if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait

@@ -46,6 +46,7 @@ __all__ = ["FanoutClient"]
 log = logging.getLogger("batchup_client")
 RECONNECT_EVERY_S = 2.0
 WAIT_SLICE_S = 0.05
+STUCK_S = 1.0  #: waited this long in vain: copy waiting batches out of slots a server may lack
 
 
 @dataclasses.dataclass
@@ -271,7 +272,7 @@ class FanoutClient(SourceMethods):
             fan.outstanding[address] = set()
             log.warning("server %s is back: it makes batches of an open stream again", address)
 
-    def _pump(self, fan: _Fan, waiting: bool = False) -> None:
+    def _pump(self, fan: _Fan, waiting: bool = False, waits: int = 0) -> None:
         """Drop dead servers (their batches not yet received go back in the queue), take
         back returned ones, and ask the live ones for more batches, each up to its cap of
         outstanding batches, handing back freed slots with the request (``waiting``: the
@@ -298,22 +299,30 @@ class FanoutClient(SourceMethods):
             fan.requeue = collections.deque(s for s in fan.requeue if s <= fan.end)
         limit = fan.allowed if fan.end is None else min(fan.allowed, fan.end + 1)
         asks: dict[str, list[int]] = collections.defaultdict(list)
+
         # a server is topped up to its cap once half its share came in: several batches per
         # request, which its router hands a worker as one task (one message, not one a batch)
-        room = {a for a, out in fan.outstanding.items() if len(out) <= fan.cap // 2}
-        while room and (fan.requeue or fan.next_seq < limit):
-            address = min(room, key=lambda a: len(fan.outstanding[a]) + len(asks[a]))
-            if len(fan.outstanding[address]) + len(asks[address]) >= fan.cap:
+        def load(a: str) -> int:
+            return len(fan.outstanding[a]) + len(asks[a])
+
+        room = set(fan.outstanding)  # a lost server's batches: to any server under its cap, now
+        while room and fan.requeue:
+            address = min(room, key=load)
+            if load(address) >= fan.cap:
+                room.discard(address)
+                continue
+            asks[address].append(fan.requeue.popleft())
+        room = {a for a in room if len(fan.outstanding[a]) <= fan.cap // 2}
+        while room and fan.next_seq < limit:
+            address = min(room, key=load)
+            if load(address) >= fan.cap:
                 room.discard(address)  # its share is in flight
                 continue
-            if fan.requeue:
-                asks[address].append(fan.requeue.popleft())
-            else:
-                asks[address].append(fan.next_seq)
-                fan.next_seq += 1
+            asks[address].append(fan.next_seq)
+            fan.next_seq += 1
         for address in fan.outstanding:  # the live servers: one Credit each, when needed
             seqs = asks.get(address, [])
-            freed = self._slots_back(fan, address, bool(seqs), waiting)
+            freed = self._slots_back(fan, address, bool(seqs), waiting, waits)
             if not seqs and not freed:
                 continue
             fan.outstanding[address].update(seqs)
@@ -329,8 +338,9 @@ class FanoutClient(SourceMethods):
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         fan = self._fan(stream_id)
+        waits = 0  # wait slices gone by without batch seq
         while True:
-            self._pump(fan, waiting=fan.has(seq) is None)
+            self._pump(fan, waiting=fan.has(seq) is None, waits=waits)
             found = fan.has(seq)  # a lost server's received batches count too
             if found is not None:
                 conn, sid = found
@@ -340,25 +350,27 @@ class FanoutClient(SourceMethods):
                     arrays = list(pool.hand_out(arrays))
                 return msg, arrays
             wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
+            waits += 1
 
     @staticmethod
-    def _slots_back(fan: _Fan, address: str, asking: bool, waiting: bool) -> list[int]:
+    def _slots_back(fan: _Fan, address: str, asking: bool, waiting: bool, waits: int = 0) -> list[int]:
         """The shared-memory slots to hand back to a server with this round's request: those
         freed here since it last heard, when it is asked for batches anyway, when a quarter
-        of its pool is free, or when the reader is about to wait and the server may be short
-        of slots. In that last case, if it has batches to make, the batches it made that wait
-        here for their turn (another server's batch comes first) are copied out of their
-        slots first: held, they could wait for a batch it cannot make without a slot. Copy
-        out rather than block."""
+        of its pool is free, when the reader is about to wait and the server may be short
+        of slots, or after a wait in vain (a miscount costs a wait slice, not a hang). When
+        it may be short, or the reader waited in vain for :data:`STUCK_S`, and it has
+        batches to make, the batches it made that wait here for their turn (another
+        server's batch comes first) are copied out of their slots first: held, they could
+        wait for a batch it cannot make without a slot. Copy out rather than block."""
         conn, sid = fan.streams[address]
         pool = conn.pool(sid)
         if pool is None:
             return []
-        short = waiting and conn.short_of_slots(sid)
+        short = waiting and (conn.short_of_slots(sid) or waits * WAIT_SLICE_S >= STUCK_S)
         if short and (asking or fan.outstanding.get(address)):
             conn.copy_out_waiting(sid)
         freed = pool.freed_count()
-        if freed and (asking or short or freed >= max(1, pool.slots // 4)):
+        if freed and (asking or short or waits or freed >= max(1, pool.slots // 4)):
             return pool.take_freed()
         return []
 

@@ -255,6 +255,7 @@ class SlotPool:
             self.map = mmap.mmap(f.fileno(), slots * slot_bytes)
         self.slots, self.slot_bytes = slots, slot_bytes
         self._freed: collections.deque[int] = collections.deque()
+        self._superseded: set[tuple[int, int, int]] = set()  #: (stream, seq, slot) freed as superseded
         self.handed = 0  #: slots whose batch the user holds right now
         self.copied = 0  #: batches copied out because the user held too many slots
 
@@ -287,6 +288,22 @@ class SlotPool:
         """A batch was written into ``slot`` but will never be handed out (closed stream)."""
         if 0 <= slot < self.slots:
             self._freed.append(slot)
+
+    def free_superseded(self, stream_id: int, seq: int, slot: int) -> None:
+        """Batch ``seq`` of a stream was made again after its worker died and taken in place
+        of its first making, which was to fill ``slot`` and never came: ``slot`` is free. If
+        that first making comes after all, :meth:`late_first_making` says so (once)."""
+        self.free_unused(slot)
+        self._superseded.add((stream_id, seq, slot))
+
+    def late_first_making(self, stream_id: int, seq: int, slot: int) -> bool:
+        """Whether a slot batch is the late first making of a batch whose slot was freed as
+        superseded (:meth:`free_superseded`): to drop unread, its slot not freed twice."""
+        key = (stream_id, seq, slot)
+        if key in self._superseded:
+            self._superseded.discard(key)
+            return True
+        return False
 
     def freed_count(self) -> int:
         """Slots freed and not yet reported to the server."""

@@ -105,6 +105,7 @@ class ClientState:
     streams: dict[int, StreamEntry] = dataclasses.field(default_factory=dict)
     idle_pools: list[Pool] = dataclasses.field(default_factory=list)
     bundles: bool = False  #: it decodes several batches in one data message (1.3)
+    supersedes: bool = False  #: it frees the slot a batch made again names (1.4)
 
 
 @dataclasses.dataclass
@@ -579,6 +580,7 @@ class Router:
             data,
             time.monotonic(),
             bundles=proto.takes_bundles(msg.version),
+            supersedes=proto.knows_supersedes(msg.version),
         )
         log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
         self._reply(routing_id, self._welcome())
@@ -1061,7 +1063,11 @@ class Router:
             worker.code = set()
             worker.process = self._spawn(worker.index, worker.endpoint, self._results_endpoint)
             lost, worker.outstanding = worker.outstanding, {}
-            self._retry.extend((job, task.again()) for job, tasks in lost.values() for task in tasks)
+            self._retry.extend(
+                (job, task.again() if job.client.supersedes else task)  # a 1.3 client: into its slot
+                for job, tasks in lost.values()
+                for task in tasks
+            )
 
     def _refresh_keys(self) -> None:
         if self.auth is None:

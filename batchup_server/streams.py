@@ -273,6 +273,8 @@ class Stream:
             ]
             if bad:
                 raise StreamError(f"freed slots {bad} are not in use")
+            if len(set(freed)) != len(freed):
+                raise StreamError(f"freed slots {sorted(freed)} name a slot twice")
             self.free_slots.extend(freed)
         self.window.grant(batches)
         self.window.release_below(consumed)

@@ -46,7 +46,7 @@ from .messages import (
     message_from_fields,
 )
 from .rng import decode_rng_state, encode_rng_state, states_equal
-from .version import PROTOCOL_VERSION, is_compatible, takes_bundles
+from .version import PROTOCOL_VERSION, is_compatible, knows_supersedes, takes_bundles
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -73,6 +73,7 @@ __all__ = [
     "Message",
     "OpenStream",
     "PROTOCOL_VERSION",
+    "knows_supersedes",
     "ProtocolError",
     "RegisterArray",
     "RegisterCode",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BUNDLES_SINCE", "PROTOCOL_VERSION", "is_compatible", "takes_bundles"]
+__all__ = [
+    "BUNDLES_SINCE",
+    "PROTOCOL_VERSION",
+    "SUPERSEDES_SINCE",
+    "is_compatible",
+    "knows_supersedes",
+    "takes_bundles",
+]
 
 #: (major, minor). Minor bumps only add optional fields or message types;
 #: anything else bumps major. See PROTOCOL.md, "Evolution".
@@ -12,6 +19,8 @@ PROTOCOL_VERSION: tuple[int, int] = (1, 4)
 
 #: the first version whose clients decode bundles on the data socket
 BUNDLES_SINCE: tuple[int, int] = (1, 3)
+#: the first version whose clients free the slot a batch made again supersedes
+SUPERSEDES_SINCE: tuple[int, int] = (1, 4)
 
 
 def is_compatible(peer: tuple[int, int]) -> bool:
@@ -19,9 +28,19 @@ def is_compatible(peer: tuple[int, int]) -> bool:
     return peer[0] == PROTOCOL_VERSION[0]
 
 
-def takes_bundles(peer: Any) -> bool:
-    """Whether a client that sent ``Hello.version == peer`` decodes bundles (1.3)."""
+def _at_least(peer: Any, version: tuple[int, int]) -> bool:
     try:
-        return (int(peer[0]), int(peer[1])) >= BUNDLES_SINCE
+        return (int(peer[0]), int(peer[1])) >= version
     except (TypeError, ValueError, IndexError):
         return False
+
+
+def takes_bundles(peer: Any) -> bool:
+    """Whether a client that sent ``Hello.version == peer`` decodes bundles (1.3)."""
+    return _at_least(peer, BUNDLES_SINCE)
+
+
+def knows_supersedes(peer: Any) -> bool:
+    """Whether a client that sent ``Hello.version == peer`` frees the slot named by
+    ``Batch.supersedes`` (1.4); an older one would leave that slot in use for ever."""
+    return _at_least(peer, SUPERSEDES_SINCE)

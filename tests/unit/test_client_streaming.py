@@ -246,3 +246,26 @@ def test_inbox_copy_out_replaces_slot_views_and_leaves_frames():
     np.testing.assert_array_equal(copied, slot_view)
     assert copied is not slot_view and not np.shares_memory(copied, slot_view)
     assert box.take(3)[1][0] is framed
+
+
+def test_a_superseded_slot_is_freed_once_even_if_its_first_making_comes_late(tmp_path):
+    """Protocol 1.4: a batch made again in place of a first making that had not come frees
+    that first making's slot; if the first making arrives after all (its stream closed, or
+    replanned), the client recognises it and neither reads nor frees its slot again."""
+    from batchup_client.streaming import SlotPool
+
+    path = tmp_path / "pool.bin"
+    path.write_bytes(bytes(4 * 4096))
+    pool = SlotPool(str(path), 4, 4096)
+    pool.free_superseded(stream_id=3, seq=7, slot=2)
+    assert pool.take_freed() == [2]
+    assert not pool.late_first_making(3, 8, 2)  # another batch: not it
+    assert not pool.late_first_making(4, 7, 2)  # another stream: not it
+    assert pool.late_first_making(3, 7, 2)  # the late first making
+    assert not pool.late_first_making(3, 7, 2)  # once
+    assert pool.take_freed() == []
+
+
+@pytest.mark.parametrize(("peer", "knows"), [([1, 4], True), ([1, 9], True), ([1, 3], False), ("x", False)])
+def test_only_a_14_client_gets_batches_made_again_as_frames(peer, knows):
+    assert proto.knows_supersedes(peer) is knows

@@ -251,3 +251,15 @@ def test_a_slot_task_is_made_again_as_frames_naming_its_slot() -> None:
     assert again.again() is again  # made again twice: still naming the first slot
     framed = Task(5, 0, np.arange(2), None)
     assert framed.again() is framed  # a frames batch is simply made again
+
+
+def test_a_credit_naming_a_freed_slot_twice_is_refused() -> None:
+    s = make_stream(credits=4)
+    free = [0, 1, 2]
+    s.use_slots(free, 3)
+    a, b = s.produce(), s.produce()
+    with pytest.raises(StreamError, match="twice"):
+        s.credit(0, 0, [a.slot, a.slot])
+    assert len(free) == 1  # nothing returned by a refused credit
+    s.credit(0, 0, [a.slot, b.slot])
+    assert sorted(free) == [0, 1, 2]
