@@ -157,6 +157,14 @@ class Stream:
         if bad:
             raise StreamError(f"assigned batches {bad[:5]} are below the {self.consumed} consumed")
         self._queue.extend(seqs)
+        self._awaited_first()
+
+    def _awaited_first(self) -> None:
+        """The batch the reader waits for (``seq == consumed``; a lost server's, say) is made
+        before the others this server was asked for."""
+        if self._queue and self._queue[0] != self.consumed and self.consumed in self._queue:
+            self._queue.remove(self.consumed)
+            self._queue.appendleft(self.consumed)
 
     def _rng_state(self) -> Any:
         return self.rng.rng.get_state() if self.rng is not None else None
@@ -232,7 +240,11 @@ class Stream:
 
     def can_produce(self) -> bool:
         if self.assigned:
-            if not self._queue or not self.window.allows(self._batch_bytes()):
+            if not self._queue or self.window.credits <= 0:
+                return False
+            # the byte budget holds back batches the reader has not reached, not the one it
+            # waits for: batches waiting at the client for it fill the budget (a lost server's)
+            if self._queue[0] != self.consumed and not self.window.allows(self._batch_bytes()):
                 return False
             # a batch needs a free slot; an end of stream does not
             return self.free_slots is None or bool(self.free_slots) or self._past_end(self._queue[0])
@@ -283,6 +295,8 @@ class Stream:
             self._rng_at.pop(s, None)
         self._sent = {s for s in self._sent if s >= consumed}
         self.consumed = consumed
+        if self.assigned:
+            self._awaited_first()
 
     def reseed(self, from_seq: int, generation: int, state: Any) -> None:
         """Replan from batch ``from_seq`` with a new RNG state; later batches are void."""

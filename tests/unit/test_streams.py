@@ -263,3 +263,24 @@ def test_a_credit_naming_a_freed_slot_twice_is_refused() -> None:
     assert len(free) == 1  # nothing returned by a refused credit
     s.credit(0, 0, [a.slot, b.slot])
     assert sorted(free) == [0, 1, 2]
+
+
+def test_assigned_batch_the_reader_waits_for_goes_first_past_the_byte_budget() -> None:
+    """Several servers: batches waiting at the client for another server's batch fill this
+    server's byte budget; when that server is lost and its batch comes here, the reader
+    waits for it, so it is made first and the budget does not hold it back."""
+    rng = CountingRNG(np.random.RandomState(4))
+    s = Stream(SequencePlan(20, 3, 1, None, rng), rng, CreditWindow(1, 3 * 8 * 2), 8, assigned=True)
+    first = _take(s, [1, 2])  # batch 0 was another server's; these wait at the client
+    assert [t.seq for t in first] == [1, 2] and s.window.in_flight_bytes == 2 * 3 * 8
+    s.credit(2, 0)
+    s.assign([3, 0])  # 0: the lost server's, asked of this one after 3
+    made = []
+    while s.can_produce():
+        made.append(s.produce())
+    assert [t.seq for t in made] == [0]  # first, past the full budget; 3 waits for bytes
+    serial = _serial()
+    np.testing.assert_array_equal(made[0].indices, serial[0].indices)
+    s.credit(0, 3)  # the reader took 0, 1, 2: their bytes are free
+    (third,) = _take(s, [])
+    assert third.seq == 3
