@@ -642,7 +642,7 @@ class Client:
             item = inbox.take(seq)
             if item is not None:
                 msg = item[0]
-                if isinstance(msg, proto.Batch) and msg.supersedes >= 0 and msg.seq == seq:
+                if isinstance(msg, proto.Batch) and msg.supersedes >= 0:
                     pool = self._pools.get(stream_id)
                     if pool is not None:  # its first making has not come: that slot is free
                         pool.free_superseded(stream_id, msg.seq, msg.supersedes)

@@ -1291,8 +1291,15 @@ def _run_task(
     last = len(index_frames) - 1
     for i, (batch, frame) in enumerate(zip(header["batches"], index_frames, strict=True)):
         seq, gen, rng, slot, splits, index_dtype, supersedes = batch
-        task = {**header, "seq": seq, "gen": gen, "rng": rng, "slot": slot, "splits": splits}
-        task["supersedes"] = supersedes
+        task = {
+            **header,
+            "seq": seq,
+            "gen": gen,
+            "rng": rng,
+            "slot": slot,
+            "splits": splits,
+            "supersedes": supersedes,
+        }
         msg, arrays, error = runner.run(task, np.frombuffer(frame.buffer, dtype=np.dtype(index_dtype)))
         if error:
             errors.append((i, error))

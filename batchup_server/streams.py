@@ -220,7 +220,7 @@ class Stream:
             self._end_sent = True
             return End(self.end if self.end is not None else seq, self.generation, rng)
         self._sent.add(seq)
-        return self._task(seq, indices, rng, self.free_slots.pop() if self.free_slots is not None else -1)
+        return self._task(seq, indices, rng, self._free_slot())
 
     def _task(self, seq: int, indices: Any, rng: dict[str, Any] | None, slot: int) -> Task:
         """The task for batch ``seq``, taking its credit."""
@@ -234,6 +234,11 @@ class Stream:
         since a client's pool outlives a stream): a batch needs a free slot."""
         self.free_slots = free
         self.n_slots = slots
+
+    def _free_slot(self) -> int:
+        """A free slot of the stream's pool for the next batch (its caller checked there is
+        one), or -1 when batches go as frames."""
+        return self.free_slots.pop() if self.free_slots is not None else -1
 
     def _batch_bytes(self) -> int:
         return int(getattr(self.plan, "batch_size", 1)) * self.row_bytes
@@ -262,8 +267,7 @@ class Stream:
         if indices is None:
             self.finished = True
             return End(seq, self.generation, rng)
-        slot = self.free_slots.pop() if self.free_slots is not None else -1
-        return self._task(seq, indices, rng, slot)
+        return self._task(seq, indices, rng, self._free_slot())
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]
         """The client consumed ``consumed`` batches in all and grants ``batches`` more.
