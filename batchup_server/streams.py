@@ -144,6 +144,9 @@ class Stream:
         self._sent: set[int] = set()
         self._rng_at: dict[int, Any] = {}  #: RNG state before batch seq (assigned mode)
         self._pending: tuple[int, Any] | None = None  #: a reseed for a batch not reached yet
+        #: (draws, state): the RNG state taken when the RNG had made ``draws`` draws. Most
+        #: batches draw nothing, so their checkpoints share it instead of copying the state
+        self._rng_mark: tuple[int, Any] | None = None
         self.end: int | None = None  #: the plan's length in batches, once known
         self._end_sent = False
         self._end_rng: dict[str, Any] | None = None
@@ -167,13 +170,23 @@ class Stream:
             self._queue.appendleft(self.consumed)
 
     def _rng_state(self) -> Any:
-        return self.rng.rng.get_state() if self.rng is not None else None
+        if self.rng is None:
+            return None
+        mark = self._rng_mark
+        if mark is None or mark[0] != self.rng.draws:
+            mark = self._rng_mark = (self.rng.draws, self.rng.rng.get_state())
+        return mark[1]
+
+    def _set_rng(self, state: Any) -> None:
+        assert self.rng is not None
+        self.rng.rng.set_state(state)
+        self._rng_mark = None  # the state changed without a draw
 
     def _advance(self) -> tuple[np.ndarray[Any, Any] | None, dict[str, Any] | None]:
         """Draw batch ``next_seq`` (checkpointing first); its indices and reported RNG."""
         seq = self.next_seq
         if self._pending is not None and self._pending[0] == seq and self.rng is not None:
-            self.rng.rng.set_state(self._pending[1])
+            self._set_rng(self._pending[1])
             self._pending = None
         self._checkpoints[seq] = self.plan.get_state()
         if self.assigned:  # a batch may be made again later, from here
@@ -203,12 +216,12 @@ class Stream:
             here = (self.plan.get_state(), self._rng_state(), self.next_seq)
             self.plan.set_state(self._checkpoints[seq])
             if self.rng is not None:
-                self.rng.rng.set_state(self._rng_at[seq])
+                self._set_rng(self._rng_at[seq])
             self.next_seq = seq
             indices, rng = self._advance()
             self.plan.set_state(here[0])
             if self.rng is not None:
-                self.rng.rng.set_state(here[1])
+                self._set_rng(here[1])
             self.next_seq = here[2]
         else:
             while True:
@@ -321,7 +334,7 @@ class Stream:
                 f"{self.next_seq} of a shuffled stream can be replanned"
             )
         self.plan.set_state(self._checkpoints[from_seq])
-        self.rng.rng.set_state(state)
+        self._set_rng(state)
         for s in [s for s in self._checkpoints if s > from_seq]:
             del self._checkpoints[s]
         self.window.cancel_from(from_seq)

@@ -166,6 +166,27 @@ def test_assigned_stream_replays_an_earlier_batch_from_its_checkpoint() -> None:
     np.testing.assert_array_equal(later.indices, serial[6].indices)
 
 
+def test_assigned_replays_across_pass_boundaries_match_the_serial_stream() -> None:
+    """With repeats, the RNG draws mid-stream (a permutation per pass). Batches replayed
+    from before and after those draws (a lost server's, in any order) get the serial
+    stream's indices and RNG reports; checkpoints share the RNG state between draws."""
+    serial = _serial(n=10, bs=3, repeats=4)
+    s = _assigned(n=10, bs=3, repeats=4)
+    first = _take(s, [0, 2, 5, 9, 11])
+    replayed = _take(s, [7]) + _take(s, [1]) + _take(s, [3, 4]) + _take(s, [10, 6, 8])
+    replayed += _take(s, [3]) + _take(s, [7])  # made a third time (their second maker lost too)
+    for t in first + replayed:
+        assert isinstance(t, Task)
+        want = serial[t.seq]
+        assert isinstance(want, Task)
+        np.testing.assert_array_equal(t.indices, want.indices)
+        assert (t.rng is None) == (want.rng is None), t.seq
+        if t.rng is not None:
+            assert states_equal(decode_rng_state(t.rng), decode_rng_state(want.rng))
+    assert sorted({t.seq for t in first + replayed}) == list(range(12))
+    assert sum(t.rng is not None for t in first + replayed) >= 3  # draws at several passes
+
+
 def test_assigned_stream_reports_the_end_once() -> None:
     serial = _serial()
     end = serial[-1]
