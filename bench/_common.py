@@ -83,6 +83,9 @@ class Settings:
     concurrency_runs: int
     concurrency_epochs: int  #: epochs per client per concurrency run
     aug_runs: int  #: timed runs per system in the augmentation section
+    #: a run of the augmentation and fan-in sections lasts at least about this long: their
+    #: epochs take ~1 s, and one-epoch runs swung ±15% from round to round
+    aug_min_run_seconds: float
     step_runs: int  #: timed epochs per system in the training-step section
     step_seconds: float = 0.004  #: the emulated training step (a sleep after every batch)
     step_warmup: int = 5  #: batches of each training-step epoch that are not timed
@@ -103,6 +106,7 @@ class Settings:
                 concurrency_runs=1,
                 concurrency_epochs=1,
                 aug_runs=1,
+                aug_min_run_seconds=0.0,
                 step_runs=1,
             )
         return cls(
@@ -117,6 +121,7 @@ class Settings:
             concurrency_runs=3,
             concurrency_epochs=2,
             aug_runs=5,
+            aug_min_run_seconds=2.0,
             step_runs=5,
         )
 

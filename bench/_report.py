@@ -586,8 +586,9 @@ def write_markdown(
         "`batchup_client.connect(addr).source('cifar').map(augment)` on tcp servers started with `--workers 1` "
         "and `--workers 2` (default client settings: shared-memory batches on this host), and the drop-in "
         "`ArrayDataSource([X, y]).map(augment)` on the embedded server. Where `.map` ran is probed with a map "
-        "function that returns its pid in place of the labels. Timed like the throughput cells "
-        f"({settings.aug_runs} rotated rounds)."
+        "function that returns its pid in place of the labels. Timed like the throughput cells, in "
+        f"{settings.aug_runs} rotated rounds of runs of whole epochs lasting ≳{settings.aug_min_run_seconds:g} s "
+        "(so do the fan-in cells)."
     )
     L.append(
         "- DataLoader (CPU): *per-sample* = `TensorDataset` + `batch_size=bs, shuffle=True` (torch's own "

@@ -81,6 +81,12 @@ FANIN_ONE_TCP = "service, 1 server (pinned to core 0), .map(augment), tcp socket
 FANIN_TWO_TCP = "service, 2 servers (pinned to cores 0 and 1), .map(augment), tcp socket"
 
 
+def aug_timing(settings: Settings) -> Settings:
+    """The augmentation and fan-in cells' timing: ``aug_runs`` rounds of runs that last at
+    least ``aug_min_run_seconds`` each."""
+    return dataclasses.replace(settings, runs=settings.aug_runs, min_run_seconds=settings.aug_min_run_seconds)
+
+
 def fanin_section(
     settings: Settings, children: Children, config: str, work: str, key: Workload, load: LoadMonitor
 ) -> list[Result]:
@@ -111,9 +117,7 @@ def fanin_section(
                 (one_name, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
                 (two_name, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
             ]
-        results = measure_cell(
-            dataclasses.replace(settings, runs=settings.aug_runs), key, AUG_BATCH, systems, log
-        )
+        results = measure_cell(aug_timing(settings), key, AUG_BATCH, systems, log)
         log("stopping the fan-in servers")
     return results
 
@@ -176,7 +180,7 @@ def augmentation_sections(
             (S.AUG_SERVICE_2, S.iterator_epoch(sources[2].map(augment), bs)),
             (S.AUG_DROPIN, S.iterator_epoch(dropin.map(augment), bs)),
         ]
-        results = measure_cell(dataclasses.replace(settings, runs=settings.aug_runs), key, bs, systems, log)
+        results = measure_cell(aug_timing(settings), key, bs, systems, log)
 
         load.start("training step")
         log(f"emulated training step: {settings.step_seconds * 1e3:g} ms sleep per batch")
