@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Sequence
 
 from . import data_source, distributed, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
@@ -83,7 +84,7 @@ def connect(
     workers: int | None = None,
     server_timeout: float | None = None,
     share_memory: bool | None = None,
-    server_key: str | os.PathLike[str] | None = None,
+    server_key: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     client_key: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to the batchup-server at ``address`` (``tcp://host:port`` or ``ipc://path``).
@@ -100,7 +101,9 @@ def connect(
     file) and ``client_key`` (this client's ``NAME.key_secret``, whose public half is in the
     server's ``--curve-clients`` folder); without the arguments ``$BATCHUP_SERVER_KEY`` and
     ``$BATCHUP_CLIENT_KEY`` name those files. Every socket then authenticates and encrypts;
-    a key the server refuses raises :class:`AuthenticationError`.
+    a key the server refuses raises :class:`AuthenticationError`. Servers with key pairs of
+    their own take one ``server_key`` per address, in the same order (a list, or in
+    ``$BATCHUP_SERVER_KEY`` paths separated by commas); one key serves every address.
     """
     addresses = address.split(",") if isinstance(address, str) else address
     if addresses is None or not addresses:
@@ -125,24 +128,57 @@ def connect(
     if server_key is None and client_key is None:
         server_key = os.environ.get("BATCHUP_SERVER_KEY") or None
         client_key = os.environ.get("BATCHUP_CLIENT_KEY") or None
-    curve = load_client_keys(server_key, client_key)
-    if len(addresses) > 1:
+    addresses = [a.strip() for a in addresses if a.strip()]
+    curves = {a: load_client_keys(k, client_key) for a, k in _server_keys(addresses, server_key).items()}
+    if len(curves) > 1:
         return FanoutClient(  # type: ignore[return-value]
-            [a.strip() for a in addresses if a.strip()],
+            list(curves),
+            curves=curves,
             timeout=timeout,
             token=token,
             server_timeout=server_timeout,
             share_memory=share_memory,
-            curve=curve,
         )
+    curve = next(iter(curves.values()))
     return Client(
-        addresses[0].strip(),
+        addresses[0],
         timeout=timeout,
         token=token,
         server_timeout=server_timeout,
         share_memory=share_memory,
         curve=curve,
     )
+
+
+def _server_keys(
+    addresses: list[str], server_key: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+) -> dict[str, str | os.PathLike[str] | None]:
+    """Each address's server key file: one for all, or one per address in order (a list, or
+    paths separated by commas as in ``$BATCHUP_SERVER_KEY``)."""
+    if not addresses:
+        raise ValueError("connect() needs at least one address")
+    keys: list[str | os.PathLike[str] | None]
+    if server_key is None:
+        keys = [None]
+    elif isinstance(server_key, str):
+        keys = [k.strip() for k in server_key.split(",")]
+    elif isinstance(server_key, os.PathLike):
+        keys = [server_key]
+    else:
+        keys = list(server_key)
+    if len(keys) == 1:
+        keys = keys * len(addresses)
+    if len(keys) != len(addresses):
+        raise ValueError(
+            f"server_key names {len(keys)} key files for {len(addresses)} addresses; give one "
+            "key for every server, or one per address in the same order"
+        )
+    out: dict[str, str | os.PathLike[str] | None] = {}
+    for address, key in zip(addresses, keys, strict=True):
+        if address in out and out[address] != key:
+            raise ValueError(f"{address} is given twice, with different server keys")
+        out[address] = key
+    return out
 
 
 _default: Client | None = None

@@ -33,11 +33,11 @@ import collections
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .connection import Client as _Conn
-from .connection import wait_any
+from .connection import CurveClientKeys, wait_any
 from .errors import BatchupError, ClientClosed, ConnectionLost
 from .remote import SourceMethods
 
@@ -81,16 +81,23 @@ class _Fan:
 class FanoutClient(SourceMethods):
     """A client of several servers with the same sources; see the module docstring."""
 
-    def __init__(self, addresses: Sequence[str], **connect_kwargs: Any):
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        curves: Mapping[str, CurveClientKeys | None] | None = None,
+        **connect_kwargs: Any,
+    ):
+        """``curves``: each address's CURVE keys (servers may have key pairs of their own)."""
         if not addresses:
             raise ValueError("connect() needs at least one address")
         self.addresses = list(dict.fromkeys(addresses))
         self._kwargs = connect_kwargs
+        self._curves = dict(curves or {})
         self._conns: dict[str, _Conn] = {}
         errors = []
         for address in self.addresses:
             try:
-                self._conns[address] = _Conn(address, **connect_kwargs)
+                self._conns[address] = _Conn(address, curve=self._curves.get(address), **connect_kwargs)
             except BatchupError as exc:
                 errors.append(f"{address}: {exc}")
         if not self._conns:
@@ -132,7 +139,9 @@ class FanoutClient(SourceMethods):
                     continue
                 try:
                     fresh = _Conn(
-                        address, **{**self._kwargs, "timeout": min(2.0, self._kwargs.get("timeout", 2.0))}
+                        address,
+                        curve=self._curves.get(address),
+                        **{**self._kwargs, "timeout": min(2.0, self._kwargs.get("timeout", 2.0))},
                     )
                 except BatchupError:
                     continue

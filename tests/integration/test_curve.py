@@ -389,6 +389,47 @@ def test_a_client_key_added_to_the_folder_is_served_without_a_restart(keys: Keys
         _stop(server)
 
 
+# ---------------------------------------------------------------------- several servers
+def test_servers_with_key_pairs_of_their_own_take_one_server_key_each(
+    keys: Keys, curve_server: RunningServer, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """connect([a, b], server_key=[ka, kb]) (or ``$BATCHUP_SERVER_KEY=ka,kb``) authenticates
+    each server with its own key and streams batchup's batches from both; keys in the wrong
+    order or of the wrong count are refused with what is wrong."""
+    monkeypatch.delenv("BATCHUP_SERVER_KEY", raising=False)
+    monkeypatch.delenv("BATCHUP_CLIENT_KEY", raising=False)
+    assert _keygen("other", str(tmp_path)).returncode == 0
+    other = _start("--curve-secret-key", f"{tmp_path}/other.key_secret", "--curve-clients", keys.clients)
+    try:
+        endpoints = [curve_server.endpoint, other.endpoint]
+        own_keys = [keys.server_public, f"{tmp_path}/other.key"]
+        X, y = make_demo_arrays()
+        want = list(bds.ArrayDataSource([X, y]).batch_iterator(1000, shuffle=np.random.RandomState(5)))
+        with batchup_client.connect(endpoints, server_key=own_keys, client_key=keys.alice) as client:
+            got = list(client.source("demo").batch_iterator(1000, shuffle=np.random.RandomState(5)))
+            assert client.info()["servers"] == dict.fromkeys(endpoints, True)
+        assert len(got) == len(want)
+        for (gx, gy), (wx, wy) in zip(got, want, strict=True):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(gy, wy)
+
+        monkeypatch.setenv("BATCHUP_SERVER_KEY", ",".join(own_keys))
+        monkeypatch.setenv("BATCHUP_CLIENT_KEY", keys.alice)
+        with batchup_client.connect(",".join(endpoints)) as client:
+            assert client.source("demo").num_samples() == len(X)
+            assert all(client.info()["servers"].values())
+        monkeypatch.delenv("BATCHUP_SERVER_KEY")
+        monkeypatch.delenv("BATCHUP_CLIENT_KEY")
+
+        with pytest.raises(batchup_client.ConnectionLost) as info:  # each server given the other's key
+            batchup_client.connect(endpoints, server_key=own_keys[::-1], client_key=keys.alice, timeout=30)
+        assert str(info.value).count("server_key is not the public key") == 2
+        with pytest.raises(ValueError, match="3 key files for 2 addresses"):
+            batchup_client.connect(endpoints, server_key=[*own_keys, own_keys[0]], client_key=keys.alice)
+    finally:
+        _stop(other)
+
+
 # ---------------------------------------------------------------------- health endpoint
 def test_the_health_endpoint_answers_ping_without_keys_and_serves_nothing(keys: Keys, tmp_path: Any) -> None:
     health = f"ipc://{tmp_path}/health"
