@@ -84,3 +84,34 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
 def _owner_gone(path: str) -> bool:
     pids = [p for p in os.path.basename(path).split("-") if p.isdigit()]
     return bool(pids) and not os.path.exists(f"/proc/{pids[0]}")
+
+
+@pytest.mark.timeout(120)
+def test_cpu_profile_reports_each_process_and_thread_per_batch(tmp_path: Path) -> None:
+    """``bench/cpu_profile.py --quick``: per-thread CPU per delivered batch of the router,
+    each worker and the client, their sum and the ceiling it sets; nothing left behind."""
+    tmp = tempfile.mkdtemp(prefix="bc-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "BATCHUP_SERVER"}
+    env["TMPDIR"] = tmp
+    try:
+        done = subprocess.run(
+            [sys.executable, "bench/cpu_profile.py", "--quick", "--workers", "2", "--epochs", "4"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        out = done.stdout
+        assert "batches via shared memory: 4 epochs, 80 batches" in out
+        rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+        roles = {r[1].strip() for r in rows}
+        assert {"server router", "server worker 0", "server worker 1", "client"} <= roles, roles
+        total = next(float(r[3].strip(" *")) for r in rows if r[1].strip() == "**all**")
+        parts = sum(float(r[3]) for r in rows if not r[1].startswith(" **") and r[1].strip() != "process")
+        assert total > 0 and abs(total - parts) < 0.01
+        assert "allows at most" in out
+        assert not os.listdir(tmp), "cpu_profile.py left files in its temp folder"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
