@@ -161,7 +161,7 @@ def _server_keys(
     if server_key is None:
         keys = [None]
     elif isinstance(server_key, str):
-        keys = [k.strip() for k in server_key.split(",")]
+        keys = [k.strip() for k in server_key.split(",") if k.strip()] or [None]
     elif isinstance(server_key, os.PathLike):
         keys = [server_key]
     else:

@@ -14,6 +14,7 @@ below.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -64,6 +65,20 @@ NOT_READY_REPORT_S = 15.0  #: how often to say so in the log
 #: handshakes that fail without detail (libzmq's view of a wrong server key, or of CURVE on
 #: one side only) before the client gives up; a refused key or a mechanism mismatch is at once
 HANDSHAKE_FAILURES = 2
+
+#: private folders of this process's clients not yet torn down. At exit, those of clients
+#: still being made go too: a daemon thread (a fanned-out client reconnecting to a server
+#: that stopped answering) is stopped mid-handshake, before it could remove its folder.
+_live_dirs: set[str] = set()
+
+
+@atexit.register
+def _remove_live_dirs() -> None:
+    for path in list(_live_dirs):
+        shutil.rmtree(path, ignore_errors=True)
+    _live_dirs.clear()
+
+
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -258,6 +273,7 @@ class Client:
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
         self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
+        _live_dirs.add(self._private_dir)
         self._ctx = zmq.Context()
         self._heartbeat: _Heartbeat | None = None
         try:
@@ -409,6 +425,7 @@ class Client:
         self._stop_heartbeat()
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._private_dir, ignore_errors=True)
+        _live_dirs.discard(self._private_dir)
 
     def close(self) -> None:
         """Say goodbye, stop the heartbeat, close sockets. Idempotent."""

@@ -91,8 +91,9 @@ class FanoutClient(SourceMethods):
         if not addresses:
             raise ValueError("connect() needs at least one address")
         self.addresses = list(dict.fromkeys(addresses))
+        default = connect_kwargs.pop("curve", None)  # one set of keys for every server
         self._kwargs = connect_kwargs
-        self._curves = dict(curves or {})
+        self._curves = {a: (curves or {}).get(a, default) for a in self.addresses}
         self._conns: dict[str, _Conn] = {}
         errors = []
         for address in self.addresses:

@@ -280,3 +280,52 @@ def test_remote_samples_by_indices_errors_match_numpy(server):
             src.samples_by_indices(np.array([1.5]))
         with pytest.raises(IndexError):
             client.array_source([])
+
+
+EXIT_MID_HANDSHAKE = """
+import glob, os, sys, threading, time
+import batchup_client
+
+def connect():
+    try:
+        batchup_client.connect(sys.argv[1], timeout=30)
+    except Exception:
+        pass
+
+# as a fanned-out client's reconnector does: a daemon thread connecting to a server that
+# does not answer when the program ends
+threading.Thread(target=connect, daemon=True).start()
+deadline = time.monotonic() + 20
+while not glob.glob(os.path.join(sys.argv[2], f"batchup-client-{os.getpid()}-*")):
+    assert time.monotonic() < deadline, "the client made no private folder"
+    time.sleep(0.01)  # noqa: sleep-ok (polling for the folder)
+print("exiting mid-handshake", flush=True)
+"""
+
+
+def test_a_client_still_connecting_when_the_program_ends_leaves_no_folder(tmp_path):
+    """A client made in a daemon thread (a fanned-out client reconnecting to a server that
+    stopped answering) is cut off mid-handshake at exit; its private folder goes anyway."""
+    import socket
+
+    silent = socket.socket()  # accepts TCP connections (backlog) and never speaks ZMTP
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHUP_")}
+        env["TMPDIR"] = str(tmp)
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_MID_HANDSHAKE, address, str(tmp)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "exiting mid-handshake" in done.stdout
+        assert not list(tmp.glob("batchup-client-*")), list(tmp.iterdir())
+    finally:
+        silent.close()

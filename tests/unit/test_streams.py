@@ -185,6 +185,10 @@ def test_assigned_replays_across_pass_boundaries_match_the_serial_stream() -> No
             assert states_equal(decode_rng_state(t.rng), decode_rng_state(want.rng))
     assert sorted({t.seq for t in first + replayed}) == list(range(12))
     assert sum(t.rng is not None for t in first + replayed) >= 3  # draws at several passes
+    s = _assigned(n=10, bs=3, repeats=4)  # a replay, then batches past a draw, then a replay
+    for t in _take(s, [0, 2, 5]) + _take(s, [1]) + _take(s, [9]) + _take(s, [6]) + _take(s, [7]):
+        assert isinstance(t, Task)
+        np.testing.assert_array_equal(t.indices, serial[t.seq].indices)  # type: ignore[union-attr]
 
 
 def test_assigned_stream_reports_the_end_once() -> None:
