@@ -31,7 +31,15 @@ import batchup_client
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _augment import augment
-from _common import Children, Workload, make_data, start_server, stop_server, write_server_config
+from _common import (
+    Children,
+    Workload,
+    live_children,
+    make_data,
+    start_server,
+    stop_server,
+    write_server_config,
+)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -62,37 +70,10 @@ def idle_and_total() -> tuple[int, int]:
     return values[3] + values[4], sum(values)
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the server's workers and helpers)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                text = f.read()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def is_worker(pid: int) -> bool:
-    """A server worker (a multiprocessing spawn child), not its resource tracker."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"spawn_main" in f.read()
-    except FileNotFoundError:
-        return False
-
-
 def role(pid: int, server: int, workers: list[int]) -> str:
     if pid == os.getpid():
         return "client"
-    if pid == server:
-        return "server router"
-    return f"server worker {workers.index(pid)}" if pid in workers else f"server helper {pid}"
+    return "server router" if pid == server else f"server worker {workers.index(pid)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 rng = np.random.RandomState(0)
                 for _ in source.batch_iterator(args.batch_size, shuffle=rng):  # warm-up epoch
                     pass
-                workers = sorted(p for p in children_of(server.proc.pid) if is_worker(p))
+                # the workers (multiprocessing spawn children), not their resource tracker
+                workers = sorted(p for p, cmd in live_children(server.proc.pid) if "spawn_main" in cmd)
                 pids = [server.proc.pid, *workers, os.getpid()]
                 before, idle0 = thread_times(pids), idle_and_total()
                 t0, batches = time.perf_counter(), 0
