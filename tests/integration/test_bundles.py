@@ -3,6 +3,9 @@ ZeroMQ message, each exactly once and in order; a 1.2 client gets one per messag
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import numpy as np
 import pytest
 import zmq
@@ -55,3 +58,21 @@ def test_a_1_2_client_gets_one_message_per_zeromq_message(server):
     finally:
         peer.data.setsockopt(zmq.LINGER, 0)
         peer.close()
+
+
+def _slow(*arrays: Any) -> Any:  # a 4 ms augmentation
+    time.sleep(0.004)  # noqa: sleep-ok (the cost of a transform, not a wait for the server)
+    return arrays
+
+
+def test_slow_batches_share_messages_exactly_once_in_order():
+    """A transform of a few ms per batch: groups of several batches per task and bundles
+    held for 1.5 batch-times, so batches still share messages (bundle_hold); each arrives
+    exactly once and in order."""
+    with batchup_client.connect() as client:  # the private server trusts this process's code
+        src = client.source("demo", include_indices=True).map(_slow)
+        seen = [ndx for ndx, *_ in src.batch_iterator(batch_size=200)]
+        info = client.info()
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(src.num_samples()))
+    assert info["bundled"] > 0, info
+    assert info["data_messages"] < 0.8 * len(seen), info

@@ -92,3 +92,20 @@ def test_empty_and_oversized_bundles_are_refused() -> None:
 )
 def test_bundles_only_for_clients_that_know_them(peer: object, ok: bool) -> None:
     assert proto.takes_bundles(peer) is ok
+
+
+def test_cheap_batches_are_held_for_bundle_wait_and_slow_ones_for_one_and_a_half_batches() -> None:
+    from batchup_server.router import BUNDLE_WAIT_S, bundle_hold
+
+    assert bundle_hold(0.0, 0) == BUNDLE_WAIT_S
+    assert bundle_hold(5 * 0.0004, 5) == BUNDLE_WAIT_S  # 0.4 ms batches: several in 2 ms
+    assert bundle_hold(2 * 0.005, 2) == pytest.approx(0.0075)  # 5 ms batches: 1.5 of them
+
+
+def test_group_size_follows_the_measured_cost_of_a_batch() -> None:
+    from batchup_server.router import GROUP, group_size
+
+    assert group_size(0.0) == 1  # not measured yet: one batch per task
+    assert group_size(0.0003) == GROUP  # cheap batches: capped
+    assert group_size(0.0055) == 4  # a 5.5 ms augmentation: about 25 ms of work per task
+    assert group_size(0.05) == 1
