@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from batchup_client.arrays import FULL_HASH_BYTES, KeyCache
+from batchup_client.arrays import FULL_HASH_BYTES, KeyCache, _sample_digest
 from batchup_protocol.host import content_key
 from batchup_server.config import ConfigError, ServerConfig, load_config
 from batchup_server.sources import FieldSpec, SourceError, SourceSpec, open_source
@@ -103,6 +103,23 @@ def test_key_cache_rehashes_small_arrays_and_notices_big_changes():
     assert cache.key(big) == k2
     big[:] = 1.0
     assert cache.key(big) == content_key(big) != k2
+
+
+def test_key_cache_notices_a_rewrite_of_any_row_of_a_big_array():
+    """Big arrays are re-hashed when a sample of one word per row changed: rewriting any
+    one row (here each of them in turn) changes the sample; undoing it restores it."""
+    rows = np.arange(5000 * 1000, dtype=np.int32).reshape(5000, 1000)  # 20 MB, 4,000-byte rows
+    assert rows.nbytes > FULL_HASH_BYTES
+    before = _sample_digest(rows)
+    for r in range(len(rows)):
+        rows[r] += 1
+        assert _sample_digest(rows) != before, f"row {r} rewritten and not noticed"
+        rows[r] -= 1
+    assert _sample_digest(rows) == before
+    cache = KeyCache()
+    k = cache.key(rows)
+    rows[4321] = -rows[4321]
+    assert cache.key(rows) == content_key(rows) != k
 
 
 def run_cli(*args):
