@@ -257,6 +257,9 @@ class Client:
         self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
         self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)
         self._pool_maps: dict[str, SlotPool] = {}  #: pool file → mapping, reused by later streams
+        #: content keys of arrays this server holds (it keeps them while it runs): a later
+        #: batch_iterator() over the same arrays opens its stream without asking again
+        self._held_keys: set[str] = set()
         self._stats = {
             "arrays_shared": 0,
             "arrays_uploaded": 0,
@@ -868,15 +871,18 @@ class Client:
             if a.ndim == 0:
                 raise InvalidArgumentError(ErrorCode.INVALID_ARGUMENT, f"array {i} is 0-dimensional")
         keys = list(keys) if keys is not None else [content_key(a) for a in wire]
+        if self._held_keys.issuperset(keys):  # a server keeps what it was given: no need to ask
+            self._stats["arrays_reused"] += len(keys)
+            return keys
         reply, _ = self.request(lambda rid: proto.HaveArrays(rid, list(keys)))
         for arr, key, present in zip(wire, keys, reply.present):
             if present:
                 self._stats["arrays_reused"] += 1
-                continue
-            if self.same_host:
+            elif self.same_host:
                 self._share(arr, key)
             else:
                 self._upload(arr, key)
+            self._held_keys.add(key)
         return keys
 
     def _share(self, arr: np.ndarray[Any, Any], key: str) -> None:

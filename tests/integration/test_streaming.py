@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import batchup_client
+import batchup_protocol as proto
 from batchup_client import data_source
 from batchup_server.demo import make_demo_arrays
 from tests.servers import RunningServer
@@ -229,3 +230,30 @@ def test_examples_train_loss_goes_down(server):
     losses = [float(x) for x in re.findall(r"train loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
     assert "batches/s received" in out.stdout
+
+
+def test_arrays_the_server_holds_are_not_asked_about_again(server):
+    """A second stream over the same arrays opens without a HaveArrays round trip (the
+    server keeps what it was given); other arrays are still asked about and sent."""
+    X = np.arange(600, dtype=np.float32).reshape(200, 3)
+    with batchup_client.connect(server.endpoint, share_memory=False) as client:
+        asked: list[list[str]] = []
+        send = client._send
+
+        def spy(msg, arrays=()):
+            if isinstance(msg, proto.HaveArrays):
+                asked.append(list(msg.keys))
+            send(msg, arrays)
+
+        client._send = spy
+        src = client.array_source([X])
+        first = list(src.batch_iterator(batch_size=64, shuffle=np.random.RandomState(1)))
+        again = client.array_source([X.copy()])  # same content: its key is known
+        second = list(again.batch_iterator(batch_size=64, shuffle=np.random.RandomState(1)))
+        other = client.array_source([X + 1])
+        third = list(other.batch_iterator(batch_size=64))
+        uploaded = client.info()["arrays_uploaded"]
+    assert len(asked) == 2, asked  # X once, X + 1 once
+    assert uploaded == 2
+    assert_same(second, first)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in third]), X + 1)
