@@ -19,6 +19,7 @@ from _systems import (
     AUG_TORCH,
     BATCHUP,
     RAW_TCP,
+    SERVICE_DROPIN,
     SERVICE_SHM,
     SERVICE_TCP,
     SYSTEMS,
@@ -180,6 +181,22 @@ def key_targets(
             _find(results, TORCH_SAMPLE_2, workload, batch),
             10.0,
             shm,
+        )
+    dropin = _find(results, SERVICE_DROPIN, workload, batch)
+    if dropin is not None:  # the "embedded local server" issue 5 names: the drop-in API's
+        add(
+            "dropin",
+            "service drop-in on the embedded server vs batchup 0.2.3 in-process (issue 5: ≥ 1.0×)",
+            _find(results, BATCHUP, workload, batch),
+            1.0,
+            dropin,
+        )
+        add(
+            "dropin-torch",
+            "service drop-in on the embedded server vs DataLoader per-sample, 2 workers (issue 5: ≥ 10×)",
+            _find(results, TORCH_SAMPLE_2, workload, batch),
+            10.0,
+            dropin,
         )
     return rows
 
