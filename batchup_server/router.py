@@ -113,6 +113,9 @@ class ClientState:
     idle_pools: list[Pool] = dataclasses.field(default_factory=list)
     bundles: bool = False  #: it decodes several batches in one data message (1.3)
     supersedes: bool = False  #: it frees the slot a batch made again names (1.4)
+    #: a worker's time per batch of its last stream of each kind (:func:`cost_key`): the
+    #: next stream of that kind (the next epoch) starts with task groups of that size
+    costs: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -130,6 +133,7 @@ class StreamEntry:
     parts: list[tuple[SourceSpec, list[int], bool]] = dataclasses.field(default_factory=list)  #: composites
     job: Job | None = None  #: what its tasks carry (made at its first task)
     batch_s: float = 0.0  #: a worker's time per batch of it (moving average; 0 = not yet known)
+    cost_key: tuple[Any, ...] = ()  #: where its cost is kept for the client's next such stream
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -804,7 +808,14 @@ class Router:
             transforms=transforms,
             transform_seed=msg.transform_seed,
             parts=[(e.spec, f, inc) for e, f, inc in parts],
+            cost_key=cost_key(msg, batch_size),
         )
+        stream.batch_s = client.costs.get(stream.cost_key, 0.0)
+        if stream.batch_s:
+            log.debug(
+                "stream %d: tasks of %d batches from the start (%.2f ms a batch in the client's last such stream)",
+                msg.stream_id, group_size(stream.batch_s), stream.batch_s * 1e3,
+            )  # fmt: skip
         slots = 0
         if msg.shm:
             slots = self._make_pool(stream, batch_size, row_bytes, n_arrays, msg)
@@ -976,6 +987,8 @@ class Router:
         header = {
             **job.wire,
             "task": self._tasks,
+            # the reader waits for a stream's first batches: they go as soon as made
+            **({"bundle": False} if tasks[0].seq == 0 else {}),
             "batches": [
                 [t.seq, t.generation, t.rng, t.slot, list(t.splits or ()), t.indices.dtype.str, t.supersedes]
                 for t in tasks
@@ -1044,6 +1057,7 @@ class Router:
         if entry is not None and entry.job is job and result["busy"] > 0:  # a batch's cost to a worker
             per_batch = result["busy"] / len(tasks)
             entry.batch_s = per_batch if not entry.batch_s else 0.8 * entry.batch_s + 0.2 * per_batch
+            client.costs[entry.cost_key] = entry.batch_s
         errors = dict(result["errors"])
         missed = set(result["unused"]) | set(errors)
         if not missed:
@@ -1284,6 +1298,12 @@ def bundle_hold(busy_s: float, made: int) -> float:
     if made <= 0:
         return BUNDLE_WAIT_S
     return max(BUNDLE_WAIT_S, BUNDLE_HOLD_BATCHES * busy_s / made)
+
+
+def cost_key(msg: proto.OpenStream, batch_size: int) -> tuple[Any, ...]:
+    """What makes two streams' batches cost a worker the same: their source, fields,
+    batch size and transforms (a training loop's epochs)."""
+    return (repr(msg.source), repr(msg.fields), batch_size, msg.include_indices, repr(msg.transforms))
 
 
 def group_size(batch_s: float) -> int:

@@ -76,3 +76,20 @@ def test_slow_batches_share_messages_exactly_once_in_order():
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(src.num_samples()))
     assert info["bundled"] > 0, info
     assert info["data_messages"] < 0.8 * len(seen), info
+
+
+def test_the_next_epoch_starts_with_the_measured_task_size(server):
+    """An epoch's stream starts with tasks sized by the client's last stream of the same
+    kind, not one batch per task until measured (its first task is not bundled, so its
+    first batches go as soon as made). Batches stay batchup's, in order."""
+    with batchup_client.connect(server.endpoint) as client:
+        src = client.source("demo", include_indices=True)
+        epochs = [
+            [ndx for ndx, *_ in src.batch_iterator(batch_size=50, shuffle=np.random.RandomState(e))]
+            for e in range(2)
+        ]
+    line = server.wait_for_log(r"stream \d+: tasks of \d+ batches from the start")
+    assert int(line.split("tasks of ")[1].split()[0]) > 1, line
+    for e, seen in enumerate(epochs):
+        order = np.random.RandomState(e).permutation(src.num_samples())
+        np.testing.assert_array_equal(np.concatenate(seen), order)
