@@ -80,6 +80,7 @@ AUTH_LOG_EVERY_S = 10.0  #: at most one log line per kind of refused handshake t
 #: fewest slots in a pool: the user's previous batch is still alive when the next is handed
 #: out, so with fewer slots every batch would be copied out of its slot
 MIN_SLOTS = 4
+COSTS_KEPT = 32  #: kinds of stream whose cost per batch a client's state remembers
 IDLE_POOLS = 4  #: pools a client keeps for its next streams (e.g. one iterator per epoch)
 
 
@@ -1057,7 +1058,10 @@ class Router:
         if entry is not None and entry.job is job and result["busy"] > 0:  # a batch's cost to a worker
             per_batch = result["busy"] / len(tasks)
             entry.batch_s = per_batch if not entry.batch_s else 0.8 * entry.batch_s + 0.2 * per_batch
-            client.costs[entry.cost_key] = entry.batch_s
+            costs = client.costs
+            if entry.cost_key not in costs and len(costs) >= COSTS_KEPT:
+                del costs[next(iter(costs))]  # the oldest kind of stream
+            costs[entry.cost_key] = entry.batch_s
         errors = dict(result["errors"])
         missed = set(result["unused"]) | set(errors)
         if not missed:
