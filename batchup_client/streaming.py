@@ -178,6 +178,7 @@ def iterate(
     )
     grant_every = max(1, prefetch // 4)
     consumed = granted = generation = 0
+    unreported = biggest = 0  # bytes of the batches consumed since the last report; the largest
     pool = conn.pool(sid)
     framed = 0  # batches of a pool stream that came as frames (their credit is not a slot)
     try:
@@ -191,11 +192,19 @@ def iterate(
                     freed = pool.take_freed()
                     conn.send_credit(sid, len(freed) + framed, consumed, freed)
                     framed = 0
-            elif consumed > granted and not conn.ready(sid, consumed):
-                # about to wait: report every consumed batch first, or a byte budget
-                # smaller than grant_every batches would never be released (deadlock)
+            elif (
+                consumed > granted
+                and not conn.ready(sid, consumed)
+                and (transforms or 2 * (unreported + biggest) > prefetch_bytes)
+            ):
+                # About to wait. The server can make the awaited batch (its batch credit
+                # runs grant_every ahead of the last report) unless its byte budget holds
+                # it back: report the consumed batches first when it may (within 2x, for
+                # how the server counts a batch's bytes; a transform's output tells
+                # nothing of it), or a budget below grant_every batches never frees. A
+                # report before every wait cut the server's work into tasks of 1-2 batches.
                 conn.send_credit(sid, consumed - granted, consumed)
-                granted = consumed
+                granted, unreported = consumed, 0
             msg, arrays = conn.next_item(sid, consumed)
             if isinstance(msg, proto.Error):
                 raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
@@ -212,10 +221,14 @@ def iterate(
             if isinstance(msg, proto.EndOfStream):
                 return
             consumed += 1
-            if pool is None and consumed - granted >= grant_every:
-                conn.send_credit(sid, consumed - granted, consumed)
-                granted = consumed
-            elif pool is not None and msg.slot < 0 and msg.supersedes < 0:
+            if pool is None:
+                size = sum(a.nbytes for a in arrays)
+                unreported += size
+                biggest = max(biggest, size)
+                if consumed - granted >= grant_every:
+                    conn.send_credit(sid, consumed - granted, consumed)
+                    granted, unreported = consumed, 0
+            elif msg.slot < 0 and msg.supersedes < 0:
                 framed += 1  # (a batch made again returns its credit as the slot it supersedes)
             container = msg.container
             batch: Any = pool.hand_out(arrays) if pool is not None else tuple(arrays)

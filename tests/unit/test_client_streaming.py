@@ -17,6 +17,8 @@ class FakeServer:
 
     def __init__(self, shuffle_delivery=True):
         self.credits = []
+        self.pumps = 0  #: rounds of making batches (each after the reader found none)
+        self.per_pump = 10**9  #: batches made per round (a server's pace)
         self.reseeds = []
         self.closed = []
         self.inbox = Inbox()
@@ -49,8 +51,9 @@ class FakeServer:
         return 1
 
     def _pump(self):
+        self.pumps += 1
         produced = []
-        while self.stream.can_produce():
+        while self.stream.can_produce() and len(produced) < self.per_pump:
             item = self.stream.produce()
             if isinstance(item, End):
                 produced.append(proto.EndOfStream(1, item.seq, item.generation, item.rng))
@@ -216,6 +219,18 @@ def test_byte_budget_below_the_credit_batching_never_deadlocks():
     gen = iterate(fake, {"name": "x"}, {"kind": "standard", "length": 100}, [], 5, rng=None, prefetch=32)
     assert sum(1 for _ in gen) == 20
     assert fake.credits and all(b >= 1 for b, _ in fake.credits)
+
+
+def test_a_reader_reports_credit_every_grant_every_batches_when_the_bytes_allow():
+    """Batches come a few at a time while the reader keeps up: it waits often, but reports
+    consumed batches only every grant_every (2 here): a report before every wait made the
+    server cut its work into tasks of one or two batches."""
+    fake = FakeServer(shuffle_delivery=False)
+    fake.per_pump = 3
+    gen = iterate(fake, {"name": "x"}, {"kind": "standard", "length": 100}, [], 5, rng=None, prefetch=8)
+    np.testing.assert_array_equal(np.concatenate([b for (b,) in gen]), np.arange(100))
+    assert fake.pumps > 20 // 3  # it waited for batches again and again
+    assert fake.credits and {b for b, _ in fake.credits} == {2}, fake.credits
 
 
 def test_a_duplicate_of_this_generation_is_known_before_its_slot_is_mapped():
