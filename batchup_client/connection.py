@@ -862,18 +862,18 @@ class Client:
         host they are written once into the server's shared-memory folder; otherwise
         they are uploaded in chunks over the control socket.
         """
-        wire = [np.ascontiguousarray(a) for a in arrays]
-        for i, a in enumerate(wire):
-            try:
-                proto.check_dtype(a.dtype)
-            except proto.UnsupportedDtype as exc:
-                raise UnsupportedDtypeError(ErrorCode.UNSUPPORTED_DTYPE, f"array {i}: {exc}") from exc
-            if a.ndim == 0:
-                raise InvalidArgumentError(ErrorCode.INVALID_ARGUMENT, f"array {i} is 0-dimensional")
-        keys = list(keys) if keys is not None else [content_key(a) for a in wire]
-        if self._held_keys.issuperset(keys):  # a server keeps what it was given: no need to ask
+        wire = None
+        if keys is None:
+            wire = _wire_arrays(arrays)
+            keys = [content_key(a) for a in wire]
+        keys = list(keys)
+        if self._held_keys.issuperset(keys):
+            # a server keeps what it was given, checked then (a key names dtype and shape):
+            # no request, and no contiguous copy of an array that is not
             self._stats["arrays_reused"] += len(keys)
             return keys
+        if wire is None:
+            wire = _wire_arrays(arrays)
         reply, _ = self.request(lambda rid: proto.HaveArrays(rid, list(keys)))
         for arr, key, present in zip(wire, keys, reply.present):
             if present:
@@ -936,6 +936,19 @@ def pickle_function(fn: Any) -> bytes:
     finally:
         if registered is not None:
             cloudpickle.unregister_pickle_by_value(registered)
+
+
+def _wire_arrays(arrays: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+    """The arrays C-contiguous, each checked to be one a server takes."""
+    wire = [np.ascontiguousarray(a) for a in arrays]
+    for i, a in enumerate(wire):
+        try:
+            proto.check_dtype(a.dtype)
+        except proto.UnsupportedDtype as exc:
+            raise UnsupportedDtypeError(ErrorCode.UNSUPPORTED_DTYPE, f"array {i}: {exc}") from exc
+        if a.ndim == 0:
+            raise InvalidArgumentError(ErrorCode.INVALID_ARGUMENT, f"array {i} is 0-dimensional")
+    return wire
 
 
 def wait_any(clients: Sequence[Client], timeout: float) -> None:
