@@ -1,7 +1,10 @@
 """The server's socket code: the control ROUTER, the worker pipes and the data PUSHes.
 
-Everything else on the server is pure logic (streams, plans, sources, config); this
-module turns messages into calls on it and sends what comes out. ``zmq.ZMQError``
+Everything else on the server is pure logic: streams and credit (``streams``), plans,
+what a request may read (``catalog``), the functions a stream may apply (``functions``),
+task sizes and bundles (``scheduling``), the records kept per client, stream and worker
+(``state``), and config. This module turns messages into calls on it and sends what
+comes out. ``zmq.ZMQError``
 never leaves this module.
 
 Sockets (PROTOCOL.md, "Sockets"):
@@ -23,10 +26,7 @@ The worker pipes (ipc, private folder) stay plain.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
-import functools
-import hashlib
 import logging
 import os
 import time
@@ -43,14 +43,24 @@ from batchup_protocol import ErrorCode
 from batchup_protocol.host import tune_malloc
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
-from .datasets.catalog import DATASETS, UnknownDatasetError
-from .datasets.layout import DatasetRequestError
-from .datasets.service import DatasetNotReady, DatasetService
-from .datasets.store import DatasetStore, DatasetUnavailable
+from .catalog import SourceCatalog, in_range
+from .datasets.service import DatasetService
+from .datasets.store import DatasetStore
 from .errors import RequestError
+from .functions import FunctionTable
 from .plugins import load_plugins
-from .security import CurveKeys, code_trust
-from .sources import FieldSpec, SourceError, SourceSpec, open_source
+from .scheduling import (
+    COSTS_KEPT,
+    IDLE_POOLS,
+    MIN_SLOTS,
+    WORKER_DEPTH,
+    bundle_hold,
+    cost_key,
+    group_size,
+)
+from .security import CurveKeys
+from .sources import SourceSpec
+from .state import ClientState, Job, Pool, StreamEntry, WorkerHandle
 from .streams import CreditWindow, End, Stream, StreamError, Task
 from .uploads import Uploads
 from .worker import TaskRunner
@@ -59,134 +69,8 @@ __all__ = ["Router", "worker_main"]
 
 log = logging.getLogger("batchup_server")
 
-WORKER_DEPTH = 4  #: task messages queued per worker, so a worker never waits for the router
-#: A task message carries up to GROUP batches of one stream, about GROUP_WORK_S of a
-#: worker's time by the stream's measured cost per batch (one batch while unmeasured): the
-#: router's and the workers' costs per message are paid once per group. That matters for
-#: batches that take well under a millisecond to make, and also for slow ones (a 5 ms
-#: augmentation): every message wakes a thread on each side, and on two cores the router
-#: and the client take that time from the workers. For 5 ms batches, 25 ms (groups of 4)
-#: with :func:`bundle_hold` halves the messages per batch, and 2 workers made 6% more
-#: batches per second than with 12 ms and 2 ms bundles (interleaved runs, 9 rounds).
-GROUP = 8
-GROUP_WORK_S = 0.025
-#: how long a worker holds finished batches of a group to send them as one bundle: at
-#: least BUNDLE_WAIT_S, and the time of BUNDLE_HOLD_BATCHES batches, so slow batches
-#: still share messages (see :func:`bundle_hold`)
-BUNDLE_WAIT_S = 0.002
-BUNDLE_HOLD_BATCHES = 1.5
 POLL_MS = 100
 AUTH_LOG_EVERY_S = 10.0  #: at most one log line per kind of refused handshake this often
-#: fewest slots in a pool: the user's previous batch is still alive when the next is handed
-#: out, so with fewer slots every batch would be copied out of its slot
-MIN_SLOTS = 4
-COSTS_KEPT = 32  #: kinds of stream whose cost per batch a client's state remembers
-IDLE_POOLS = 4  #: pools a client keeps for its next streams (e.g. one iterator per epoch)
-
-
-@dataclasses.dataclass
-class SourceEntry:
-    spec: SourceSpec
-    length: int
-    fields: list[dict[str, Any]]
-    row_bytes: list[int]
-
-
-@dataclasses.dataclass
-class Pool:
-    """A client's shared-memory slot pool; reused by its next stream of the same geometry,
-    so its pages are not faulted in afresh every epoch."""
-
-    path: str
-    slots: int
-    slot_bytes: int
-    free: list[int]
-
-
-@dataclasses.dataclass
-class ClientState:
-    client_id: bytes
-    routing_id: bytes
-    data_endpoint: str
-    data: zmq.Socket[Any]
-    last_seen: float
-    streams: dict[int, StreamEntry] = dataclasses.field(default_factory=dict)
-    idle_pools: list[Pool] = dataclasses.field(default_factory=list)
-    bundles: bool = False  #: it decodes several batches in one data message (1.3)
-    supersedes: bool = False  #: it frees the slot a batch made again names (1.4)
-    #: a worker's time per batch of its last stream of each kind (:func:`cost_key`): the
-    #: next stream of that kind (the next epoch) starts with task groups of that size
-    costs: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class StreamEntry:
-    client: ClientState
-    stream_id: int
-    stream: Stream
-    source: SourceSpec
-    fields: list[int]
-    include_indices: bool
-    failed: bool = False
-    slot_pool: Pool | None = None  #: shared-memory slots (None = batches go as frames)
-    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    transform_seed: int = 0
-    parts: list[tuple[SourceSpec, list[int], bool]] = dataclasses.field(default_factory=list)  #: composites
-    job: Job | None = None  #: what its tasks carry (made at its first task)
-    batch_s: float = 0.0  #: a worker's time per batch of it (moving average; 0 = not yet known)
-    cost_key: tuple[Any, ...] = ()  #: where its cost is kept for the client's next such stream
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Job:
-    """Where a task's result goes and what it gathers (a stream's batches, or a gather)."""
-
-    client: ClientState
-    stream_id: int
-    source: SourceSpec
-    fields: list[int]
-    include_indices: bool
-    gather: bool = False
-    pool: str = ""
-    slot_bytes: int = 0
-    transforms: tuple[dict[str, Any], ...] = ()
-    transform_seed: int = 0
-    parts: tuple[tuple[SourceSpec, list[int], bool], ...] = ()
-
-    @functools.cached_property
-    def wire(self) -> dict[str, Any]:
-        """The task header's fields common to every batch of the job (built once)."""
-        header = {
-            "op": "task",
-            "endpoint": self.client.data_endpoint,
-            "stream": self.stream_id,
-            "source": self.source.to_wire(),
-            "fields": self.fields,
-            "include_indices": self.include_indices,
-            "gather": self.gather,
-            "pool": self.pool,
-            "slot_bytes": self.slot_bytes,
-            "bundle": self.client.bundles and not self.gather,
-        }
-        if self.transforms:
-            header["transforms"] = list(self.transforms)
-            header["transform_seed"] = self.transform_seed
-        if self.parts:
-            header["parts"] = [
-                {"source": spec.to_wire(), "fields": f, "include_indices": inc} for spec, f, inc in self.parts
-            ]
-        return header
-
-
-@dataclasses.dataclass
-class WorkerHandle:
-    index: int
-    endpoint: str
-    socket: zmq.Socket[Any]
-    process: Any
-    outstanding: dict[int, tuple[Job, list[Task]]] = dataclasses.field(default_factory=dict)
-    ready: bool = False  #: the process connected and said so; before that a send could block
-    code: set[str] = dataclasses.field(default_factory=set)  #: client functions it holds
 
 
 class Router:
@@ -205,24 +89,19 @@ class Router:
     ):
         self.config = config
         self.curve = curve
-        #: whether clients' functions run here (--trust-client-code, and only for clients that
-        #: are authenticated or local); the reason given when they do not
-        self.trusts_code, self._code_refusal = code_trust(
-            config.trust_client_code, config.bind, curve is not None
-        )
         self._auth_logged: dict[str, tuple[float, int]] = {}
         self.server_id = server_id
         self.host = host
         self.shm_dir = shm_dir
         self.ctx = zmq.Context()
-        self.registry = load_plugins(config.plugins)  # before plugin sources are described
-        self.sources: dict[str, SourceEntry] = {}
-        for name, spec in sources.items():
-            self.sources[name] = self._describe(spec)
+        registry = load_plugins(config.plugins)  # before plugin sources are described
+        self.functions = FunctionTable(registry, config.trust_client_code, config.bind, curve is not None)
         self.uploads = Uploads(shm_dir, config.max_upload_bytes)
-        self.code: dict[str, tuple[bytes, str]] = {}  #: trusted clients' functions: key -> (pickle, name)
-        self.datasets = DatasetService(DatasetStore(config.datasets), runtime_dir, config.datasets.download)
-        self._dataset_entries: dict[int, SourceEntry] = {}
+        self.catalog = SourceCatalog(
+            sources,
+            self.uploads,
+            DatasetService(DatasetStore(config.datasets), runtime_dir, config.datasets.download),
+        )
         self.clients: dict[bytes, ClientState] = {}
         self.stopping = False
         self._spawn = spawn_worker
@@ -276,16 +155,6 @@ class Router:
         if client_facing and self.curve is not None:
             make_curve_server(sock, self.curve)
         return sock
-
-    @staticmethod
-    def _describe(spec: SourceSpec) -> SourceEntry:
-        opened = open_source(spec)
-        try:
-            fields = opened.field_info()
-            row_bytes = [opened.row_bytes([i]) for i in range(len(fields))]
-            return SourceEntry(spec, opened.length, fields, row_bytes)
-        finally:
-            opened.close()
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -479,7 +348,7 @@ class Router:
                 self._discard(closed)
         elif isinstance(msg, proto.Describe):
             self._client(routing_id)
-            found = self._resolve(msg.source)
+            found = self.catalog.resolve(msg.source)
             meta = {"name": found.spec.name, **found.spec.metadata}
             self._reply(routing_id, proto.SourceInfo(msg.request_id, found.length, found.fields, meta))
         elif isinstance(msg, proto.Gather):
@@ -494,7 +363,7 @@ class Router:
             self._reply(routing_id, proto.Ack(msg.request_id))
         elif isinstance(msg, proto.RegisterCode):
             self._client(routing_id)
-            self._on_register_code(msg, arrays)
+            self.functions.register(msg, arrays)
             self._reply(routing_id, proto.Ack(msg.request_id))
         elif isinstance(msg, proto.UploadChunk):
             self._client(routing_id)
@@ -504,53 +373,6 @@ class Router:
             self._reply(routing_id, proto.Ack(msg.request_id))
         else:
             raise RequestError(ErrorCode.MALFORMED, f"{msg.TYPE} is not a request a server accepts")
-
-    def _on_register_code(self, msg: proto.RegisterCode, arrays: list[Any]) -> None:
-        """Keep a trusted client's pickled function (never unpickled here: workers do)."""
-        if not self.trusts_code:
-            named = ", ".join(sorted(self.registry.transforms)) or "none"
-            if self.config.trust_client_code:  # trusted in principle, but these clients are anonymous
-                how = self._code_refusal
-            else:
-                how = (
-                    "this server does not run client code: start the server with --trust-client-code "
-                    "(or trust_client_code = true under [server]) if you trust every client that can "
-                    "reach it"
-                )
-            raise RequestError(
-                ErrorCode.UNAUTHORIZED,
-                f"cannot run {msg.name or 'that function'} for ds.map(fn): {how}; or map with a "
-                f"transform a plugin registered, ds.map('name', ...) (this server has: {named})",
-            )
-        if len(arrays) != 1 or arrays[0].dtype != np.uint8 or arrays[0].ndim != 1:
-            raise RequestError(ErrorCode.MALFORMED, "register_code should carry one 1-D uint8 array")
-        payload = arrays[0].tobytes()
-        if msg.key != "sha256:" + hashlib.sha256(payload).hexdigest():
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, "register_code: the bytes do not match the key")
-        self.code[msg.key] = (payload, msg.name)
-
-    def _check_transforms(self, transforms: Any) -> list[dict[str, Any]]:
-        if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
-            raise RequestError(ErrorCode.MALFORMED, "transforms should be a list of maps")
-        for t in transforms:
-            if set(t) == {"code"} and isinstance(t["code"], str):
-                if t["code"] not in self.code:
-                    raise RequestError(
-                        ErrorCode.INVALID_ARGUMENT, f"no function registered with key {t['code']}"
-                    )
-            elif set(t) <= {"name", "params"} and isinstance(t.get("name"), str):
-                if not isinstance(t.get("params", {}), dict):
-                    raise RequestError(ErrorCode.MALFORMED, "a transform's params should be a map")
-                try:
-                    self.registry.transform(t["name"])
-                except KeyError as exc:
-                    raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc.args[0])) from None
-            else:
-                raise RequestError(
-                    ErrorCode.MALFORMED,
-                    f"a transform is {{'code': key}} or {{'name': str, 'params': map}}, got {t}",
-                )
-        return transforms
 
     def _stream(self, routing_id: bytes, stream_id: int) -> StreamEntry:
         client = self._client(routing_id)
@@ -606,9 +428,9 @@ class Router:
             self.config.heartbeat_interval,
             self.config.client_timeout,
             self.config.max_message_bytes,
-            sorted(self.sources),
-            self.trusts_code,
-            sorted(self.registry.transforms),
+            sorted(self.catalog.sources),
+            self.functions.trusts,
+            sorted(self.functions.registry.transforms),
         )
 
     def _on_health(self, frames: list[Any]) -> None:
@@ -643,114 +465,13 @@ class Router:
         except zmq.ZMQError as exc:
             log.debug("cannot answer a health check: %s", exc)
 
-    def _resolve(self, source: dict[str, Any]) -> SourceEntry:
-        if "arrays" in source:
-            keys = source["arrays"]
-            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-                raise RequestError(ErrorCode.MALFORMED, "source.arrays should be a non-empty list of keys")
-            missing = [k for k in keys if k not in self.uploads.paths]
-            if missing:
-                raise RequestError(ErrorCode.UNKNOWN_SOURCE, f"no array uploaded with key(s) {missing}")
-            spec = SourceSpec(
-                "arrays", tuple(FieldSpec(str(i), "npy", self.uploads.paths[k]) for i, k in enumerate(keys))
-            )
-            try:
-                return self._describe(spec)
-            except SourceError as exc:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-        name, params = source.get("name"), source.get("params")
-        if not isinstance(name, str):
-            raise RequestError(ErrorCode.MALFORMED, f"source.name should be a string, got {name!r}")
-        if params is not None and not isinstance(params, dict):
-            raise RequestError(ErrorCode.MALFORMED, "source.params should be a map")
-        entry = self.sources.get(name)
-        if entry is not None:
-            if params:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"source {name!r} takes no parameters")
-            return entry
-        return self._dataset(name, params or {})
-
-    def _dataset(self, name: str, params: dict[str, Any]) -> SourceEntry:
-        """A standard dataset's split (see batchup_server.datasets)."""
-        try:
-            spec = self.datasets.spec(name, params)
-        except UnknownDatasetError:
-            raise RequestError(
-                ErrorCode.UNKNOWN_SOURCE,
-                f"unknown source {name!r}; this server has {sorted(self.sources)} and the datasets "
-                f"{sorted(DATASETS)}",
-            ) from None
-        except DatasetRequestError as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
-        except DatasetNotReady as exc:
-            raise RequestError(ErrorCode.NOT_READY, str(exc)) from exc
-        except DatasetUnavailable as exc:
-            raise RequestError(ErrorCode.UNAVAILABLE, str(exc)) from exc
-        except SourceError as exc:
-            raise RequestError(ErrorCode.UNAVAILABLE, f"{name}: {exc}") from exc
-        entry = self._dataset_entries.get(id(spec))
-        if entry is None or entry.spec is not spec:
-            try:
-                entry = self._dataset_entries[id(spec)] = self._describe(spec)
-            except SourceError as exc:
-                raise RequestError(ErrorCode.UNAVAILABLE, f"{name}: {exc}") from exc
-        return entry
-
-    @staticmethod
-    def _check_plan_fits(plan: dict[str, Any], arrays: list[Any], length: int) -> None:
-        """A (child) plan's indices lie in its source; a standard plan has its length."""
-        pos = plan.get("indices")
-        if isinstance(pos, int) and 0 <= pos < len(arrays):
-            arr = arrays[pos]
-            if arr.dtype.kind in "iu" and not _in_range(arr, length):
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT, f"plan indices out of range for a source of length {length}"
-                )
-        if plan.get("kind") == "standard" and plan.get("length") != length:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"plan length {plan.get('length')} differs from the source's length {length}",
-            )
-
-    def _composite_parts(self, source: dict[str, Any]) -> list[tuple[SourceEntry, list[int], bool]]:
-        """``{"composite": [{"source": ref, "fields": [...]|None, "include_indices": bool}, ...]}``."""
-        children = source.get("composite")
-        if not isinstance(children, list) or not children or not all(isinstance(c, dict) for c in children):
-            raise RequestError(ErrorCode.MALFORMED, "source.composite should be a non-empty list of maps")
-        parts = []
-        for child in children:
-            ref = child.get("source")
-            if not isinstance(ref, dict) or "composite" in ref:
-                raise RequestError(
-                    ErrorCode.MALFORMED, "a composite child's source should be a plain source reference"
-                )
-            entry = self._resolve(ref)
-            names = child.get("fields")
-            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-                raise RequestError(
-                    ErrorCode.MALFORMED, "a composite child's fields should be a list of names"
-                )
-            parts.append((entry, self._select(entry, names), bool(child.get("include_indices", False))))
-        return parts
-
-    def _select(self, entry: SourceEntry, names: list[str] | None) -> list[int]:
-        all_names = [f["name"] for f in entry.fields]
-        if names is None:
-            return list(range(len(all_names)))
-        missing = [n for n in names if n not in all_names]
-        if missing:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT, f"source has no field(s) {missing}; it has {all_names}"
-            )
-        return [all_names.index(n) for n in names]
-
     def _on_open(self, client: ClientState, msg: proto.OpenStream, arrays: list[Any]) -> None:
         if msg.stream_id < 1:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream_id should be >= 1, got {msg.stream_id}")
         if msg.stream_id in client.streams:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
         if "composite" in msg.source:
-            parts = self._composite_parts(msg.source)
+            parts = self.catalog.composite_parts(msg.source)
             entries = [p[0] for p in parts]
             children = msg.plan.get("children") if msg.plan.get("kind") == "composite" else None
             if not isinstance(children, list) or len(children) != len(parts):
@@ -761,12 +482,12 @@ class Router:
             row_bytes = sum(sum(e.row_bytes[i] for i in f) + (8 if inc else 0) for e, f, inc in parts)
             n_arrays = sum(len(f) + inc for _, f, inc in parts)
         else:
-            entry = self._resolve(msg.source)
+            entry = self.catalog.resolve(msg.source)
             entries, children, parts = [entry], [msg.plan], []
-            fields = self._select(entry, msg.fields)
+            fields = self.catalog.select(entry, msg.fields)
             row_bytes = sum(entry.row_bytes[i] for i in fields) + (8 if msg.include_indices else 0)
             n_arrays = len(fields) + 1
-        transforms = self._check_transforms(msg.transforms)
+        transforms = self.functions.check(msg.transforms)
         try:
             batch_size = check_batch_size(msg.batch_size)
         except (TypeError, ValueError) as exc:
@@ -798,7 +519,7 @@ class Router:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for child, entry in zip(children, entries):
-            self._check_plan_fits(child, arrays, entry.length)
+            self.catalog.check_plan_fits(child, arrays, entry.length)
         stream = StreamEntry(
             client,
             msg.stream_id,
@@ -894,12 +615,12 @@ class Router:
         return missed
 
     def _on_gather(self, client: ClientState, msg: proto.Gather, arrays: list[Any]) -> None:
-        entry = self._resolve(msg.source)
-        fields = self._select(entry, msg.fields)
+        entry = self.catalog.resolve(msg.source)
+        fields = self.catalog.select(entry, msg.fields)
         if len(arrays) != 1 or arrays[0].ndim != 1 or arrays[0].dtype.kind not in "iu":
             raise RequestError(ErrorCode.INVALID_ARGUMENT, "gather should carry one 1-D integer index array")
         idx = arrays[0]
-        if not _in_range(idx, entry.length):
+        if not in_range(idx, entry.length):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"indices out of range for length {entry.length}")
         self._gathers.append((client, msg.request_id, entry.spec, fields, np.array(idx)))
 
@@ -1018,7 +739,7 @@ class Router:
             key = t.get("code")
             if key is None or key in worker.code:
                 continue
-            payload, name = self.code[key]
+            payload, name = self.functions.code[key]
             header = msgpack.packb({"op": "code", "key": key, "name": name}, use_bin_type=True)
             worker.socket.send_multipart([header, payload], zmq.NOBLOCK, copy=False)
             worker.code.add(key)
@@ -1192,11 +913,6 @@ def start_authenticator(ctx: zmq.Context[Any], keys: CurveKeys) -> Authenticator
     return Authenticator(ctx, keys)
 
 
-def _in_range(indices: np.ndarray[Any, Any], length: int) -> bool:
-    """Whether every index is valid for ``length`` rows (negatives count from the end)."""
-    return not indices.size or (indices.min() >= -length and indices.max() < length)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1290,31 +1006,6 @@ def worker_main(
         if auth is not None:
             auth.stop()
         ctx.destroy(linger=0)
-
-
-def bundle_hold(busy_s: float, made: int) -> float:
-    """How long a worker goes on adding finished batches to a bundle after the first of
-    them, when its task's first ``made`` batches took ``busy_s``: :data:`BUNDLE_WAIT_S`,
-    or the time of :data:`BUNDLE_HOLD_BATCHES` batches when that is longer. Cheap batches
-    go in bundles of several within about 2 ms; 5 ms batches go two or three at a time,
-    halving the messages (and the client's wake-ups) per batch, which a reader with
-    batches prefetched never notices."""
-    if made <= 0:
-        return BUNDLE_WAIT_S
-    return max(BUNDLE_WAIT_S, BUNDLE_HOLD_BATCHES * busy_s / made)
-
-
-def cost_key(msg: proto.OpenStream, batch_size: int) -> tuple[Any, ...]:
-    """What makes two streams' batches cost a worker the same: their source, fields,
-    batch size and transforms (a training loop's epochs)."""
-    return (repr(msg.source), repr(msg.fields), batch_size, msg.include_indices, repr(msg.transforms))
-
-
-def group_size(batch_s: float) -> int:
-    """Batches per task message for a stream whose batches cost a worker ``batch_s``."""
-    if batch_s <= 0:
-        return 1
-    return max(1, min(GROUP, int(GROUP_WORK_S / batch_s)))
 
 
 def _run_task(

@@ -133,8 +133,8 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
         server_id = secrets.token_hex(8)
         spawn = functools.partial(_spawn_worker, plugins=config.plugins, curve=curve)
         router = Router(config, sources, runtime, shm, server_id, host_id(), spawn, curve)
-        if config.trust_client_code and not router.trusts_code:
-            log.warning("--trust-client-code is ignored: %s", router._code_refusal)
+        if config.trust_client_code and not router.functions.trusts:
+            log.warning("--trust-client-code is ignored: %s", router.functions.refusal)
 
         def stop(signum: int, _frame: Any) -> None:
             log.info("received %s; shutting down", signal.Signals(signum).name)

@@ -95,7 +95,7 @@ def test_bundles_only_for_clients_that_know_them(peer: object, ok: bool) -> None
 
 
 def test_cheap_batches_are_held_for_bundle_wait_and_slow_ones_for_one_and_a_half_batches() -> None:
-    from batchup_server.router import BUNDLE_WAIT_S, bundle_hold
+    from batchup_server.scheduling import BUNDLE_WAIT_S, bundle_hold
 
     assert bundle_hold(0.0, 0) == BUNDLE_WAIT_S
     assert bundle_hold(5 * 0.0004, 5) == BUNDLE_WAIT_S  # 0.4 ms batches: several in 2 ms
@@ -103,7 +103,7 @@ def test_cheap_batches_are_held_for_bundle_wait_and_slow_ones_for_one_and_a_half
 
 
 def test_group_size_follows_the_measured_cost_of_a_batch() -> None:
-    from batchup_server.router import GROUP, group_size
+    from batchup_server.scheduling import GROUP, group_size
 
     assert group_size(0.0) == 1  # not measured yet: one batch per task
     assert group_size(0.0003) == GROUP  # cheap batches: capped
