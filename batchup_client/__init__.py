@@ -154,14 +154,17 @@ def _server_keys(
     addresses: list[str], server_key: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 ) -> dict[str, str | os.PathLike[str] | None]:
     """Each address's server key file: one for all, or one per address in order (a list, or
-    paths separated by commas as in ``$BATCHUP_SERVER_KEY``)."""
+    paths separated by commas as in ``$BATCHUP_SERVER_KEY``; a string that names an existing
+    file is that one file)."""
     if not addresses:
         raise ValueError("connect() needs at least one address")
     keys: list[str | os.PathLike[str] | None]
     if server_key is None:
         keys = [None]
-    elif isinstance(server_key, str):
+    elif isinstance(server_key, str) and not os.path.isfile(server_key):
         keys = [k.strip() for k in server_key.split(",") if k.strip()] or [None]
+    elif isinstance(server_key, str):
+        keys = [server_key]  # one file, even if its name has a comma
     elif isinstance(server_key, os.PathLike):
         keys = [server_key]
     else:

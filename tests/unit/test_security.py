@@ -1,9 +1,13 @@
-"""The server's security rules, as pure functions: loopback endpoints and code trust."""
+"""Security rules as pure functions: loopback endpoints, code trust, and which server key
+goes with which address."""
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
+from batchup_client import _server_keys
 from batchup_server.config import ConfigError, ServerConfig
 from batchup_server.security import code_trust, is_loopback_endpoint
 
@@ -68,3 +72,20 @@ def test_server_config_is_secure_by_default() -> None:
     assert ServerConfig(bind="tcp://0.0.0.0:5555", curve_secret_key="k", curve_clients="d").curve
     with pytest.raises(ConfigError, match="both"):
         ServerConfig(curve_secret_key="k")
+
+
+def test_server_keys_one_for_all_or_one_per_address(tmp_path: pathlib.Path) -> None:
+    a, b = "tcp://a:5555", "tcp://b:5555"
+    assert _server_keys([a, b], None) == {a: None, b: None}
+    assert _server_keys([a, b], "ka.key") == {a: "ka.key", b: "ka.key"}
+    assert _server_keys([a, b], " ka.key , kb.key ") == {a: "ka.key", b: "kb.key"}
+    assert _server_keys([a, b], ["ka.key", "kb.key"]) == {a: "ka.key", b: "kb.key"}
+    comma = tmp_path / "server,one.key"  # a real file whose name has a comma is one key
+    comma.write_text("")
+    assert _server_keys([a, b], str(comma)) == {a: str(comma), b: str(comma)}
+    with pytest.raises(ValueError, match="3 key files for 2 addresses"):
+        _server_keys([a, b], "k1,k2,k3")
+    with pytest.raises(ValueError, match="given twice, with different server keys"):
+        _server_keys([a, a], ["k1", "k2"])
+    with pytest.raises(ValueError, match="at least one address"):
+        _server_keys([], None)
