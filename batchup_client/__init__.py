@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from . import data_source, distributed, sampling, work_pool
 from .batch_map import batch_map_concat, batch_map_mean
 from .connection import Client as _ConnectionClient
-from .connection import load_client_keys
 from .errors import (
     AuthenticationError,
     BatchupError,
@@ -39,6 +38,7 @@ from .errors import (
     VersionMismatchError,
 )
 from .fanout import FanoutClient
+from .keys import load_client_keys
 from .local import LocalServer
 from .remote import RemoteDataSource, SourceMethods
 

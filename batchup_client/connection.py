@@ -6,8 +6,9 @@ handler checks this client's public key. While waiting for the ``Welcome`` the c
 watches its control socket's handshake events, so a refused key (or CURVE on one side
 only) is an :class:`~batchup_client.errors.AuthenticationError` at once, not a hang.
 
-This is the only client module that touches ZeroMQ; every ``zmq.ZMQError`` is turned
-into a :mod:`batchup_client.errors` exception here. Stream logic (reordering, RNG
+This is the only client module that touches ZeroMQ sockets; every ``zmq.ZMQError`` is
+turned into a :mod:`batchup_client.errors` exception here. Key files are read in
+:mod:`batchup_client.keys`. Stream logic (reordering, RNG
 parity, credits) lives in :mod:`batchup_client.streaming` and only calls the methods
 below.
 """
@@ -32,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import zmq
-import zmq.auth
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
@@ -51,9 +51,11 @@ from .errors import (
     VersionMismatchError,
     remote_error,
 )
+from .keys import CurveClientKeys, handshake_failure
+from .pickling import pickle_function
 from .streaming import Inbox, SlotPool
 
-__all__ = ["Client", "CurveClientKeys", "UPLOAD_CHUNK_BYTES", "load_client_keys"]
+__all__ = ["Client", "UPLOAD_CHUNK_BYTES", "wait_any"]
 
 log = logging.getLogger("batchup_client")
 
@@ -87,73 +89,11 @@ _HANDSHAKE_EVENTS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class CurveClientKeys:
-    """A CURVE client's keys (z85 bytes): the server's public key and this client's pair."""
-
-    server_public: bytes
-    public: bytes
-    secret: bytes
-
-    def apply(self, sock: zmq.Socket[Any]) -> None:
-        """Make ``sock`` a CURVE client of the server (before bind/connect)."""
-        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"CurveClientKeys(server={self.server_public.decode()!r}, client={self.public.decode()!r})"
-
-
-def load_client_keys(
-    server_key: str | os.PathLike[str] | None, client_key: str | os.PathLike[str] | None
-) -> CurveClientKeys | None:
-    """Read the server's public key (its ``NAME.key``) and this client's pair (its
-    ``NAME.key_secret``, which holds both halves). ``None`` when neither is given."""
-    if server_key is None and client_key is None:
-        return None
-    if server_key is None or client_key is None:
-        raise ValueError(
-            "CURVE needs both server_key (the server's NAME.key) and client_key (this client's "
-            f"NAME.key_secret), but got server_key={server_key!r}, client_key={client_key!r}"
-        )
-    server_public, _ = _read_key_file(server_key, "server_key")
-    public, secret = _read_key_file(client_key, "client_key")
-    if secret is None:
-        raise ValueError(
-            f"client_key {os.fspath(client_key)} holds only a public key; pass this client's "
-            "NAME.key_secret file (written by `batchup-server keygen NAME`)"
-        )
-    return CurveClientKeys(server_public, public, secret)
-
-
-def _read_key_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, bytes | None]:
-    try:
-        return zmq.auth.load_certificate(os.path.expanduser(os.fspath(path)))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{what} {os.fspath(path)}: cannot read a CURVE key file ({exc})") from exc
-
-
-def handshake_failure(address: str, event: int, curve: CurveClientKeys | None) -> str:
-    """What a failed security handshake with ``address`` means, and what to do."""
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and curve is not None:
-        return (
-            f"the batchup-server at {address} refused this client's CURVE key (public key "
-            f"{curve.public.decode()}): it is not among the server's authorised client keys; copy "
-            "this client's NAME.key into the server's --curve-clients folder"
-        )
-    if curve is not None:
-        return (
-            f"the CURVE handshake with {address} failed: server_key is not the public key of the "
-            "server there, or that server does not use CURVE (then connect without keys, or start "
-            "it with --curve-secret-key and --curve-clients)"
-        )
-    return (
-        f"the security handshake with {address} failed: the server there requires CURVE "
-        "authentication (or is not a batchup-server); pass server_key= (the server's NAME.key) "
-        "and client_key= (this client's NAME.key_secret) to batchup_client.connect(), or set "
-        "BATCHUP_SERVER_KEY and BATCHUP_CLIENT_KEY"
-    )
+def _curve_client(sock: zmq.Socket[Any], curve: CurveClientKeys) -> None:
+    """Make ``sock`` a CURVE client of the server (before bind/connect)."""
+    sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
 
 
 def _local_address_towards(host: str, port: int) -> str:
@@ -193,7 +133,7 @@ class _Heartbeat(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.client_id + proto.HEARTBEAT_SUFFIX)
         if self.curve is not None:
-            self.curve.apply(sock)
+            _curve_client(sock, self.curve)
         self.mechanism = sock.getsockopt(zmq.MECHANISM)  # type: ignore[assignment]
         self.made.set()
         try:
@@ -286,8 +226,10 @@ class Client:
             self._data = self._ctx.socket(zmq.PULL)
             self._data.setsockopt(zmq.LINGER, 0)
             if curve is not None:
-                curve.apply(self._control)
-                curve.apply(self._data)  # batches are accepted only from the holder of the server's key
+                _curve_client(self._control, curve)
+                _curve_client(
+                    self._data, curve
+                )  # batches are accepted only from the holder of the server's key
             self._monitor: zmq.Socket[Any] | None = self._control.get_monitor_socket(_HANDSHAKE_EVENTS)
             self._control.connect(address)
             self.data_endpoint = self._bind_data(address)
@@ -911,31 +853,6 @@ class Client:
                 self._stats["arrays_uploaded"] += 1
                 self._stats["bytes_uploaded"] += total
                 return
-
-
-def pickle_function(fn: Any) -> bytes:
-    """cloudpickle ``fn``, by value for code the server could not import (see register_code)."""
-    import sys
-    import sysconfig
-
-    import cloudpickle
-
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    registered = None
-    path = getattr(module, "__file__", None) if module is not None else None
-    if module is not None and module.__name__ != "__main__" and path:
-        installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
-        if not any(os.path.abspath(path).startswith(os.path.abspath(p) + os.sep) for p in installed):
-            try:
-                cloudpickle.register_pickle_by_value(module)
-                registered = module
-            except ValueError:  # pragma: no cover - e.g. a module missing from sys.modules
-                registered = None
-    try:
-        return cloudpickle.dumps(fn)  # type: ignore[no-any-return]
-    finally:
-        if registered is not None:
-            cloudpickle.unregister_pickle_by_value(registered)
 
 
 def _wire_arrays(arrays: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:

@@ -37,8 +37,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .connection import Client as _Conn
-from .connection import CurveClientKeys, wait_any
+from .connection import wait_any
 from .errors import BatchupError, ClientClosed, ConnectionLost
+from .keys import CurveClientKeys
 from .remote import SourceMethods
 
 __all__ = ["FanoutClient"]
