@@ -266,6 +266,7 @@ class SlotPool:
 
         with open(path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), slots * slot_bytes)
+        self._address = np.frombuffer(self.map, dtype=np.uint8).ctypes.data  # fixed while mapped
         self.slots, self.slot_bytes = slots, slot_bytes
         self._freed: collections.deque[int] = collections.deque()
         self._superseded: set[tuple[int, int, int]] = set()  #: (stream, seq, slot) freed as superseded
@@ -283,11 +284,13 @@ class SlotPool:
         state: list[Any] = [slot, False]
         lease = _Lease(self, state)
         weakref.finalize(lease, self._release, state)
-        return proto.arrays.arrays_in_slot(self.map, slot * self.slot_bytes, layout, self.slot_bytes, lease)
+        return proto.arrays.arrays_in_slot(
+            self.map, slot * self.slot_bytes, layout, self.slot_bytes, lease, self._address
+        )
 
     def hand_out(self, arrays: list[np.ndarray[Any, Any]]) -> tuple[Any, ...]:
         """The batch for the user: the slot's views, or copies when slots run short."""
-        lease = getattr(getattr(arrays[0], "base", None), "owner", None) if arrays else None
+        lease = proto.arrays.slot_owner(arrays[0]) if arrays else None
         if not isinstance(lease, _Lease):
             return tuple(arrays)
         if self.handed + 1 > self.slots - 1:

@@ -24,6 +24,7 @@ __all__ = [
     "check_dtype",
     "dtype_from_wire",
     "slot_layout",
+    "slot_owner",
     "spec_of",
 ]
 
@@ -139,6 +140,7 @@ def array_from_buffer(buffer: Any, spec: Any, max_bytes: int, owner: Any = None)
 
 
 SLOT_ALIGN = 64  #: byte alignment of each array inside a shared-memory slot
+_BYTE = np.dtype(np.uint8)
 
 
 def slot_layout(arrays: list[tuple[np.dtype[Any], tuple[int, ...]]]) -> tuple[list[list[Any]], int]:
@@ -153,17 +155,21 @@ def slot_layout(arrays: list[tuple[np.dtype[Any], tuple[int, ...]]]) -> tuple[li
 
 
 def arrays_in_slot(
-    buffer: Any, base: int, layout: Any, slot_bytes: int, owner: Any
+    buffer: Any, base: int, layout: Any, slot_bytes: int, owner: Any, address: int | None = None
 ) -> list[np.ndarray[Any, Any]]:
     """Writable views of the arrays a :func:`slot_layout` placed at ``buffer[base:]``.
 
-    ``owner`` is kept alive by every view (the slot is reused only once it is collected).
-    Raises :class:`MalformedFrame` when the layout does not fit inside the slot.
+    ``owner`` is kept alive by every view (the slot is reused only once it is collected;
+    :func:`slot_owner` finds it again). ``address``: where ``buffer`` starts in memory, if
+    the caller knows it (a mapping's address does not change). Raises
+    :class:`MalformedFrame` when the layout does not fit inside the slot.
     """
     if not isinstance(layout, list):
         raise MalformedFrame("batch layout should be a list of [dtype, shape, offset]")
-    address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data + base
-    out = []
+    if address is None:
+        address = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    placed = []
+    end = 0
     for entry in layout:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], int)):
             raise MalformedFrame(f"layout entry should be [dtype, shape, offset], got {entry!r:.60}")
@@ -172,12 +178,27 @@ def arrays_in_slot(
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise MalformedFrame(f"layout shape should be sizes >= 0, got {shape!r:.60}")
         nbytes = math.prod(shape) * dtype.itemsize
-        if entry[2] < 0 or entry[2] + nbytes > slot_bytes:
+        offset = entry[2]
+        if offset < 0 or offset + nbytes > slot_bytes:
             raise MalformedFrame(
-                f"array of {nbytes} bytes at offset {entry[2]} overflows a {slot_bytes}-byte slot"
+                f"array of {nbytes} bytes at offset {offset} overflows a {slot_bytes}-byte slot"
             )
-        if nbytes == 0:
+        placed.append((dtype, shape, offset, nbytes))
+        end = max(end, offset + nbytes)
+    # one array over the slot's bytes holds the owner; each batch array is a view of it
+    whole = np.asarray(_Writable(owner, address + base, _BYTE, (end,))) if end else None
+    out = []
+    for dtype, shape, offset, nbytes in placed:
+        if whole is None or nbytes == 0:
             out.append(np.empty(shape, dtype))
-            continue
-        out.append(np.asarray(_Writable(owner, address + entry[2], dtype, tuple(shape))))
+        else:
+            out.append(whole[offset : offset + nbytes].view(dtype).reshape(shape))
     return out
+
+
+def slot_owner(array: Any) -> Any:
+    """The ``owner`` :func:`arrays_in_slot` gave ``array`` (``None`` for any other array)."""
+    base = getattr(array, "base", None)
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.owner if isinstance(base, _Writable) else None
