@@ -284,3 +284,41 @@ def test_a_superseded_slot_is_freed_once_even_if_its_first_making_comes_late(tmp
 @pytest.mark.parametrize(("peer", "knows"), [([1, 4], True), ([1, 9], True), ([1, 3], False), ("x", False)])
 def test_only_a_14_client_gets_batches_made_again_as_frames(peer, knows):
     assert proto.knows_supersedes(peer) is knows
+
+
+def test_slot_batches_are_writable_views_that_free_their_slot_when_the_last_one_goes(tmp_path):
+    """A slot batch's arrays view the shared slot (what the server wrote is what the user
+    reads, and their writes stay in the slot); the slot is reported free only once every
+    array of the batch is gone, whichever goes last; a bad layout is a MalformedFrame."""
+    import gc
+
+    from batchup_client.streaming import SlotPool
+
+    slot_bytes = 4096
+    path = tmp_path / "pool.bin"
+    path.write_bytes(bytes(4 * slot_bytes))
+    pool = SlotPool(str(path), 4, slot_bytes)
+    layout, used = proto.arrays.slot_layout([(np.dtype("<f4"), (4, 3)), (np.dtype(">i8"), (4,))])
+    with open(path, "r+b") as f:  # what a worker wrote into slot 2
+        f.seek(2 * slot_bytes + layout[1][2])
+        f.write(np.arange(4, dtype=">i8").tobytes())
+    X, y = pool.hand_out(pool.arrays(2, layout))
+    assert X.shape == (4, 3) and X.dtype == np.dtype("<f4") and X.flags.writeable
+    assert y.dtype == np.dtype(">i8") and y.tolist() == [0, 1, 2, 3]
+    assert proto.arrays.slot_owner(X) is proto.arrays.slot_owner(y) is not None
+    assert proto.arrays.slot_owner(np.zeros(3)) is None
+    X += 1.5
+    (X2, _) = pool.arrays(2, layout)
+    assert (X2 == 1.5).all()  # the same memory
+    del X2, _
+    gc.collect()
+    pool.take_freed()  # that second mapping's lease
+    del X
+    gc.collect()
+    assert pool.take_freed() == []  # y still holds the slot
+    del y
+    gc.collect()
+    assert pool.take_freed() == [2]
+    for bad in ([["<f4", [4, 3], slot_bytes]], [["<f4", [4, -3], 0]], "not a list", [["<f4", [4]]]):
+        with pytest.raises(proto.MalformedFrame):
+            pool.arrays(1, bad)
