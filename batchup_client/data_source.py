@@ -63,6 +63,22 @@ def _shard_composed(batches: Iterator[Any], shard: tuple[int, int]) -> Iterator[
         yield _cut_batch(batch, start, stop)
 
 
+def _shard_indices(batches: Iterator[Any], shard: tuple[int, int] | None) -> Iterator[Any]:
+    """A rank's part of each global batch of indices: the rows :func:`_shard_composed` and
+    the server's ``ShardedPlan`` give that rank (a choice batch keeps its child)."""
+    if shard is None:
+        yield from batches
+        return
+    rank, world = shard
+    for ndx in batches:
+        if isinstance(ndx, ChoiceBatch):
+            start, stop = shard_slice(length_of_batch(ndx.sample_indices), rank, world)
+            yield ChoiceBatch(_cut_batch(ndx.sample_indices, start, stop), ndx.ds_index)
+        else:
+            start, stop = shard_slice(length_of_batch(ndx), rank, world)
+            yield _cut_batch(ndx, start, stop)
+
+
 def _rebuild(batch: tuple[Any, ...], shape: Any) -> Any:
     """A composite's nested batch from its flat arrays (``shape``: see ``_tree``)."""
     arrays = iter(batch)
@@ -304,7 +320,20 @@ class RandomAccessDataSource(AbstractDataSource):
     def samples_by_indices(self, indices: Any) -> Any:
         return self.samples_by_indices_nomapping(self.sampler.map_indices(indices))
 
-    def batch_indices_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
+    def batch_indices_iterator(
+        self,
+        batch_size: int,
+        shuffle: Any = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """batchup's index batches; with ``rank``/``world_size``, this rank's part of each
+        global batch (the indices of that rank's :meth:`batch_iterator` batches)."""
+        shard = check_shard(rank, world_size)
+        if shard is not None:
+            check_batch_size(batch_size)
+            return _shard_indices(self.batch_indices_iterator(batch_size * shard[1], shuffle), shard)
         rng = self._get_shuffle_rng(shuffle)
         if rng is not None:
             return self.sampler.shuffled_indices_batch_iterator(batch_size, rng)  # type: ignore[no-any-return]
@@ -313,14 +342,11 @@ class RandomAccessDataSource(AbstractDataSource):
     def _local_batches(
         self, batch_size: int, shuffle: Any, shard: tuple[int, int] | None = None
     ) -> Iterator[Any]:
-        if shard is None:
-            for ndx in self.batch_indices_iterator(batch_size, shuffle=shuffle):
-                yield self.samples_by_indices_nomapping(ndx)
-            return
-        rank, world = shard  # the same rule as the server's ShardedPlan
-        for ndx in self.batch_indices_iterator(batch_size * world, shuffle=shuffle):
-            start, stop = shard_slice(len(ndx), rank, world)
-            yield self.samples_by_indices_nomapping(ndx[start:stop])
+        # sharded: the global index batches (batch_size * world_size), cut here by the rule
+        # of the server's ShardedPlan (a subclass's batch_indices_iterator need not shard)
+        world = shard[1] if shard is not None else 1
+        for ndx in _shard_indices(self.batch_indices_iterator(batch_size * world, shuffle=shuffle), shard):
+            yield self.samples_by_indices_nomapping(ndx)
 
     def batch_iterator(
         self,
@@ -668,6 +694,11 @@ class CompositeDataSource(AbstractDataSource):
 
     def batch_indices_iterator(self, batch_size: int, **kwargs: Any) -> Iterator[Any]:
         _require_random_access(self._random_access, "batch_indices_iterator")
+        shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+        if shard is not None:  # cut the trimmed global batches, every child alike
+            check_batch_size(batch_size)
+            yield from _shard_indices(self.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
+            return
         iterators = [d.batch_indices_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
             yield self._trimmed(batch)  # index batches: always trimmed, never flattened
@@ -723,6 +754,12 @@ class ChoiceDataSource(AbstractDataSource):
 
     def batch_indices_iterator(self, batch_size: int, shuffle: Any = None, **kwargs: Any) -> Iterator[Any]:
         _require_random_access(self._random_access, "batch_indices_iterator")
+        shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+        if shard is not None:  # the choice sequence counts global batches: cut whole ones
+            check_batch_size(batch_size)
+            return _shard_indices(
+                self.batch_indices_iterator(batch_size * shard[1], shuffle, **kwargs), shard
+            )
         rng = self._get_shuffle_rng(shuffle)
         iterators = [d.batch_indices_iterator(batch_size, shuffle=rng, **kwargs) for d in self.datasets]
         return self._ds_iterator(batch_size, iterators, rng, **kwargs)

@@ -169,6 +169,67 @@ def test_batch_map_mean_combines_to_the_global_mean() -> None:
     assert total == pytest.approx(want)
 
 
+@pytest.mark.parametrize("bs, world, repeats, seed, subset", CASES)
+def test_index_batches_shard_by_the_same_rule(
+    bs: int, world: int, repeats: int, seed: Any, subset: bool
+) -> None:
+    """batch_indices_iterator(rank=r, world_size=w): rank r's part of batchup's global index
+    batches (batch_size * w), the same cut as its batch_iterator, the RNG left where
+    batchup's global stream leaves it."""
+    indices = np.random.RandomState(0).permutation(N)[:77] if subset else None
+    limit = 9 if repeats == -1 else 10**9
+    ranks, rngs = [], []
+    for r in range(world):
+        rng = _rng(seed)
+        ds = data_source.ArrayDataSource([X, Y], indices=indices, repeats=repeats)
+        ranks.append(
+            [(b,) for _, b in zip(range(limit), ds.batch_indices_iterator(bs, rng, rank=r, world_size=world))]
+        )
+        rngs.append(rng)
+    ref_rng = _rng(seed)
+    ref = bds.ArrayDataSource([X, Y], indices=indices, repeats=repeats)
+    want = [(b,) for _, b in zip(range(limit), ref.batch_indices_iterator(bs * world, shuffle=ref_rng))]
+    _check(ranks, rngs, want, ref_rng if repeats != -1 else None)
+    if world > 1 and repeats == 1:  # what rank 1's batch_iterator gathers are these rows
+        ds = data_source.ArrayDataSource([X, Y], indices=indices, include_indices=True)
+        got = list(ds.batch_iterator(bs, shuffle=_rng(seed), rank=1, world_size=world))
+        assert [g[0].tolist() for g in got] == [b[0].tolist() for b in ranks[1]]
+
+
+def test_composite_and_choice_index_batches_shard_like_their_batches() -> None:
+    lab = data_source.ArrayDataSource([X[:20], Y[:20]], repeats=-1)
+    unl = data_source.ArrayDataSource([X])
+    comp = data_source.CompositeDataSource([lab, unl])
+    want = list(
+        bds.CompositeDataSource(
+            [bds.ArrayDataSource([X[:20], Y[:20]], repeats=-1), bds.ArrayDataSource([X])]
+        ).batch_indices_iterator(16, shuffle=np.random.RandomState(2))
+    )
+    parts = [
+        list(comp.batch_indices_iterator(8, shuffle=np.random.RandomState(2), rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(want)
+    for g, w in enumerate(want):
+        for child in range(2):
+            np.testing.assert_array_equal(np.concatenate([parts[0][g][child], parts[1][g][child]]), w[child])
+    choice = data_source.ChoiceDataSource([data_source.ArrayDataSource([X[:40]]), unl])
+    bchoice = bds.ChoiceDataSource([bds.ArrayDataSource([X[:40]]), bds.ArrayDataSource([X])])
+    want = list(bchoice.batch_indices_iterator(10, shuffle=np.random.RandomState(3)))
+    parts = [
+        list(choice.batch_indices_iterator(5, shuffle=np.random.RandomState(3), rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(want)
+    for g, w in enumerate(want):
+        assert parts[0][g].ds_index == parts[1][g].ds_index == w.ds_index
+        np.testing.assert_array_equal(
+            np.concatenate([parts[0][g].sample_indices, parts[1][g].sample_indices]), w.sample_indices
+        )
+    with pytest.raises(ValueError):
+        next(comp.batch_indices_iterator(8, rank=2, world_size=2))
+
+
 @pytest.mark.parametrize(
     "rank, world, error",
     [(0, None, TypeError), (None, 2, TypeError), (2, 2, ValueError), (-1, 2, ValueError), (0, 0, ValueError)],
@@ -177,6 +238,8 @@ def test_bad_rank_arguments(rank: Any, world: Any, error: type) -> None:
     ds = data_source.ArrayDataSource([X, Y])
     with pytest.raises(error):
         next(ds.batch_iterator(8, rank=rank, world_size=world))
+    with pytest.raises(error):
+        next(ds.batch_indices_iterator(8, rank=rank, world_size=world))
 
 
 def test_rank_from_torchrun_environment() -> None:
