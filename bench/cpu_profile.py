@@ -3,10 +3,11 @@
     python3 bench/cpu_profile.py                          # CIFAR-shaped, batch 256, shm, 2 workers
     python3 bench/cpu_profile.py --transport tcp          # batches over the tcp socket
     python3 bench/cpu_profile.py --augment --workers 1    # .map(augment) in one server worker
+    python3 bench/cpu_profile.py --workload mnist --batch-size 64   # small batches
     python3 bench/cpu_profile.py --quick                  # small arrays, a smoke run
 
-Starts one ``batchup-server`` (tcp on loopback) on a generated CIFAR-shaped ``.npy`` source,
-streams a warm-up epoch and then ``--epochs`` shuffled epochs, and reads every thread's CPU
+Starts one ``batchup-server`` (tcp on loopback) on a generated CIFAR- or MNIST-shaped
+``.npy`` source, streams a warm-up epoch and then ``--epochs`` shuffled epochs, and reads every thread's CPU
 time (``/proc/PID/task/TID/stat``) before and after: the router, each worker (its main
 thread and ZeroMQ's I/O thread), and this client. It prints CPU milliseconds per delivered
 batch for each, their sum, the machine's idle share, and the rate that sum allows on this
@@ -42,6 +43,7 @@ from _common import (
 )
 
 TICK = os.sysconf("SC_CLK_TCK")
+SHAPES = {"cifar": (50000, (3, 32, 32)), "mnist": (60000, (1, 28, 28))}  #: float32 rows, as in bench/run.py
 
 
 def thread_times(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
@@ -85,12 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", action="store_true", help="stream .map(augment) (bench/_augment.py)")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     parser.add_argument(
+        "--workload",
+        choices=sorted(SHAPES),
+        default="cifar",
+        help="source shape (default cifar: 50,000×3×32×32)",
+    )
+    parser.add_argument(
         "--epochs", type=int, default=0, help="timed epochs (default 10, or 3 with --augment)"
     )
     parser.add_argument("--quick", action="store_true", help="5,000 rows instead of 50,000 (a smoke run)")
     args = parser.parse_args(argv)
     epochs = args.epochs or (3 if args.augment else 10)
-    work = Workload("cifar", 5000 if args.quick else 50000, (3, 32, 32))
+    rows, shape = SHAPES[args.workload]
+    work = Workload(args.workload, rows // 10 if args.quick else rows, shape)
     folder = tempfile.mkdtemp(prefix="bu-cpu-")
     children = Children()
     try:
@@ -142,7 +151,7 @@ def report(
     cores = len(os.sched_getaffinity(0))
     rate = batches / wall
     print(
-        f"{work.rows:,}×3×32×32 float32, batch {args.batch_size}, {'.map(augment), ' if args.augment else ''}"
+        f"{work.rows:,}×{'×'.join(map(str, work.shape))} float32, batch {args.batch_size}, {'.map(augment), ' if args.augment else ''}"
         f"{args.workers} worker(s), batches via {transport}: {epochs} epochs, {batches} batches in "
         f"{wall:.2f} s = {rate:,.0f} batches/s"
     )
