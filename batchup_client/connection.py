@@ -192,7 +192,8 @@ class Client:
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
         self._next_stream = 0
         #: credit each stream grants: (batches, bytes) in flight; the server caps batches at 64
-        self.prefetch: tuple[int, int] = (32, 128 << 20)
+        #: batches and bytes a stream keeps in flight (batches capped by the server's limit)
+        self.prefetch: tuple[int, int] = (128, 128 << 20)
         #: on the server's host, receive batches in shared-memory slots instead of frames
         self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
         self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)
@@ -247,6 +248,8 @@ class Client:
         self.transforms: list[str] = list(welcome.transforms)  #: named transforms of its plugins
         self._code_keys: dict[int, tuple[Any, str]] = {}
         self.welcome = welcome
+        #: the most batches the server lets a stream have in flight (64 before protocol 1.5)
+        self.max_credit_batches = max(1, int(welcome.max_credit_batches))
         self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
             and bool(welcome.shm_dir)

@@ -421,6 +421,7 @@ def stream_plan(
             return None
         transforms, seed = wire
     batches, nbytes = getattr(client, "prefetch", (32, 64 << 20))
+    batches = min(batches, getattr(client, "max_credit_batches", batches))  # what the server allows
     return iterate(  # type: ignore[no-any-return]
         client,
         source,

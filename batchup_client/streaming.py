@@ -180,6 +180,8 @@ def iterate(
     consumed = granted = generation = 0
     unreported = biggest = 0  # bytes of the batches consumed since the last report; the largest
     pool = conn.pool(sid)
+    if pool is not None:  # freed slots return the credit: a quarter of the pool at a time
+        grant_every = max(1, min(prefetch, pool.slots) // 4)
     framed = 0  # batches of a pool stream that came as frames (their credit is not a slot)
     try:
         while True:
@@ -224,7 +226,9 @@ def iterate(
             if pool is None:
                 size = sum(a.nbytes for a in arrays)
                 unreported += size
-                biggest = max(biggest, size)
+                if size > biggest:  # a quarter of the batches the byte budget lets fly
+                    biggest = size
+                    grant_every = max(1, min(prefetch, prefetch_bytes // size) // 4)
                 if consumed - granted >= grant_every:
                     conn.send_credit(sid, consumed - granted, consumed)
                     granted, unreported = consumed, 0

@@ -63,7 +63,7 @@ class ServerConfig:
     heartbeat_interval: float = 1.0  #: seconds between heartbeats each way
     client_timeout: float = 30.0  #: a silent client's streams are reclaimed after this
     max_message_bytes: int = 1 << 30  #: largest batch or upload chunk accepted/sent
-    max_credit_batches: int = 64  #: a client may not grant more batches in flight
+    max_credit_batches: int = 256  #: a client may not grant more batches in flight (told in Welcome)
     max_upload_bytes: int = 16 << 30  #: largest client array accepted
     token: str = ""  #: when set, a Hello must carry this token
     trust_client_code: bool = False  #: run functions clients ship for ``map`` (cloudpickle)

@@ -431,6 +431,7 @@ class Router:
             sorted(self.catalog.sources),
             self.functions.trusts,
             sorted(self.functions.registry.transforms),
+            self.config.max_credit_batches,
         )
 
     def _on_health(self, frames: list[Any]) -> None:

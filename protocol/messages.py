@@ -108,6 +108,8 @@ class Welcome:
     sources: list[str] = dataclasses.field(default_factory=list)
     trusts_code: bool = _since((1, 2), False)  #: (1.2) the server runs functions clients ship (RegisterCode)
     transforms: list[str] = _since((1, 2), factory=list)  #: (1.2) named transforms (plugins)
+    #: (1.5) the largest ``OpenStream.credit_batches`` it accepts (absent: 64, the default before 1.5)
+    max_credit_batches: int = _since((1, 5), 64)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

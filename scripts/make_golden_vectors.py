@@ -243,6 +243,23 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             proto.Batch(2, 9, 0, None, -1, [], "", 5),
             [np.array([[0.25, -1.0]], dtype="<f4"), np.array([3], dtype="<i4")],
         ),
+        # (1.5) a server that says how much batch credit it accepts
+        "welcome.credit": (
+            proto.Welcome(
+                [1, 5],
+                "5e1f0c2a9b3d4e6f",
+                "data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
+                SHM_DIR,
+                1.0,
+                30.0,
+                1 << 30,
+                ["demo", "mnist"],
+                True,
+                ["crop_flip"],
+                256,
+            ),
+            [],
+        ),
         # (1.4) an assigned stream's freed slots handed back, granting nothing
         "credit.freed_assigned": (proto.Credit(4, 0, 20, [3, 0, 7]), []),
         # (1.2) a transformed batch whose function returned a list

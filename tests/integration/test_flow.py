@@ -78,3 +78,34 @@ def test_small_byte_budget_with_many_batch_credits_streams_to_the_end(server):
         client.prefetch = (32, 2 * 100 * ROW_BYTES)  # two batches fit, credit batched by 8
         it = client.source("demo").batch_iterator(batch_size=100, shuffle=np.random.RandomState(2))
         assert sum(1 for _ in it) == 120
+
+
+def test_the_client_asks_for_no_more_batch_credit_than_the_server_allows(server, tmp_path):
+    """Welcome.max_credit_batches (1.5): the default client's deep prefetch is cut to what a
+    server accepts, over the socket and through shared memory; asking for more is refused
+    with the limit named."""
+    from batchup.data_source import ArrayDataSource
+
+    from tests.servers import RunningServer, write_train_source
+
+    with batchup_client.connect(server.endpoint) as client:
+        assert client.max_credit_batches == 256  # the server's default
+    X = np.arange(300 * 4, dtype=np.float32).reshape(300, 4)
+    Y = np.arange(300) % 7
+    cfg = write_train_source(tmp_path, X, Y, "[server]\nmax_credit_batches = 16\n")
+    want = list(ArrayDataSource([X, Y]).batch_iterator(5, shuffle=np.random.RandomState(1)))
+    with RunningServer("--config", cfg) as srv, batchup_client.connect(srv.endpoint) as client:
+        assert client.max_credit_batches == 16 and client.prefetch[0] > 16
+        for shm in (False, True):
+            client.shared_memory_batches = shm
+            got = list(client.source("train").batch_iterator(5, shuffle=np.random.RandomState(1)))
+            assert len(got) == len(want) == 60
+            for (gx, gy), (wx, wy) in zip(got, want, strict=True):
+                np.testing.assert_array_equal(gx, wx)
+                np.testing.assert_array_equal(gy, wy)
+        assert client.info()["streams_shared_memory"] == 1
+        plan = {"kind": "standard", "length": 300, "repeats": 1}
+        with pytest.raises(
+            batchup_client.InvalidArgumentError, match=r"credit_batches should be in \[1, 16\]"
+        ):
+            client.open_stream({"name": "train"}, plan, [], 5, False, None, 17, 1 << 20)

@@ -234,6 +234,22 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         [],
     ),
     "credit.freed_assigned": (proto.Credit(stream_id=4, batches=0, consumed=20, freed=[3, 0, 7]), []),
+    "welcome.credit": (
+        proto.Welcome(
+            version=[1, 5],
+            server_id="5e1f0c2a9b3d4e6f",
+            host_id="data-host/7c9e6679-7425-40de-944b-e07fc1f90ae7",
+            shm_dir=SHM_DIR,
+            heartbeat_interval=1.0,
+            client_timeout=30.0,
+            max_message_bytes=1073741824,
+            sources=["demo", "mnist"],
+            trusts_code=True,
+            transforms=["crop_flip"],
+            max_credit_batches=256,
+        ),
+        [],
+    ),
     "batch.again": (
         proto.Batch(stream_id=2, seq=9, generation=0, supersedes=5),
         [np.array([[0.25, -1.0]], dtype="<f4"), np.array([3], dtype="<i4")],
@@ -271,6 +287,7 @@ VARIANTS = {
     "open_stream.assigned_shm",
     "credit.freed_assigned",
     "batch.again",
+    "welcome.credit",
 }
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
@@ -380,3 +397,9 @@ def test_fields_added_by_a_minor_version_are_left_out_at_their_default() -> None
     assert header["container"] == "list"
     header = msgpack.unpackb(read_frames("open_stream.transforms")[0], raw=False)
     assert list(header)[-2:] == ["transforms", "transform_seed"]
+    # (1.5) a Welcome from before 1.5 has no credit limit: the client reads the default, 64
+    assert "max_credit_batches" not in msgpack.unpackb(read_frames("welcome")[0], raw=False)
+    old, _ = proto.decode(read_frames("welcome"))
+    assert old.max_credit_batches == 64
+    header = msgpack.unpackb(read_frames("welcome.credit")[0], raw=False)
+    assert list(header)[-1] == "max_credit_batches" and header["max_credit_batches"] == 256
