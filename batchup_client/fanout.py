@@ -228,7 +228,8 @@ class FanoutClient(SourceMethods):
         transform_seed: int = 0,
     ) -> int:
         live = self._alive()
-        cap = max(2, -(-credit_batches // (2 * len(live))))
+        limit = min(conn.max_credit_batches for _, conn in live)  # what every server accepts
+        cap = max(1, min(max(2, -(-credit_batches // (2 * len(live)))), limit // 2))
         args = (
             source,
             plan,
@@ -237,8 +238,9 @@ class FanoutClient(SourceMethods):
             include_indices,
             fields,
             # a server makes only the batches assigned to it; this sizes its slot pool (same
-            # host): its share in flight (cap) and as many waiting here for their turn
-            min(credit_batches, 2 * cap),
+            # host): its share in flight (cap) and as many waiting here for their turn; never
+            # more than a server accepts (Welcome.max_credit_batches)
+            min(credit_batches, 2 * cap, limit),
             credit_bytes,
             transforms,
             transform_seed,

@@ -290,3 +290,23 @@ def test_a_server_that_comes_back_mid_epoch_makes_batches_of_the_open_stream(dat
     finally:
         a.stop()
         b.stop()
+
+
+def test_servers_that_accept_little_credit_still_stream_everything(tmp_path: Any) -> None:
+    """Two servers that accept at most 4 batches of credit (Welcome.max_credit_batches):
+    the fanned-out stream asks each for no more and still gives batchup's batches."""
+    cfg = write_train_source(tmp_path, X, Y, "[server]\nmax_credit_batches = 4\n")
+    a = RunningServer("--config", cfg, "--workers", "1")
+    b = RunningServer("--config", cfg, "--workers", "1")
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            for shm in (True, False):
+                client.shared_memory_batches = shm
+                src = client.source("train", include_indices=True)
+                _same(
+                    list(src.batch_iterator(batch_size=32, shuffle=np.random.RandomState(6))),
+                    _reference(32, 6),
+                )
+    finally:
+        a.stop()
+        b.stop()
