@@ -161,7 +161,7 @@ def _server_keys(
     keys: list[str | os.PathLike[str] | None]
     if server_key is None:
         keys = [None]
-    elif isinstance(server_key, str) and not os.path.isfile(server_key):
+    elif isinstance(server_key, str) and not os.path.isfile(os.path.expanduser(server_key)):
         keys = [k.strip() for k in server_key.split(",") if k.strip()] or [None]
     elif isinstance(server_key, str):
         keys = [server_key]  # one file, even if its name has a comma

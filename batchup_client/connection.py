@@ -67,6 +67,9 @@ NOT_READY_REPORT_S = 15.0  #: how often to say so in the log
 #: handshakes that fail without detail (libzmq's view of a wrong server key, or of CURVE on
 #: one side only) before the client gives up; a refused key or a mechanism mismatch is at once
 HANDSHAKE_FAILURES = 2
+#: batch credit asked of a server before protocol 1.5, which does not tell its limit: what
+#: every client asked before 1.5
+OLD_SERVER_CREDIT = 32
 
 #: private folders of this process's clients not yet torn down. At exit, those of clients
 #: still being made go too: a daemon thread (a fanned-out client reconnecting to a server
@@ -191,7 +194,6 @@ class Client:
         self._inboxes: dict[int, Inbox] = {}
         self._replies: dict[int, tuple[Any, list[Any]]] = {}
         self._next_stream = 0
-        #: credit each stream grants: (batches, bytes) in flight; the server caps batches at 64
         #: batches and bytes a stream keeps in flight (batches capped by the server's limit)
         self.prefetch: tuple[int, int] = (128, 128 << 20)
         #: on the server's host, receive batches in shared-memory slots instead of frames
@@ -248,8 +250,13 @@ class Client:
         self.transforms: list[str] = list(welcome.transforms)  #: named transforms of its plugins
         self._code_keys: dict[int, tuple[Any, str]] = {}
         self.welcome = welcome
-        #: the most batches the server lets a stream have in flight (64 before protocol 1.5)
-        self.max_credit_batches = max(1, int(welcome.max_credit_batches))
+        #: the most batches the server lets a stream have in flight; a server before protocol
+        #: 1.5 does not say (its limit is an option, 64 by default): ask for what clients did
+        self.max_credit_batches = (
+            max(1, int(welcome.max_credit_batches))
+            if proto.tells_credit_limit(welcome.version)
+            else OLD_SERVER_CREDIT
+        )
         self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
             and bool(welcome.shm_dir)

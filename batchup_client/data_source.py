@@ -49,7 +49,10 @@ _length_of_batch = length_of_batch
 
 
 def _cut_batch(batch: Any, start: int, stop: int) -> Any:
-    """Rows ``[start, stop)`` of every array of a (nested) batch."""
+    """Rows ``[start, stop)`` of every array of a (nested) batch; a choice's index batch
+    keeps its child's number."""
+    if isinstance(batch, ChoiceBatch):
+        return ChoiceBatch(_cut_batch(batch.sample_indices, start, stop), batch.ds_index)
     if isinstance(batch, tuple):
         return tuple(_cut_batch(b, start, stop) for b in batch)
     return batch[start:stop]
@@ -71,12 +74,8 @@ def _shard_indices(batches: Iterator[Any], shard: tuple[int, int] | None) -> Ite
         return
     rank, world = shard
     for ndx in batches:
-        if isinstance(ndx, ChoiceBatch):
-            start, stop = shard_slice(length_of_batch(ndx.sample_indices), rank, world)
-            yield ChoiceBatch(_cut_batch(ndx.sample_indices, start, stop), ndx.ds_index)
-        else:
-            start, stop = shard_slice(length_of_batch(ndx), rank, world)
-            yield _cut_batch(ndx, start, stop)
+        start, stop = shard_slice(length_of_batch(ndx), rank, world)  # (a ChoiceBatch: its indices)
+        yield _cut_batch(ndx, start, stop)
 
 
 def _rebuild(batch: tuple[Any, ...], shape: Any) -> Any:

@@ -235,7 +235,7 @@ def iterate(
             elif msg.slot < 0 and msg.supersedes < 0:
                 framed += 1  # (a batch made again returns its credit as the slot it supersedes)
             container = msg.container
-            batch: Any = pool.hand_out(arrays) if pool is not None else tuple(arrays)
+            batch: Any = pool.hand_out(arrays, prefetch) if pool is not None else tuple(arrays)
             del msg, arrays  # hold no view of a slot while the user has the batch
             if container:
                 batch = _contained(container, batch)
@@ -292,12 +292,14 @@ class SlotPool:
             self.map, slot * self.slot_bytes, layout, self.slot_bytes, lease, self._address
         )
 
-    def hand_out(self, arrays: list[np.ndarray[Any, Any]]) -> tuple[Any, ...]:
-        """The batch for the user: the slot's views, or copies when slots run short."""
-        lease = proto.arrays.slot_owner(arrays[0]) if arrays else None
+    def hand_out(self, arrays: list[np.ndarray[Any, Any]], credit: int | None = None) -> tuple[Any, ...]:
+        """The batch for the user: the slot's views, or copies when slots run short, or
+        when the user would hold all but one of the stream's ``credit`` batches (on a pool
+        stream credit comes back only with freed slots)."""
+        lease = next((o for o in map(proto.arrays.slot_owner, arrays) if o is not None), None)
         if not isinstance(lease, _Lease):
             return tuple(arrays)
-        if self.handed + 1 > self.slots - 1:
+        if self.handed + 1 > min(self.slots, credit or self.slots) - 1:
             self.copied += 1
             return tuple(a.copy() for a in arrays)  # the views die with `arrays`: slot freed
         lease.state[1] = True

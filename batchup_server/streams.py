@@ -261,14 +261,25 @@ class Stream:
             if not self._queue or self.window.credits <= 0:
                 return False
             # the byte budget holds back batches the reader has not reached, not the one it
-            # waits for: batches waiting at the client for it fill the budget (a lost server's)
-            if self._queue[0] != self.consumed and not self.window.allows(self._batch_bytes()):
+            # waits for: batches waiting at the client for it fill the budget (a lost server's);
+            # with a slot pool, the slots bound what is in flight (see _bytes_allow)
+            if self._queue[0] != self.consumed and not self._bytes_allow():
                 return False
             # a batch needs a free slot; an end of stream does not
             return self.free_slots is None or bool(self.free_slots) or self._past_end(self._queue[0])
         if self.free_slots is not None and not self.free_slots:
             return False
-        return not self.finished and self.window.allows(self._batch_bytes())
+        return not self.finished and self._bytes_allow()
+
+    def _bytes_allow(self) -> bool:
+        """Batch credit, and room in the byte budget. A stream with a slot pool checks only
+        the credit: its pool was sized from the byte budget (at least MIN_SLOTS slots), its
+        slots bound the bytes in flight, and the client reports consumed batches only as it
+        frees their slots, so a byte budget below the pool's slots, or one batch larger than
+        half of it, would wait for a report that never comes while the user holds a batch."""
+        if self.free_slots is not None:
+            return self.window.credits > 0
+        return self.window.allows(self._batch_bytes())
 
     def produce(self) -> Task | End | None:
         """Draw the next batch's indices (the caller checked :meth:`can_produce`); ``None``

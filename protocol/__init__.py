@@ -46,7 +46,7 @@ from .messages import (
     message_from_fields,
 )
 from .rng import decode_rng_state, encode_rng_state, states_equal
-from .version import PROTOCOL_VERSION, is_compatible, knows_supersedes, takes_bundles
+from .version import PROTOCOL_VERSION, is_compatible, knows_supersedes, takes_bundles, tells_credit_limit
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -98,4 +98,5 @@ __all__ = [
     "message_from_fields",
     "states_equal",
     "takes_bundles",
+    "tells_credit_limit",
 ]

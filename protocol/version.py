@@ -8,9 +8,11 @@ __all__ = [
     "BUNDLES_SINCE",
     "PROTOCOL_VERSION",
     "SUPERSEDES_SINCE",
+    "TELLS_CREDIT_SINCE",
     "is_compatible",
     "knows_supersedes",
     "takes_bundles",
+    "tells_credit_limit",
 ]
 
 #: (major, minor). Minor bumps only add optional fields or message types;
@@ -21,6 +23,8 @@ PROTOCOL_VERSION: tuple[int, int] = (1, 5)
 BUNDLES_SINCE: tuple[int, int] = (1, 3)
 #: the first version whose clients free the slot a batch made again supersedes
 SUPERSEDES_SINCE: tuple[int, int] = (1, 4)
+#: the first version whose servers say in Welcome how much batch credit they accept
+TELLS_CREDIT_SINCE: tuple[int, int] = (1, 5)
 
 
 def is_compatible(peer: tuple[int, int]) -> bool:
@@ -44,3 +48,9 @@ def knows_supersedes(peer: Any) -> bool:
     """Whether a client that sent ``Hello.version == peer`` frees the slot named by
     ``Batch.supersedes`` (1.4); an older one would leave that slot in use for ever."""
     return _at_least(peer, SUPERSEDES_SINCE)
+
+
+def tells_credit_limit(peer: Any) -> bool:
+    """Whether a server whose ``Welcome.version == peer`` sends its ``max_credit_batches``
+    (1.5); an older one's limit is a server option the client cannot see."""
+    return _at_least(peer, TELLS_CREDIT_SINCE)

@@ -228,6 +228,25 @@ def test_composite_and_choice_index_batches_shard_like_their_batches() -> None:
         )
     with pytest.raises(ValueError):
         next(comp.batch_indices_iterator(8, rank=2, world_size=2))
+    nested = data_source.ChoiceDataSource([choice, data_source.ArrayDataSource([Y])])  # a choice of choices
+    whole = list(nested.batch_indices_iterator(10, shuffle=np.random.RandomState(4)))
+    parts = [
+        list(nested.batch_indices_iterator(5, shuffle=np.random.RandomState(4), rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for g, w in enumerate(whole):
+        inner = [p[g].sample_indices for p in parts] if w.ds_index == 0 else None
+        assert parts[0][g].ds_index == parts[1][g].ds_index == w.ds_index
+        if inner is not None:  # the inner choice keeps its child's number too
+            assert inner[0].ds_index == inner[1].ds_index == w.sample_indices.ds_index
+            np.testing.assert_array_equal(
+                np.concatenate([i.sample_indices for i in inner]), w.sample_indices.sample_indices
+            )
+        else:
+            np.testing.assert_array_equal(
+                np.concatenate([p[g].sample_indices for p in parts]), w.sample_indices
+            )
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,26 @@ def test_keeping_every_batch_copies_out_instead_of_blocking(server):
     assert len({b[0].ctypes.data for b in batches}) == 480  # no two batches share memory
 
 
+@pytest.mark.parametrize(
+    "prefetch", [(128, 1000), (1, 1 << 30), (3, 1 << 30)], ids=["bytes", "credit-1", "credit-3"]
+)
+def test_a_window_smaller_than_the_pool_streams_while_the_user_holds_batches(server, prefetch):
+    """A byte budget below one batch, or fewer batch credits than the pool's 4 slots: the
+    stream still ends while the loop holds its previous batch (and every third one)."""
+    X, y = make_demo_arrays()
+    with batchup_client.connect(server.endpoint) as client:
+        client.prefetch = prefetch
+        kept, got = [], []
+        for i, batch in enumerate(
+            client.source("demo").batch_iterator(batch_size=500, shuffle=np.random.RandomState(4))
+        ):
+            got.append(batch)  # every batch stays alive: the pool copies out, never blocks
+            if i % 3 == 0:
+                kept.append(batch)
+        assert client.info()["streams_shared_memory"] == 1
+    assert_same(got, expected_batches([X, y], 500, 4))
+
+
 def test_slots_bound_the_batches_in_flight(server):
     with batchup_client.connect(server.endpoint) as client:
         sid = client.open_stream({"name": "demo"}, DEMO_PLAN, [], 64, False, None, 6, 1 << 30)

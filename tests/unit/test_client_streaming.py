@@ -281,6 +281,16 @@ def test_a_superseded_slot_is_freed_once_even_if_its_first_making_comes_late(tmp
     assert pool.take_freed() == []
 
 
+@pytest.mark.parametrize(("peer", "tells"), [([1, 5], True), ([1, 9], True), ([1, 4], False), (None, False)])
+def test_only_a_15_server_tells_its_credit_limit(peer, tells):
+    """A client asks a server before 1.5 for the 32 batches clients always asked (its limit
+    is an option the client cannot see); a 1.5 server says its limit in Welcome."""
+    from batchup_client.connection import OLD_SERVER_CREDIT
+
+    assert proto.tells_credit_limit(peer) is tells
+    assert OLD_SERVER_CREDIT == 32
+
+
 @pytest.mark.parametrize(("peer", "knows"), [([1, 4], True), ([1, 9], True), ([1, 3], False), ("x", False)])
 def test_only_a_14_client_gets_batches_made_again_as_frames(peer, knows):
     assert proto.knows_supersedes(peer) is knows

@@ -74,7 +74,9 @@ def test_server_config_is_secure_by_default() -> None:
         ServerConfig(curve_secret_key="k")
 
 
-def test_server_keys_one_for_all_or_one_per_address(tmp_path: pathlib.Path) -> None:
+def test_server_keys_one_for_all_or_one_per_address(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = "tcp://a:5555", "tcp://b:5555"
     assert _server_keys([a, b], None) == {a: None, b: None}
     assert _server_keys([a, b], "ka.key") == {a: "ka.key", b: "ka.key"}
@@ -83,6 +85,8 @@ def test_server_keys_one_for_all_or_one_per_address(tmp_path: pathlib.Path) -> N
     comma = tmp_path / "server,one.key"  # a real file whose name has a comma is one key
     comma.write_text("")
     assert _server_keys([a, b], str(comma)) == {a: str(comma), b: str(comma)}
+    monkeypatch.setenv("HOME", str(tmp_path))  # also when named from the home folder
+    assert _server_keys([a, b], "~/server,one.key") == {a: "~/server,one.key", b: "~/server,one.key"}
     with pytest.raises(ValueError, match="3 key files for 2 addresses"):
         _server_keys([a, b], "k1,k2,k3")
     with pytest.raises(ValueError, match="given twice, with different server keys"):

@@ -309,3 +309,23 @@ def test_assigned_batch_the_reader_waits_for_goes_first_past_the_byte_budget() -
     s.credit(0, 3)  # the reader took 0, 1, 2: their bytes are free
     (third,) = _take(s, [])
     assert third.seq == 3
+
+
+def test_a_slot_pool_not_the_byte_budget_bounds_a_pool_streams_batches() -> None:
+    """A byte budget smaller than one batch lets one batch fly at a time over the socket;
+    with a pool of 4 slots (sized from that budget, at least 4) the slots and the credit
+    bound the batches instead: the client reports consumption only as it frees slots, so
+    waiting for bytes would wait for a batch the user may be holding."""
+    frames = make_stream(n=30, bs=3, credits=10, max_bytes=10)  # a batch is 24 bytes
+    assert len(produce_all(frames)) == 1  # one at a time
+    pool = make_stream(n=30, bs=3, credits=10, max_bytes=10)
+    free = [0, 1, 2, 3]
+    pool.use_slots(free, 4)
+    made = produce_all(pool)
+    assert [t.slot for t in made] == [3, 2, 1, 0] and not pool.can_produce()  # every slot in use
+    pool.credit(0, 1, [3])  # the user dropped batch 0: its slot is free
+    (again,) = produce_all(pool)
+    assert again.seq == 4 and again.slot == 3
+    short = make_stream(n=30, bs=3, credits=2, max_bytes=1 << 20)
+    short.use_slots([0, 1, 2, 3], 4)
+    assert len(produce_all(short)) == 2  # and credit still bounds them
