@@ -230,9 +230,8 @@ class Client:
             self._data.setsockopt(zmq.LINGER, 0)
             if curve is not None:
                 _curve_client(self._control, curve)
-                _curve_client(
-                    self._data, curve
-                )  # batches are accepted only from the holder of the server's key
+                # batches are accepted only from the holder of the server's key
+                _curve_client(self._data, curve)
             self._monitor: zmq.Socket[Any] | None = self._control.get_monitor_socket(_HANDSHAKE_EVENTS)
             self._control.connect(address)
             self.data_endpoint = self._bind_data(address)

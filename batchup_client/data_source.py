@@ -58,24 +58,17 @@ def _cut_batch(batch: Any, start: int, stop: int) -> Any:
     return batch[start:stop]
 
 
-def _shard_composed(batches: Iterator[Any], shard: tuple[int, int]) -> Iterator[Any]:
-    """A rank's cut of each whole global batch (composites: cut after trimming)."""
-    rank, world = shard
-    for batch in batches:
-        start, stop = shard_slice(length_of_batch(batch), rank, world)
-        yield _cut_batch(batch, start, stop)
-
-
-def _shard_indices(batches: Iterator[Any], shard: tuple[int, int] | None) -> Iterator[Any]:
-    """A rank's part of each global batch of indices: the rows :func:`_shard_composed` and
-    the server's ``ShardedPlan`` give that rank (a choice batch keeps its child)."""
+def _shard_composed(batches: Iterator[Any], shard: tuple[int, int] | None) -> Iterator[Any]:
+    """A rank's cut of each whole global batch, of data or of indices, by the rule of the
+    server's ``ShardedPlan`` (composites: cut after trimming; a choice's index batch keeps
+    its child); ``shard=None``: the batches as they are."""
     if shard is None:
         yield from batches
         return
     rank, world = shard
-    for ndx in batches:
-        start, stop = shard_slice(length_of_batch(ndx), rank, world)  # (a ChoiceBatch: its indices)
-        yield _cut_batch(ndx, start, stop)
+    for batch in batches:
+        start, stop = shard_slice(length_of_batch(batch), rank, world)
+        yield _cut_batch(batch, start, stop)
 
 
 def _rebuild(batch: tuple[Any, ...], shape: Any) -> Any:
@@ -332,7 +325,7 @@ class RandomAccessDataSource(AbstractDataSource):
         shard = check_shard(rank, world_size)
         if shard is not None:
             check_batch_size(batch_size)
-            return _shard_indices(self.batch_indices_iterator(batch_size * shard[1], shuffle), shard)
+            return _shard_composed(self.batch_indices_iterator(batch_size * shard[1], shuffle), shard)
         rng = self._get_shuffle_rng(shuffle)
         if rng is not None:
             return self.sampler.shuffled_indices_batch_iterator(batch_size, rng)  # type: ignore[no-any-return]
@@ -344,7 +337,7 @@ class RandomAccessDataSource(AbstractDataSource):
         # sharded: the global index batches (batch_size * world_size), cut here by the rule
         # of the server's ShardedPlan (a subclass's batch_indices_iterator need not shard)
         world = shard[1] if shard is not None else 1
-        for ndx in _shard_indices(self.batch_indices_iterator(batch_size * world, shuffle=shuffle), shard):
+        for ndx in _shard_composed(self.batch_indices_iterator(batch_size * world, shuffle=shuffle), shard):
             yield self.samples_by_indices_nomapping(ndx)
 
     def batch_iterator(
@@ -697,7 +690,7 @@ class CompositeDataSource(AbstractDataSource):
         shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
         if shard is not None:  # cut the trimmed global batches, every child alike
             check_batch_size(batch_size)
-            yield from _shard_indices(self.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
+            yield from _shard_composed(self.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
             return
         iterators = [d.batch_indices_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
@@ -757,7 +750,7 @@ class ChoiceDataSource(AbstractDataSource):
         shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
         if shard is not None:  # the choice sequence counts global batches: cut whole ones
             check_batch_size(batch_size)
-            return _shard_indices(
+            return _shard_composed(
                 self.batch_indices_iterator(batch_size * shard[1], shuffle, **kwargs), shard
             )
         rng = self._get_shuffle_rng(shuffle)

@@ -196,57 +196,64 @@ def test_index_batches_shard_by_the_same_rule(
         assert [g[0].tolist() for g in got] == [b[0].tolist() for b in ranks[1]]
 
 
+def _rank_parts(ds: Any, bs: int, seed: int, world: int = 2) -> list[list[Any]]:
+    """Each rank's index batches of ``ds`` (batch size ``bs`` per rank)."""
+    return [
+        list(ds.batch_indices_iterator(bs, shuffle=np.random.RandomState(seed), rank=r, world_size=world))
+        for r in range(world)
+    ]
+
+
+def _assert_joined(parts: list[Any], whole: Any) -> None:
+    """The ranks' parts of one global index batch join into it: arrays concatenate, a
+    composite's children alike, a choice's child number is every rank's."""
+    if hasattr(whole, "ds_index"):  # a choice batch (batchup's or ours)
+        assert all(p.ds_index == whole.ds_index for p in parts)
+        _assert_joined([p.sample_indices for p in parts], whole.sample_indices)
+    elif isinstance(whole, tuple):
+        for child, w in enumerate(whole):
+            _assert_joined([p[child] for p in parts], w)
+    else:
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
 def test_composite_and_choice_index_batches_shard_like_their_batches() -> None:
     lab = data_source.ArrayDataSource([X[:20], Y[:20]], repeats=-1)
     unl = data_source.ArrayDataSource([X])
     comp = data_source.CompositeDataSource([lab, unl])
-    want = list(
-        bds.CompositeDataSource(
-            [bds.ArrayDataSource([X[:20], Y[:20]], repeats=-1), bds.ArrayDataSource([X])]
-        ).batch_indices_iterator(16, shuffle=np.random.RandomState(2))
-    )
-    parts = [
-        list(comp.batch_indices_iterator(8, shuffle=np.random.RandomState(2), rank=r, world_size=2))
-        for r in range(2)
-    ]
-    assert len(parts[0]) == len(parts[1]) == len(want)
-    for g, w in enumerate(want):
-        for child in range(2):
-            np.testing.assert_array_equal(np.concatenate([parts[0][g][child], parts[1][g][child]]), w[child])
     choice = data_source.ChoiceDataSource([data_source.ArrayDataSource([X[:40]]), unl])
-    bchoice = bds.ChoiceDataSource([bds.ArrayDataSource([X[:40]]), bds.ArrayDataSource([X])])
-    want = list(bchoice.batch_indices_iterator(10, shuffle=np.random.RandomState(3)))
-    parts = [
-        list(choice.batch_indices_iterator(5, shuffle=np.random.RandomState(3), rank=r, world_size=2))
-        for r in range(2)
+    nested = data_source.ChoiceDataSource([choice, data_source.ArrayDataSource([Y])])  # a choice of choices
+    cases = [
+        (
+            comp,
+            8,
+            2,
+            bds.CompositeDataSource(
+                [bds.ArrayDataSource([X[:20], Y[:20]], repeats=-1), bds.ArrayDataSource([X])]
+            ),
+        ),
+        (choice, 5, 3, bds.ChoiceDataSource([bds.ArrayDataSource([X[:40]]), bds.ArrayDataSource([X])])),
+        (
+            nested,
+            5,
+            4,
+            bds.ChoiceDataSource(
+                [
+                    bds.ChoiceDataSource([bds.ArrayDataSource([X[:40]]), bds.ArrayDataSource([X])]),
+                    bds.ArrayDataSource([Y]),
+                ]
+            ),
+        ),
     ]
-    assert len(parts[0]) == len(parts[1]) == len(want)
-    for g, w in enumerate(want):
-        assert parts[0][g].ds_index == parts[1][g].ds_index == w.ds_index
-        np.testing.assert_array_equal(
-            np.concatenate([parts[0][g].sample_indices, parts[1][g].sample_indices]), w.sample_indices
-        )
+    for ds, bs, seed, ref in cases:
+        whole = list(ref.batch_indices_iterator(bs * 2, shuffle=np.random.RandomState(seed)))
+        parts = _rank_parts(ds, bs, seed)
+        assert len(parts[0]) == len(parts[1]) == len(whole)
+        for g, w in enumerate(whole):
+            _assert_joined([p[g] for p in parts], w)
+    assert any(w.ds_index == 0 for w in nested.batch_indices_iterator(10, shuffle=np.random.RandomState(4)))
     with pytest.raises(ValueError):
         next(comp.batch_indices_iterator(8, rank=2, world_size=2))
-    nested = data_source.ChoiceDataSource([choice, data_source.ArrayDataSource([Y])])  # a choice of choices
-    whole = list(nested.batch_indices_iterator(10, shuffle=np.random.RandomState(4)))
-    parts = [
-        list(nested.batch_indices_iterator(5, shuffle=np.random.RandomState(4), rank=r, world_size=2))
-        for r in range(2)
-    ]
-    assert len(parts[0]) == len(parts[1]) == len(whole)
-    for g, w in enumerate(whole):
-        inner = [p[g].sample_indices for p in parts] if w.ds_index == 0 else None
-        assert parts[0][g].ds_index == parts[1][g].ds_index == w.ds_index
-        if inner is not None:  # the inner choice keeps its child's number too
-            assert inner[0].ds_index == inner[1].ds_index == w.sample_indices.ds_index
-            np.testing.assert_array_equal(
-                np.concatenate([i.sample_indices for i in inner]), w.sample_indices.sample_indices
-            )
-        else:
-            np.testing.assert_array_equal(
-                np.concatenate([p[g].sample_indices for p in parts]), w.sample_indices
-            )
 
 
 @pytest.mark.parametrize(
