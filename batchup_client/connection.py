@@ -38,6 +38,7 @@ import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 from batchup_protocol.host import content_key, host_id, sweep_stale, tune_malloc
 
+from .ahead import Ahead
 from .errors import (
     AuthenticationError,
     BatchupError,
@@ -198,6 +199,8 @@ class Client:
         self.prefetch: tuple[int, int] = (128, 128 << 20)
         #: on the server's host, receive batches in shared-memory slots instead of frames
         self.shared_memory_batches = os.environ.get("BATCHUP_SHM_BATCHES", "1") != "0"
+        #: next epochs' streams opened ahead (see :mod:`batchup_client.ahead`)
+        self.ahead = Ahead()
         self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)
         self._pool_maps: dict[str, SlotPool] = {}  #: pool file → mapping, reused by later streams
         #: content keys of arrays this server holds (it keeps them while it runs): a later
@@ -386,6 +389,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self.ahead.clear()  # the server forgets them with the rest at the goodbye
         self._stop_heartbeat()  # no heartbeat may follow the goodbye
         try:
             self._control.send_multipart(proto.encode(proto.Goodbye(self.client_id)), zmq.NOBLOCK)
@@ -410,6 +414,8 @@ class Client:
             else f"{self.address.split('://', 1)[0]} socket",
             "batches_copied_out": sum(p.copied for p in self._pool_maps.values()),
             "open_streams": len(self._inboxes),
+            "streams_ahead_open": len(self.ahead),
+            **self.ahead.stats,  # streams opened ahead for a loop's next epoch, and their fate
             "security": "CURVE" if self.curve is not None else "none",
         }
 
@@ -684,6 +690,14 @@ class Client:
         inbox = self._inboxes.get(stream_id)
         return None if inbox is None else inbox.end
 
+    def stream_end_state(self, stream_id: int) -> tuple[int, dict[str, Any] | None] | None:
+        """The stream's length and the RNG state its plan ends at (1.6; ``None`` from an
+        older server or for a plan without an RNG), once the server told them."""
+        inbox = self._inboxes.get(stream_id)
+        if inbox is None or inbox.end is None:
+            return None
+        return inbox.end, inbox.final_rng
+
     def holds(self, stream_id: int, seq: int) -> bool:
         """Whether item ``seq`` of a stream arrived (a stream failure does not count)."""
         inbox = self._inboxes.get(stream_id)
@@ -727,6 +741,12 @@ class Client:
         inbox = self._inboxes[stream_id]
         inbox.reset(generation, from_seq)
         self._send(proto.Reseed(stream_id, from_seq, generation, rng))
+
+    def close_ahead(self) -> None:
+        """Close the streams opened ahead for loops' next epochs (after the last epoch, say,
+        to stop the server making batches nobody will read)."""
+        for stream_id in self.ahead.clear():
+            self.close_stream(stream_id)
 
     def close_stream(self, stream_id: int) -> None:
         """Release a stream's credits and buffers at once. Idempotent; quiet after close."""

@@ -14,7 +14,6 @@ import collections
 import collections.abc
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -406,7 +405,7 @@ def stream_plan(
     rng = resolve_shuffle(shuffle)
     check_batch_size(batch_size)
     transforms: list[dict[str, Any]] = []
-    seed = 0
+    seed: int | None = 0
     if maps:
         wire = _transforms_for(client, maps)
         if wire is None:
@@ -430,7 +429,7 @@ def stream_plan(
     )
 
 
-def _transforms_for(client: Any, maps: list[MapDataSource]) -> tuple[list[dict[str, Any]], int] | None:
+def _transforms_for(client: Any, maps: list[MapDataSource]) -> tuple[list[dict[str, Any]], int | None] | None:
     """The wire transforms of ``maps`` (innermost first) and the stream's transform seed;
     ``None`` when a function must run here (the server does not trust client code)."""
     wire: list[dict[str, Any]] = []
@@ -442,7 +441,7 @@ def _transforms_for(client: Any, maps: list[MapDataSource]) -> tuple[list[dict[s
         else:
             return None
     seeds = [m.seed for m in maps if m.seed is not None]
-    return wire, (seeds[-1] if seeds else secrets.randbits(63))
+    return wire, (seeds[-1] if seeds else None)  # None: each stream draws a seed of its own
 
 
 class ArrayDataSource(RandomAccessDataSource):

@@ -405,6 +405,9 @@ class FanoutClient(SourceMethods):
             except (ConnectionLost, ClientClosed):
                 pass
 
+    def stream_end_state(self, stream_id: int) -> None:
+        return None  # no streams opened ahead here (they would double each server's share)
+
     def close_stream(self, stream_id: int) -> None:
         fan = self._fans.pop(stream_id, None)
         if fan is None:

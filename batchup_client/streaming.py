@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
+import secrets
 import weakref
 from typing import Any, Protocol
 
@@ -23,9 +25,12 @@ import numpy as np
 
 import batchup_protocol as proto
 
-from .errors import remote_error
+from .ahead import Ahead, Opened
+from .errors import BatchupError, remote_error
 
 __all__ = ["Inbox", "SlotPool", "UnsupportedShuffle", "iterate", "resolve_shuffle"]
+
+log = logging.getLogger("batchup_client")
 
 
 class UnsupportedShuffle(TypeError, AttributeError):
@@ -57,6 +62,7 @@ class Inbox:
         self._items: dict[int, tuple[Any, list[Any]]] = {}
         self._failure: tuple[Any, list[Any]] | None = None
         self.end: int | None = None  #: the stream's length, once an EndOfStream arrived
+        self.final_rng: dict[str, Any] | None = None  #: the RNG state its plan ends at (1.6)
         self._taken = 0  #: items before this sequence number were taken (handed out)
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
@@ -69,7 +75,7 @@ class Inbox:
         if msg.seq < self._taken:
             return  # a recomputed duplicate of an item already handed out: dropped (its slot too)
         if isinstance(msg, proto.EndOfStream):
-            self.end = msg.seq
+            self.end, self.final_rng = msg.seq, msg.final_rng
         self._items.setdefault(msg.seq, (msg, arrays))  # a recomputed duplicate is dropped
 
     def duplicate(self, msg: Any) -> bool:
@@ -101,7 +107,7 @@ class Inbox:
         self.generation = generation
         self._taken = min(self._taken, from_seq)  # replanned from there: sent again
         if self.end is not None and self.end >= from_seq:
-            self.end = None
+            self.end = self.final_rng = None
         for seq in [s for s in self._items if s >= from_seq]:
             del self._items[seq]
 
@@ -142,6 +148,7 @@ class Connection(Protocol):
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: list[int] = ...) -> None: ...
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None: ...
     def close_stream(self, stream_id: int) -> None: ...
+    def stream_end_state(self, stream_id: int) -> tuple[int, dict[str, Any] | None] | None: ...
 
 
 def iterate(
@@ -157,25 +164,58 @@ def iterate(
     prefetch: int = 32,
     prefetch_bytes: int = 128 << 20,
     transforms: list[dict[str, Any]] | None = None,
-    transform_seed: int = 0,
+    transform_seed: int | None = 0,
 ) -> Any:
     """Yield a stream's batches (tuples of arrays, or what the stream's transforms return)
-    in order; see the module docstring."""
+    in order; see the module docstring. ``transform_seed=None``: a fresh random seed.
+
+    A connection with an ``ahead`` (:class:`batchup_client.ahead.Ahead`) opens the next
+    epoch's stream as soon as this one's end is known, when the same arguments came before
+    (a training loop), and a later call takes that stream over (see that module)."""
     expected = rng.get_state() if rng is not None else None
-    if expected is not None:
-        plan = {**plan, "rng": proto.encode_rng_state(expected)}  # type: ignore[arg-type]
-    sid = conn.open_stream(
-        source,
-        plan,
-        plan_arrays,
-        batch_size,
-        include_indices,
-        fields,
-        prefetch,
-        prefetch_bytes,
-        transforms,
-        transform_seed,
-    )
+
+    def open_stream(state: Any) -> int:
+        seed = secrets.randbits(63) if transform_seed is None else transform_seed
+        wire = plan if state is None else {**plan, "rng": proto.encode_rng_state(state)}
+        return conn.open_stream(
+            source,
+            wire,
+            plan_arrays,
+            batch_size,
+            include_indices,
+            fields,
+            prefetch,
+            prefetch_bytes,
+            transforms,
+            seed,
+        )
+
+    ahead: Ahead | None = getattr(conn, "ahead", None)
+    key: tuple[Any, ...] | None = None
+    if ahead is not None and rng is not np.random.mtrand._rand:  # the global RNG: others draw from it
+        key = (
+            repr(source),
+            repr(plan),
+            batch_size,
+            include_indices,
+            repr(fields),
+            prefetch,
+            prefetch_bytes,
+            repr(transforms),
+            transform_seed,
+            rng is None,
+        )
+    opened = ahead.take(key, plan_arrays) if ahead is not None and key is not None else None
+    if opened is not None and ahead is not None:
+        if rng is None or proto.states_equal(opened.state, expected):
+            ahead.taken_over()
+        else:  # the caller's RNG moved on since that stream was planned
+            ahead.unused()
+            conn.close_stream(opened.stream_id)
+            opened = None
+    sid = opened.stream_id if opened is not None else open_stream(expected)
+    #: open the next epoch's stream once this one's end is known (a loop that repeats)
+    look_ahead = ahead is not None and key is not None and ahead.repeats(key) and ahead.kept > 0
     grant_every = max(1, prefetch // 4)
     consumed = granted = generation = 0
     unreported = biggest = 0  # bytes of the batches consumed since the last report; the largest
@@ -208,6 +248,11 @@ def iterate(
                 conn.send_credit(sid, consumed - granted, consumed)
                 granted, unreported = consumed, 0
             msg, arrays = conn.next_item(sid, consumed)
+            if look_ahead:
+                end = conn.stream_end_state(sid)
+                if end is not None:
+                    look_ahead = False
+                    _open_ahead(conn, ahead, key, plan_arrays, rng, end[1], open_stream)  # type: ignore[arg-type]
             if isinstance(msg, proto.Error):
                 raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
             if msg.rng is not None and rng is not None:
@@ -243,6 +288,29 @@ def iterate(
             del batch
     finally:
         conn.close_stream(sid)  # freed slots not reported stay in the pool for its next stream
+
+
+def _open_ahead(
+    conn: Connection,
+    ahead: Ahead,
+    key: tuple[Any, ...],
+    plan_arrays: list[Any],
+    rng: np.random.RandomState | None,
+    final_rng: dict[str, Any] | None,
+    open_stream: Any,
+) -> None:
+    """Open the next epoch's stream from the RNG state this one ends at (not when a
+    shuffled stream's server does not tell it, before 1.6); a failure only logs."""
+    if rng is not None and final_rng is None:
+        return
+    state = proto.decode_rng_state(final_rng) if final_rng is not None else None
+    try:
+        sid = open_stream(state)
+    except BatchupError as exc:  # the stream the caller reads goes on; the next opens as usual
+        log.debug("could not open the next epoch's stream ahead: %s", exc)
+        return
+    for stale in ahead.keep(Opened(key, plan_arrays, sid, state)):
+        conn.close_stream(stale)
 
 
 class _Lease:

@@ -684,7 +684,7 @@ class Router:
             if item is None:  # an assigned batch past the end, already answered
                 continue
             if isinstance(item, End):
-                msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng)
+                msg = proto.EndOfStream(entry.stream_id, item.seq, item.generation, item.rng, item.final_rng)
                 self._send_data(entry.client, proto.encode(msg))
                 break
             tasks.append(item)

@@ -114,6 +114,9 @@ class End:
     seq: int
     generation: int
     rng: dict[str, Any] | None
+    #: the plan's RNG state at its end (a plan with an RNG, not assigned): what the
+    #: caller's RNG will be once the stream is read, for the next epoch's stream
+    final_rng: dict[str, Any] | None = None
 
 
 class Stream:
@@ -290,7 +293,8 @@ class Stream:
         indices, rng = self._advance()
         if indices is None:
             self.finished = True
-            return End(seq, self.generation, rng)
+            final = None if self.rng is None else encode_rng_state(self.rng.rng.get_state())  # type: ignore[arg-type]
+            return End(seq, self.generation, rng, final)
         return self._task(seq, indices, rng, self._free_slot())
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]

@@ -29,6 +29,7 @@ __all__ = [
     "BENCH_DIR",
     "Children",
     "LoadMonitor",
+    "Settle",
     "Result",
     "Settings",
     "StepResult",
@@ -163,6 +164,7 @@ def measure_cell(
     batch_size: int,
     systems: list[tuple[str, EpochFn]],
     log: Callable[[str], None] = print,
+    after_run: Callable[[], None] | None = None,
 ) -> list[Result]:
     """Time every system on one workload and batch size, interleaved.
 
@@ -171,13 +173,16 @@ def measure_cell(
     last about ``min_run_seconds``). Then come ``settings.runs`` rounds; in each round every
     system does one timed run, in an order rotated from round to round, so background load
     and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
-    draw successive permutations from it, as a training loop would.
+    draw successive permutations from it, as a training loop would. ``after_run`` runs
+    after every run, untimed (see :class:`Settle`).
     """
     epochs: dict[str, int] = {}
     for name, epoch in systems:
         t0 = time.perf_counter()
         epoch(np.random.RandomState(SEED))
         warm = time.perf_counter() - t0
+        if after_run is not None:
+            after_run()
         k = 1
         if settings.min_run_seconds > 0 and warm > 0:
             k = max(1, min(settings.max_epochs_per_run, math.ceil(settings.min_run_seconds / warm)))
@@ -194,6 +199,8 @@ def measure_cell(
                 samples += s
                 batches += b
             runs[name].append((time.perf_counter() - t0, samples, batches))
+            if after_run is not None:
+                after_run()
     results = []
     for name, _ in systems:
         r = Result(
@@ -266,7 +273,10 @@ def _training_epoch(
 
 
 def measure_training_step(
-    settings: Settings, systems: list[tuple[str, BatchesFn]], log: Callable[[str], None] = print
+    settings: Settings,
+    systems: list[tuple[str, BatchesFn]],
+    log: Callable[[str], None] = print,
+    after_run: Callable[[], None] | None = None,
 ) -> list[StepResult]:
     """Feed an emulated training step (a fixed sleep per batch) from every system, interleaved.
 
@@ -275,12 +285,16 @@ def measure_training_step(
     """
     for _name, batches in systems:
         _training_epoch(batches, np.random.RandomState(SEED), 0.0, 0)
+        if after_run is not None:
+            after_run()
     runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in systems}
     for rnd in range(settings.step_runs):
         shift = rnd % len(systems)
         for name, batches in systems[shift:] + systems[:shift]:
             rng = np.random.RandomState(SEED + 1 + rnd)
             runs[name].append(_training_epoch(batches, rng, settings.step_seconds, settings.step_warmup))
+            if after_run is not None:
+                after_run()
     out = []
     for name, _ in systems:
         r = StepResult(
@@ -528,6 +542,37 @@ def _tree_cpu_seconds(root: int) -> float:
         total += procs.get(pid, (0, 0))[1]
         todo += children.get(pid, [])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+class Settle:
+    """Between two timed runs: the service's clients close the streams they opened ahead
+    for a next epoch no run will read (a training loop's last epoch leaves one, which would
+    go on making batches on the CPU of the next system's run), and the servers' process
+    trees are waited for until they use no CPU for a while (at most ``limit`` seconds)."""
+
+    def __init__(self, quiet: float = 0.03, limit: float = 1.0):
+        self.clients: list[Any] = []  #: every service client the benchmark made
+        self.quiet = quiet
+        self.limit = limit
+
+    def add(self, client: Any) -> Any:
+        self.clients.append(client)
+        return client
+
+    def __call__(self) -> None:
+        for client in self.clients:
+            close = getattr(client, "close_ahead", None)
+            if close is not None and not client.closed:
+                close()
+        servers = [pid for pid, cmd in live_children() if "batchup_server" in cmd]
+        deadline = time.monotonic() + self.limit
+        before = sum(_tree_cpu_seconds(p) for p in servers)
+        while time.monotonic() < deadline:
+            time.sleep(self.quiet)  # noqa: sleep-ok (sampling the servers' CPU clocks)
+            now = sum(_tree_cpu_seconds(p) for p in servers)
+            if now == before:
+                return
+            before = now
 
 
 def _machine_busy_seconds() -> float:

@@ -46,6 +46,7 @@ from _common import (
     LoadMonitor,
     Result,
     Settings,
+    Settle,
     StepResult,
     Workload,
     install_signal_handlers,
@@ -88,7 +89,13 @@ def aug_timing(settings: Settings) -> Settings:
 
 
 def fanin_section(
-    settings: Settings, children: Children, config: str, work: str, key: Workload, load: LoadMonitor
+    settings: Settings,
+    children: Children,
+    config: str,
+    work: str,
+    key: Workload,
+    load: LoadMonitor,
+    settle: Settle,
 ) -> list[Result]:
     """Several servers feeding one trainer: two servers, each pinned to one core with
     taskset (router and one worker), against one of them alone; the augmentation on the
@@ -107,7 +114,7 @@ def fanin_section(
             (True, (FANIN_ONE, FANIN_TWO)),
             (False, (FANIN_ONE_TCP, FANIN_TWO_TCP)),
         ):
-            one = batchup_client.connect(servers[0].endpoint)
+            one = settle.add(batchup_client.connect(servers[0].endpoint))
             stack.callback(_close, one)
             one.shared_memory_batches = shm
             two = batchup_client.connect([s.endpoint for s in servers])
@@ -117,7 +124,7 @@ def fanin_section(
                 (one_name, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
                 (two_name, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
             ]
-        results = measure_cell(aug_timing(settings), key, AUG_BATCH, systems, log)
+        results = measure_cell(aug_timing(settings), key, AUG_BATCH, systems, log, settle)
         log("stopping the fan-in servers")
     return results
 
@@ -133,6 +140,7 @@ def augmentation_sections(
     pools: S.BatchupPools,
     load: LoadMonitor,
     extras: dict[str, Any],
+    settle: Settle,
 ) -> tuple[list[Result], list[StepResult]]:
     """Augmentation throughput and the emulated training step, on ``key`` (CIFAR-shaped), batch 256.
 
@@ -149,7 +157,7 @@ def augmentation_sections(
         for n in (1, 2):
             server = start_server(children, "tcp://127.0.0.1:0", config, n, work)
             stack.callback(stop_server, server)
-            client = batchup_client.connect(server.endpoint)  # default settings: shared memory
+            client = settle.add(batchup_client.connect(server.endpoint))  # default settings: shared memory
             stack.callback(_close, client)
             sources[n] = client.source(key.name)
         extras["map_where"] = {
@@ -180,7 +188,7 @@ def augmentation_sections(
             (S.AUG_SERVICE_2, S.iterator_epoch(sources[2].map(augment), bs)),
             (S.AUG_DROPIN, S.iterator_epoch(dropin.map(augment), bs)),
         ]
-        results = measure_cell(aug_timing(settings), key, bs, systems, log)
+        results = measure_cell(aug_timing(settings), key, bs, systems, log, settle)
 
         load.start("training step")
         log(f"emulated training step: {settings.step_seconds * 1e3:g} ms sleep per batch")
@@ -193,6 +201,7 @@ def augmentation_sections(
                 (S.AUG_TORCH, loader.batches),
             ],
             log,
+            settle,
         )
         log("stopping the augmentation servers")
     pools.close_pool("augment")
@@ -209,6 +218,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
     extras: dict[str, Any] = {}
     load = LoadMonitor()
     extras["load"] = load.sections
+    settle = Settle()  # between timed runs: no stream opened ahead works on for nobody
     try:
         with contextlib.ExitStack() as stack:
             stack.callback(load.stop)
@@ -236,12 +246,12 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                 stack.callback(peer.close)
             clients = {}
             for name, server in (("tcp", tcp), ("ipc", ipc), ("shm", tcp)):
-                clients[name] = batchup_client.connect(server.endpoint)
+                clients[name] = settle.add(batchup_client.connect(server.endpoint))
                 # tcp and ipc rows measure the socket path; "shm" the same-host slot pool
                 clients[name].shared_memory_batches = name == "shm"
                 stack.callback(_close, clients[name])
             t0 = time.perf_counter()
-            default = batchup_client.default_client()  # the drop-in's embedded server
+            default = settle.add(batchup_client.default_client())  # the drop-in's embedded server
             stack.callback(_close, default)
             extras["dropin"] = {"default_client_s": time.perf_counter() - t0, "ship": {}}
             dropin = {}
@@ -289,7 +299,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                             (S.RAW_TCP, raw["tcp"].epoch_fn(w, bs)),
                             (S.RAW_IPC, raw["ipc"].epoch_fn(w, bs)),
                         ]
-                        results += measure_cell(settings, w, bs, systems, log)
+                        results += measure_cell(settings, w, bs, systems, log, settle)
                         for system, first in torch_loaders.first_batch.items():
                             if system.endswith("2 workers"):
                                 extras["torch_startup"].append(
@@ -307,10 +317,20 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             pools.close_pool("process")
             key = next(w for w in settings.workloads if w.name == "cifar")
             extras["augmentation"], extras["training_step"] = augmentation_sections(
-                settings, children, config, work, key, data[key.name], dropin[key.name], pools, load, extras
+                settings,
+                children,
+                config,
+                work,
+                key,
+                data[key.name],
+                dropin[key.name],
+                pools,
+                load,
+                extras,
+                settle,
             )
 
-            extras["fanin"] = fanin_section(settings, children, config, work, key, load)
+            extras["fanin"] = fanin_section(settings, children, config, work, key, load, settle)
 
             load.start("connect latency, concurrency, embedded start")
             log("connect → first batch")

@@ -223,6 +223,10 @@ class EndOfStream:
     seq: int
     generation: int
     rng: dict[str, Any] | None = None
+    #: (1.6) the plan's RNG state after its last batch, whenever the plan has an RNG (the
+    #: state the caller's RNG reaches once the stream is read): the next epoch's stream
+    #: can start from it before this one is read to the end
+    final_rng: dict[str, Any] | None = _since((1, 6), None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ __all__ = [
 
 #: (major, minor). Minor bumps only add optional fields or message types;
 #: anything else bumps major. See PROTOCOL.md, "Evolution".
-PROTOCOL_VERSION: tuple[int, int] = (1, 5)
+PROTOCOL_VERSION: tuple[int, int] = (1, 6)
 
 #: the first version whose clients decode bundles on the data socket
 BUNDLES_SINCE: tuple[int, int] = (1, 3)

@@ -260,6 +260,9 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             ),
             [],
         ),
+        # (1.6) the end of a shuffled plan of 2 batches of a 6-row source, with the RNG
+        # state it ends at (its one draw was the first batch's)
+        "end_of_stream.final_rng": (proto.EndOfStream(1, 2, 0, None, _rng_state(12345, permute=6)), []),
         # (1.4) an assigned stream's freed slots handed back, granting nothing
         "credit.freed_assigned": (proto.Credit(4, 0, 20, [3, 0, 7]), []),
         # (1.2) a transformed batch whose function returned a list

@@ -101,16 +101,17 @@ def test_pools_are_reused_by_later_streams_and_removed_with_their_client(server)
         return sorted(name for name in os.listdir(folder) if name.startswith("pool-"))
 
     with batchup_client.connect(server.endpoint) as client:
-        for _ in range(3):  # one iterator per epoch: the same pool each time (warm pages)
+        for _ in range(3):  # one iterator per epoch: the same pools each time (warm pages)
             assert sum(1 for _ in client.source("demo").batch_iterator(batch_size=64)) == 188
-        assert len(pools()) == 1
+        # two take turns: the next epoch's stream is opened ahead, before this one closes
+        assert len(pools()) == 2 and client.info()["streams_taken_over"] == 1
         for _ in range(10):  # iterators left early, batches still in flight: no slot leaks
             it = client.source("demo").batch_iterator(batch_size=64)
             next(it)
             it.close()
         assert sum(1 for _ in client.source("demo").batch_iterator(batch_size=64)) == 188
         assert client.info()["batches_copied_out"] == 0
-        assert len(pools()) == 1
+        assert len(pools()) == 2
         X, _ = next(client.source("demo").batch_iterator(batch_size=64))
     wait_until(lambda: not pools(), what="the pools of a client that said goodbye to go")
     X[:] = 3.0  # a batch stays valid after its pool file is gone

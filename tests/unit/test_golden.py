@@ -250,6 +250,10 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         ),
         [],
     ),
+    "end_of_stream.final_rng": (
+        proto.EndOfStream(stream_id=1, seq=2, generation=0, rng=None, final_rng=rng_state(12345, permute=6)),
+        [],
+    ),
     "batch.again": (
         proto.Batch(stream_id=2, seq=9, generation=0, supersedes=5),
         [np.array([[0.25, -1.0]], dtype="<f4"), np.array([3], dtype="<i4")],
@@ -288,6 +292,7 @@ VARIANTS = {
     "credit.freed_assigned",
     "batch.again",
     "welcome.credit",
+    "end_of_stream.final_rng",
 }
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
@@ -403,3 +408,8 @@ def test_fields_added_by_a_minor_version_are_left_out_at_their_default() -> None
     assert old.max_credit_batches == 64
     header = msgpack.unpackb(read_frames("welcome.credit")[0], raw=False)
     assert list(header)[-1] == "max_credit_batches" and header["max_credit_batches"] == 256
+    # (1.6) an end of stream from before 1.6 tells no final RNG state
+    assert "final_rng" not in msgpack.unpackb(read_frames("end_of_stream")[0], raw=False)
+    assert proto.decode(read_frames("end_of_stream"))[0].final_rng is None
+    header = msgpack.unpackb(read_frames("end_of_stream.final_rng")[0], raw=False)
+    assert list(header)[-1] == "final_rng" and header["rng"] is None

@@ -602,7 +602,7 @@ def test_rng_state_of_wrong_type_is_malformed(data: Any) -> None:
 
 # ---------------------------------------------------------------------- versions
 def test_protocol_version() -> None:
-    assert proto.PROTOCOL_VERSION == (1, 5)
+    assert proto.PROTOCOL_VERSION == (1, 6)
 
 
 @pytest.mark.parametrize(
@@ -615,7 +615,7 @@ def test_same_major_is_compatible(peer: tuple[int, int], ok: bool) -> None:
 
 def test_hello_carries_the_version_as_a_list() -> None:
     msg, _ = proto.decode(wire(proto.encode(proto.Hello(list(proto.PROTOCOL_VERSION), CLIENT_ID, "ipc://x"))))
-    assert msg.version == [1, 5]
+    assert msg.version == [1, 6]
     assert proto.is_compatible(tuple(msg.version))
 
 

@@ -329,3 +329,19 @@ def test_a_slot_pool_not_the_byte_budget_bounds_a_pool_streams_batches() -> None
     short = make_stream(n=30, bs=3, credits=2, max_bytes=1 << 20)
     short.use_slots([0, 1, 2, 3], 4)
     assert len(produce_all(short)) == 2  # and credit still bounds them
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_the_end_tells_the_rng_state_the_plan_ends_at(repeats):
+    """(1.6) EndOfStream.final_rng: where the caller's RNG is once the stream is read,
+    also when the last draw was batches before the end (rng, by contrast, is only what
+    the plan drew while finding the end)."""
+    s = make_stream(n=10, bs=3, repeats=repeats, credits=100, seed=9)
+    end = produce_all(s)[-1]
+    ref = np.random.RandomState(9)
+    from batchup_client.sampling import StandardSampler  # batchup's generator, mirrored
+
+    assert len(list(StandardSampler(10, repeats).shuffled_indices_batch_iterator(3, ref))) == end.seq
+    assert isinstance(end, End) and states_equal(decode_rng_state(end.final_rng), ref.get_state())
+    unshuffled = produce_all(make_stream(n=10, bs=3, credits=100, seed=None))[-1]
+    assert isinstance(unshuffled, End) and unshuffled.final_rng is None

@@ -1,0 +1,62 @@
+"""The next epoch's stream, opened ahead (protocol 1.6), through a real server: a training
+loop's epochs are still batchup 0.2.3's, RNG included, whether the stream opened ahead
+is taken over or closed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from batchup import data_source as bds
+
+import batchup_client
+import batchup_protocol as proto
+from batchup_server.demo import make_demo_arrays
+
+pytestmark = pytest.mark.integration
+
+
+def assert_epoch(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(w)
+        for a, b in zip(g, w, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("share_memory", [True, False], ids=["shared-memory", "socket"])
+def test_training_and_validation_loops_take_over_their_next_epochs(server, share_memory):
+    X, y = make_demo_arrays()
+    train_idx, val_idx = np.arange(0, 9000), np.arange(9000, len(X))
+    ref_train = bds.ArrayDataSource([X, y], indices=train_idx)
+    ref_val = bds.ArrayDataSource([X, y], indices=val_idx)
+    mine, ref = np.random.RandomState(21), np.random.RandomState(21)
+    with batchup_client.connect(server.endpoint, share_memory=share_memory) as client:
+        train = client.source("demo", indices=train_idx)
+        val = client.source("demo", indices=val_idx)
+        for _ in range(4):
+            got = list(train.batch_iterator(batch_size=128, shuffle=mine))
+            assert_epoch(got, list(ref_train.batch_iterator(128, shuffle=ref)))
+            assert proto.states_equal(mine.get_state(), ref.get_state())
+            assert_epoch(list(val.batch_iterator(batch_size=500)), list(ref_val.batch_iterator(500)))
+        info = client.info()
+        # epochs 3 and 4 of each loop were opened ahead, while epochs 2 and 3 were read
+        assert info["streams_taken_over"] == 4 and info["streams_ahead_closed"] == 0
+        assert info["streams_ahead_open"] == 2 and info["open_streams"] == 2  # epoch 5's of each
+        assert info["batch_transport"] == ("shared memory" if share_memory else "tcp socket")
+
+
+def test_a_loop_that_draws_between_epochs_gets_batchups_batches(server):
+    X, y = make_demo_arrays()
+    ref_ds = bds.ArrayDataSource([X, y], repeats=2)
+    mine, ref = np.random.RandomState(4), np.random.RandomState(4)
+    with batchup_client.connect(server.endpoint) as client:
+        src = client.source("demo", repeats=2)
+        for e in range(4):
+            got = list(src.batch_iterator(batch_size=256, shuffle=mine))
+            assert_epoch(got, list(ref_ds.batch_iterator(256, shuffle=ref)))
+            if e == 2:
+                mine.randint(10), ref.randint(10)  # e.g. a random validation subset
+        assert proto.states_equal(mine.get_state(), ref.get_state())
+        info = client.info()
+        assert info["streams_taken_over"] == 1 and info["streams_ahead_closed"] == 1
