@@ -7,6 +7,10 @@ its data endpoint. Commands are JSON:
 * ``{"op": "send", "rows": N, "batch": B, "x_row": BYTES, "y_row": BYTES}`` → one
   epoch's worth of batches (the last one short, as batchup's), same byte sizes as the
   service's X and y frames;
+* the same with ``"gather": {"x": PATH, "y": PATH, "seed": S}`` → one shuffled epoch of
+  the ``.npy`` files the server reads, each batch gathered (``np.take`` of memory-mapped
+  rows into a new array, the glibc heap tuned as in the service's workers) before it is
+  sent: the service's work on the socket path, without the service;
 * ``{"op": "stop"}`` → exit.
 
 Exits on its own when the benchmark process goes away.
@@ -20,6 +24,8 @@ import sys
 
 import numpy as np
 import zmq
+
+from batchup_protocol.host import tune_malloc
 
 HWM = 32
 
@@ -36,6 +42,8 @@ def main() -> int:
         data.setsockopt(zmq.SNDHWM, HWM)
         data.connect(data_endpoint)
         buffers: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        sources: dict[str, np.ndarray] = {}
+        tune_malloc()
         while True:
             if not commands.poll(500):
                 if os.getppid() != parent:
@@ -48,6 +56,18 @@ def main() -> int:
                 data.send_multipart([b"hello"])
                 continue
             rows, batch, x_row, y_row = cmd["rows"], cmd["batch"], cmd["x_row"], cmd["y_row"]
+            if "gather" in cmd:
+                g = cmd["gather"]
+                for path in (g["x"], g["y"]):
+                    if path not in sources:
+                        sources[path] = np.load(path, mmap_mode="r").view(np.ndarray)
+                X, Y = sources[g["x"]], sources[g["y"]]
+                order = np.random.RandomState(g["seed"]).permutation(len(X))
+                for start in range(0, len(order), batch):
+                    idx = order[start : start + batch]
+                    xb, yb = np.take(X, idx, axis=0), np.take(Y, idx, axis=0)
+                    data.send_multipart([xb, yb], copy=False)
+                continue
             key = (batch * x_row, batch * y_row)
             if key not in buffers:
                 # touched, non-zero pages (a calloc'd zero page would be unrealistically cheap)

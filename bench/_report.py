@@ -19,6 +19,7 @@ from _systems import (
     AUG_TORCH,
     BATCHUP,
     RAW_TCP,
+    RAW_TCP_GATHER,
     SERVICE_DROPIN,
     SERVICE_SHM,
     SERVICE_TCP,
@@ -153,6 +154,12 @@ def key_targets(
         "service tcp vs raw pyzmq tcp, same bytes",
         _find(results, RAW_TCP, workload, batch),
         RAW_TARGET,
+    )
+    add(
+        "raw-gather",
+        "service tcp vs raw pyzmq tcp that also gathers each batch (the same work, no service)",
+        _find(results, RAW_TCP_GATHER, workload, batch),
+        None,
     )
     add(
         "torch2",
@@ -332,10 +339,10 @@ def write_markdown(
     )
     L.append("")
     L.append(
-        "| workload | batch | ÷ raw tcp | ÷ DataLoader per-sample 2w | ÷ DataLoader best (which) | ÷ batchup "
-        "| other load |"
+        "| workload | batch | ÷ raw tcp | ÷ raw tcp + gather | ÷ DataLoader per-sample 2w "
+        "| ÷ DataLoader best (which) | ÷ batchup | other load |"
     )
-    L.append("|---|---:|---:|---:|---|---:|---:|")
+    L.append("|---|---:|---:|---:|---:|---|---:|---:|")
     cores = len(os.sched_getaffinity(0))
     loads = {sec["name"]: sec for sec in extras.get("load") or []}
     for w in settings.workloads:
@@ -343,7 +350,9 @@ def write_markdown(
             kinds = {r["kind"]: r for r in key_targets(results, w.name, bs)}
             if not kinds:
                 continue
-            cells = [f"{kinds[k]['ratio']:.2f}×" if k in kinds else "—" for k in ("raw", "torch2")]
+            cells = [
+                f"{kinds[k]['ratio']:.2f}×" if k in kinds else "—" for k in ("raw", "raw-gather", "torch2")
+            ]
             best = kinds.get("best")
             cells.append(
                 f"{best['ratio']:.2f}× ({best['other_name'].replace('DataLoader ', '')})" if best else "—"
@@ -617,21 +626,27 @@ def write_markdown(
     L.append(
         "- Service: `python3 -m batchup_server --bind tcp://127.0.0.1:0` (or `ipc://…`) `--config server.toml "
         "--workers 2 --no-demo`; `batchup_client.connect(addr).source(name).batch_iterator(bs, shuffle=rng)`, a new "
-        "stream per epoch (stream set-up included in throughput). Drop-in: "
+        "stream per epoch (stream set-up included in throughput; from a run's second epoch on, the stream opened "
+        "ahead during the previous one, protocol 1.6). Drop-in: "
         "`batchup_client.data_source.ArrayDataSource([X, y])` on `batchup_client.default_client()` (embedded "
         "server, `$BATCHUP_SERVER` unset)."
     )
     L.append(
         "- Raw transport: a child process PUSHes pre-built buffers of the same sizes as the service's X and y "
         "frames (2 frames, `copy=False`, HWM 32) to a PULL in the benchmark process, which views them with "
-        "`np.frombuffer`; no gather, no shuffle, no header — the ceiling for moving those bytes."
+        "`np.frombuffer`; no gather, no shuffle, no header — the ceiling for moving those bytes. "
+        "*Gathering each batch*: the same tcp peer first draws a permutation and gathers each batch from the "
+        "memory-mapped `.npy` files the servers read (`np.take` into a new array, glibc's heap tuned as in the "
+        "service's workers), then sends it: the work of the service's socket path without the service."
     )
     L.append(
         "- One process tree (`bench/run.py` and its children): a tcp and an ipc server (2 workers each), the "
         "drop-in's embedded server and the two raw PUSH processes stay up for the whole run and idle while "
         "other systems are timed; DataLoaders are made per cell. Connect latency, concurrency and embedded "
         "start are measured after the throughput cells. The machine has 2 cores: server router + 2 workers + "
-        "client share them, as DataLoader's main process and 2 workers do."
+        "client share them, as DataLoader's main process and 2 workers do. After every timed run the service's "
+        "clients close the streams they opened ahead for a next epoch (a loop's last epoch leaves one) and the "
+        "servers are waited for until idle, so that no system's run pays for another's leftover work."
     )
     if extras.get("leftovers"):
         L.append(f"- **Cleanup warning**: folders possibly left behind: {sorted(extras['leftovers'])}")

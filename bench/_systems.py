@@ -51,6 +51,8 @@ SERVICE_SHM = "service shared memory (named .npy source, same host)"
 SERVICE_DROPIN = "service drop-in (embedded server, shared memory)"
 RAW_TCP = "raw pyzmq PUSH/PULL tcp"
 RAW_IPC = "raw pyzmq PUSH/PULL ipc"
+#: the service's work on the socket path without the service: gather, then send
+RAW_TCP_GATHER = "raw pyzmq PUSH/PULL tcp, gathering each batch (np.take)"
 
 SYSTEMS = [
     BATCHUP,
@@ -66,6 +68,7 @@ SYSTEMS = [
     SERVICE_DROPIN,
     RAW_TCP,
     RAW_IPC,
+    RAW_TCP_GATHER,
 ]
 TORCH_SYSTEMS = [TORCH_SAMPLE_0, TORCH_SAMPLE_2, TORCH_BATCH_0, TORCH_BATCH_2]
 POOL_SYSTEMS = {"thread": BATCHUP_THREADS, "process": BATCHUP_PROCS}
@@ -389,14 +392,22 @@ class RawPeer:
             self.close()
             raise
 
-    def epoch_fn(self, w: Workload, batch_size: int) -> EpochFn:
-        cmd = json.dumps(
-            {"op": "send", "rows": w.rows, "batch": batch_size, "x_row": w.x_row_bytes, "y_row": 4}
-        ).encode()
+    def epoch_fn(self, w: Workload, batch_size: int, gather: tuple[str, str] | None = None) -> EpochFn:
+        """One epoch of the workload's bytes; with ``gather`` (the X and y ``.npy`` files)
+        the peer gathers every batch of a shuffled epoch from them first."""
+        cmd: dict[str, Any] = {
+            "op": "send",
+            "rows": w.rows,
+            "batch": batch_size,
+            "x_row": w.x_row_bytes,
+            "y_row": 4,
+        }
         n_batches = math.ceil(w.rows / batch_size)
 
         def epoch(rng: np.random.RandomState) -> tuple[int, int]:
-            self.commands.send(cmd)
+            if gather is not None:
+                cmd["gather"] = {"x": gather[0], "y": gather[1], "seed": int(rng.randint(2**31))}
+            self.commands.send(json.dumps(cmd).encode())
             samples = 0
             for _ in range(n_batches):
                 frames = self.data.recv_multipart(copy=False)

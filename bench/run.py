@@ -298,6 +298,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                             (S.SERVICE_DROPIN, S.iterator_epoch(dropin[w.name], bs)),
                             (S.RAW_TCP, raw["tcp"].epoch_fn(w, bs)),
                             (S.RAW_IPC, raw["ipc"].epoch_fn(w, bs)),
+                            (S.RAW_TCP_GATHER, raw["tcp"].epoch_fn(w, bs, gather=paths[w.name])),
                         ]
                         results += measure_cell(settings, w, bs, systems, log, settle)
                         for system, first in torch_loaders.first_batch.items():

@@ -68,6 +68,9 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
         assert TABLE_HEADER in results
         assert "Command (run in" in results and "--quick" in results
         assert "## Key targets" in results and "service tcp vs raw pyzmq tcp" in results
+        # the raw peer that gathers each batch ran (the service's socket-path work, bare)
+        assert "| raw pyzmq PUSH/PULL tcp, gathering each batch (np.take) |" in results
+        assert "service tcp vs raw pyzmq tcp that also gathers each batch" in results
         assert (out / "results.png").stat().st_size > 1000
         left = os.listdir(tmp)
         assert not left, f"bench/run.py left {left} in its temp folder"
