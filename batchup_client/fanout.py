@@ -36,6 +36,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .ahead import Ahead
 from .connection import Client as _Conn
 from .connection import wait_any
 from .errors import BatchupError, ClientClosed, ConnectionLost
@@ -109,6 +110,8 @@ class FanoutClient(SourceMethods):
         self._shm: bool | None = None  #: shared_memory_batches for every connection (None: theirs)
         self._retired: list[_Conn] = []  #: replaced connections, kept while streams read them
         self.prefetch: tuple[int, int] = (32, 128 << 20)
+        #: next epochs' streams opened ahead (see :mod:`batchup_client.ahead`)
+        self.ahead = Ahead()
         self._fans: dict[int, _Fan] = {}
         self._next_sid = 0
         self._closed = False
@@ -254,7 +257,10 @@ class FanoutClient(SourceMethods):
         if not streams:
             raise ConnectionLost(f"no server could open the stream ({self.addresses})")
         self._next_sid += 1
-        self._fans[self._next_sid] = _Fan(args, streams, {a: set() for a in streams}, credit_batches, cap)
+        fan = self._fans[self._next_sid] = _Fan(
+            args, streams, {a: set() for a in streams}, credit_batches, cap
+        )
+        self._pump(fan)  # the servers' first shares, at once (a stream opened ahead: only those)
         return self._next_sid
 
     def pool(self, stream_id: int) -> None:
@@ -405,8 +411,21 @@ class FanoutClient(SourceMethods):
             except (ConnectionLost, ClientClosed):
                 pass
 
-    def stream_end_state(self, stream_id: int) -> None:
-        return None  # no streams opened ahead here (they would double each server's share)
+    def stream_end_state(self, stream_id: int) -> tuple[int, dict[str, Any] | None] | None:
+        """The stream's length and the RNG state its plan ends at, once a server told them."""
+        fan = self._fans.get(stream_id)
+        if fan is None:
+            return None
+        for conn, sid in fan.streams.values():  # (a retired stream may predate a reseed)
+            state = conn.stream_end_state(sid)
+            if state is not None:
+                return state
+        return None
+
+    def close_ahead(self) -> None:
+        """Close the streams opened ahead for loops' next epochs (see :class:`Client`)."""
+        for stream_id in self.ahead.clear():
+            self.close_stream(stream_id)
 
     def close_stream(self, stream_id: int) -> None:
         fan = self._fans.pop(stream_id, None)
@@ -424,6 +443,8 @@ class FanoutClient(SourceMethods):
             "batches_copied_out": sum(
                 c.info()["batches_copied_out"] for c in [*self._conns.values(), *self._retired]
             ),
+            "streams_ahead_open": len(self.ahead),
+            **self.ahead.stats,
         }
 
     @property
@@ -434,6 +455,7 @@ class FanoutClient(SourceMethods):
         if self._closed:
             return
         self._closed = True
+        self.ahead.clear()
         with self._lock:
             self._stop.set()
         self._reconnector.join(0.5)  # a try in progress (DNS, handshake) ends on its own

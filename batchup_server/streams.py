@@ -114,8 +114,8 @@ class End:
     seq: int
     generation: int
     rng: dict[str, Any] | None
-    #: the plan's RNG state at its end (a plan with an RNG, not assigned): what the
-    #: caller's RNG will be once the stream is read, for the next epoch's stream
+    #: the plan's RNG state at its end (a plan with an RNG): what the caller's RNG will
+    #: be once the stream is read, for the next epoch's stream
     final_rng: dict[str, Any] | None = None
 
 
@@ -185,6 +185,11 @@ class Stream:
         self.rng.rng.set_state(state)
         self._rng_mark = None  # the state changed without a draw
 
+    def _final_rng(self) -> dict[str, Any] | None:
+        """The RNG state at the plan's end (the plan is exhausted: it draws no more; batches
+        made again after it go back to their own checkpoints and restore it)."""
+        return None if self.rng is None else encode_rng_state(self.rng.rng.get_state())  # type: ignore[arg-type]
+
     def _advance(self) -> tuple[np.ndarray[Any, Any] | None, dict[str, Any] | None]:
         """Draw batch ``next_seq`` (checkpointing first); its indices and reported RNG."""
         seq = self.next_seq
@@ -214,7 +219,7 @@ class Stream:
             if self._end_sent:
                 return None
             self._end_sent = True
-            return End(self.end, self.generation, self._end_rng)
+            return End(self.end, self.generation, self._end_rng, self._final_rng())
         if seq < self.next_seq:  # an earlier batch (another server's, lost): replay it
             here = (self.plan.get_state(), self._rng_state(), self.next_seq)
             self.plan.set_state(self._checkpoints[seq])
@@ -234,7 +239,7 @@ class Stream:
         if indices is None:
             self._end_rng = rng
             self._end_sent = True
-            return End(self.end if self.end is not None else seq, self.generation, rng)
+            return End(self.end if self.end is not None else seq, self.generation, rng, self._final_rng())
         self._sent.add(seq)
         return self._task(seq, indices, rng, self._free_slot())
 
@@ -293,8 +298,7 @@ class Stream:
         indices, rng = self._advance()
         if indices is None:
             self.finished = True
-            final = None if self.rng is None else encode_rng_state(self.rng.rng.get_state())  # type: ignore[arg-type]
-            return End(seq, self.generation, rng, final)
+            return End(seq, self.generation, rng, self._final_rng())
         return self._task(seq, indices, rng, self._free_slot())
 
     def credit(self, batches: int, consumed: int, freed: list[int] = ()) -> None:  # type: ignore[assignment]

@@ -92,6 +92,35 @@ def test_two_servers_give_one_servers_batches_and_rng(data: Any, shm: bool) -> N
         b.stop()
 
 
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "socket"])
+def test_a_training_loop_over_two_servers_takes_over_its_next_epochs(data: Any, shm: bool) -> None:
+    """Protocol 1.6: each epoch's fanned-out stream is opened ahead, during the one before,
+    and taken over when the caller's RNG is where batchup's would be."""
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            client.shared_memory_batches = shm
+            mine, ref = np.random.RandomState(9), np.random.RandomState(9)
+            src = client.source("train", include_indices=True)
+            ref_ds = bds.ArrayDataSource([X, Y], include_indices=True)
+            for e in range(4):
+                _same(
+                    list(src.batch_iterator(batch_size=64, shuffle=mine)),
+                    list(ref_ds.batch_iterator(64, shuffle=ref)),
+                )
+                if e == 2:
+                    mine.uniform(), ref.uniform()  # the loop draws: epoch 4's stream is not taken
+            assert mine.randint(1 << 30) == ref.randint(1 << 30)
+            info = client.info()
+            assert info["streams_taken_over"] == 1 and info["streams_ahead_closed"] == 1
+            assert info["streams_ahead_open"] == 1
+            client.close_ahead()
+            assert client.info()["streams_ahead_open"] == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_two_servers_on_this_host_keep_every_batch_the_user_keeps(data: Any) -> None:
     """Shared-memory slots with several servers: a user who keeps every batch (list(it))
     runs each server's pool dry; batches are then copied out of their slots, never
