@@ -13,7 +13,8 @@ The next ``batch_iterator`` with the same arguments takes it over when the calle
 exactly in that state, which is batchup's own rule for the next permutation; otherwise the
 stream opened ahead is closed and a new one opened, so the batches are batchup's in every
 case. :class:`Ahead` keeps those streams, a few per connection (a training loop and its
-validation loop each keep one), and remembers which arguments were seen.
+validation loop each keep one), and remembers which arguments were seen, and which ones'
+streams went unused (those stop being opened ahead).
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KEPT", "REMEMBERED", "Ahead", "Opened"]
+__all__ = ["KEPT", "MISSES", "REMEMBERED", "Ahead", "Opened"]
 
 KEPT = 2  #: streams kept open ahead per connection (a training loop and a validation loop)
 REMEMBERED = 16  #: argument sets remembered, to open ahead only for loops that repeat
+#: streams opened ahead for one argument set and closed unused, in a row, after which that
+#: set gets none (a new random subset every epoch, an RNG others draw from, more loops
+#: than :data:`KEPT`): each such stream made batches for nothing
+MISSES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +41,17 @@ class Opened:
     """A stream opened ahead: its arguments, its id and the RNG state it starts from."""
 
     key: Hashable
-    plan_arrays: Sequence[Any]
+    plan_arrays: Sequence[Any]  #: copies of the plan's arrays when it was opened
     stream_id: int
     state: Any  #: ``RandomState.get_state()`` it was planned from; ``None``: no shuffle
 
 
 def _same_arrays(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Equal by value (the stream's were copied when it was opened: a caller's index array
+    may be the same object, changed in place since)."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
-        if x is y:
-            continue
         x, y = np.asarray(x), np.asarray(y)
         if x.dtype != y.dtype or not np.array_equal(x, y):
             return False
@@ -59,18 +64,23 @@ class Ahead:
     def __init__(self, kept: int = KEPT, remembered: int = REMEMBERED):
         self.kept = kept
         self.remembered = remembered
-        self._seen: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[Hashable, int] = collections.OrderedDict()  #: → misses
         self._opened: list[Opened] = []
         self.stats = {"streams_opened_ahead": 0, "streams_taken_over": 0, "streams_ahead_closed": 0}
 
     def repeats(self, key: Hashable) -> bool:
-        """Note a stream with arguments ``key``; whether such a stream came before."""
-        seen = key in self._seen
-        self._seen[key] = None
+        """Note a stream with arguments ``key``; whether such a stream came before (and the
+        streams opened ahead for it did not go unused :data:`MISSES` times in a row)."""
+        misses = self._seen.get(key)
+        self._seen[key] = misses or 0
         self._seen.move_to_end(key)
         while len(self._seen) > self.remembered:
             self._seen.popitem(last=False)
-        return seen
+        return misses is not None and misses < MISSES
+
+    def _missed(self, key: Hashable) -> None:
+        if key in self._seen:
+            self._seen[key] += 1
 
     def take(self, key: Hashable, plan_arrays: Sequence[Any]) -> Opened | None:
         """The stream opened ahead for these arguments, no longer kept here; or ``None``."""
@@ -90,19 +100,25 @@ class Ahead:
         while len(self._opened) > self.kept:
             drop.append(self._opened.pop(0))
         self.stats["streams_ahead_closed"] += len(drop)
+        for o in drop:
+            self._missed(o.key)
         return [o.stream_id for o in drop]
 
-    def taken_over(self) -> None:
+    def taken_over(self, key: Hashable) -> None:
         self.stats["streams_taken_over"] += 1
+        if key in self._seen:
+            self._seen[key] = 0
 
-    def unused(self) -> None:
+    def unused(self, key: Hashable) -> None:
         """A stream taken for its arguments was closed: the caller's RNG had moved on."""
         self.stats["streams_ahead_closed"] += 1
+        self._missed(key)
 
     def clear(self) -> list[int]:
         """Forget every stream opened ahead; returns their ids (to close)."""
         ids = [o.stream_id for o in self._opened]
         self._opened = []
+        self.stats["streams_ahead_closed"] += len(ids)
         return ids
 
     def __len__(self) -> int:

@@ -203,6 +203,8 @@ class Client:
         self.ahead = Ahead()
         self._pools: dict[int, SlotPool] = {}  #: stream id → its pool (kept after the stream closes)
         self._pool_maps: dict[str, SlotPool] = {}  #: pool file → mapping, reused by later streams
+        self._closed_streams: set[int] = set()  #: closed streams whose pool was unmapped
+        self._copied_gone = 0  #: batches copied out of pools unmapped since
         #: content keys of arrays this server holds (it keeps them while it runs): a later
         #: batch_iterator() over the same arrays opens its stream without asking again
         self._held_keys: set[str] = set()
@@ -412,7 +414,7 @@ class Client:
             "batch_transport": "shared memory"
             if self.same_host and self.shared_memory_batches
             else f"{self.address.split('://', 1)[0]} socket",
-            "batches_copied_out": sum(p.copied for p in self._pool_maps.values()),
+            "batches_copied_out": self._copied_gone + sum(p.copied for p in self._pool_maps.values()),
             "open_streams": len(self._inboxes),
             "streams_ahead_open": len(self.ahead),
             **self.ahead.stats,  # streams opened ahead for a loop's next epoch, and their fate
@@ -537,6 +539,8 @@ class Client:
         if isinstance(msg, proto.Batch) and msg.slot >= 0:
             pool = self._pools.get(msg.stream_id)
             if pool is None:
+                if inbox is None and msg.stream_id in self._closed_streams:
+                    return  # a late batch of a closed stream whose pool the server removed since
                 raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
             if pool.late_first_making(msg.stream_id, msg.seq, msg.slot):
                 return  # its slot was freed when the batch made again in its place was taken
@@ -593,6 +597,7 @@ class Client:
                 plan_arrays,
             )
             if reply.pool_path:
+                self._forget_removed_pools()
                 pool = self._pool_maps.get(reply.pool_path)
                 if pool is None or (pool.slots, pool.slot_bytes) != (reply.slots, reply.slot_bytes):
                     pool = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
@@ -604,6 +609,20 @@ class Client:
         self._stats["streams_opened"] += 1
         self._stats["streams_shared_memory" if sid in self._pools else "streams_socket"] += 1
         return sid
+
+    def _forget_removed_pools(self) -> None:
+        """Unmap the pools the server removed (it keeps a few idle ones per client and
+        deletes older ones; a removed pool is never used again): each mapping goes once
+        the batches the user still holds in it are gone."""
+        used = {id(p) for sid, p in self._pools.items() if sid in self._inboxes}
+        gone = {path for path, p in self._pool_maps.items() if id(p) not in used and not os.path.exists(path)}
+        if not gone:
+            return
+        for path in gone:
+            self._copied_gone += self._pool_maps.pop(path).copied
+        for sid in [sid for sid, p in self._pools.items() if p.path in gone]:
+            del self._pools[sid]
+            self._closed_streams.add(sid)
 
     def pool(self, stream_id: int) -> SlotPool | None:
         """The stream's shared-memory slots, or ``None`` when its batches come as frames."""

@@ -208,9 +208,9 @@ def iterate(
     opened = ahead.take(key, plan_arrays) if ahead is not None and key is not None else None
     if opened is not None and ahead is not None:
         if rng is None or proto.states_equal(opened.state, expected):
-            ahead.taken_over()
+            ahead.taken_over(key)
         else:  # the caller's RNG moved on since that stream was planned
-            ahead.unused()
+            ahead.unused(key)
             conn.close_stream(opened.stream_id)
             opened = None
     sid = opened.stream_id if opened is not None else open_stream(expected)
@@ -309,7 +309,9 @@ def _open_ahead(
     except BatchupError as exc:  # the stream the caller reads goes on; the next opens as usual
         log.debug("could not open the next epoch's stream ahead: %s", exc)
         return
-    for stale in ahead.keep(Opened(key, plan_arrays, sid, state)):
+    # a copy: the caller may change its index arrays in place before the next epoch
+    copies = [np.array(a, copy=True) for a in plan_arrays]
+    for stale in ahead.keep(Opened(key, copies, sid, state)):
         conn.close_stream(stale)
 
 
@@ -336,6 +338,7 @@ class SlotPool:
     def __init__(self, path: str, slots: int, slot_bytes: int):
         import mmap
 
+        self.path = path
         with open(path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), slots * slot_bytes)
         self._address = np.frombuffer(self.map, dtype=np.uint8).ctypes.data  # fixed while mapped

@@ -567,11 +567,11 @@ class Settle:
         servers = [pid for pid, cmd in live_children() if "batchup_server" in cmd]
         deadline = time.monotonic() + self.limit
         before = sum(_tree_cpu_seconds(p) for p in servers)
-        while time.monotonic() < deadline:
+        quiet = 0  # windows in a row without a clock tick (10 ms ticks: two, to be sure)
+        while time.monotonic() < deadline and quiet < 2:
             time.sleep(self.quiet)  # noqa: sleep-ok (sampling the servers' CPU clocks)
             now = sum(_tree_cpu_seconds(p) for p in servers)
-            if now == before:
-                return
+            quiet = quiet + 1 if now == before else 0
             before = now
 
 

@@ -637,7 +637,8 @@ def write_markdown(
         "`np.frombuffer`; no gather, no shuffle, no header — the ceiling for moving those bytes. "
         "*Gathering each batch*: the same tcp peer first draws a permutation and gathers each batch from the "
         "memory-mapped `.npy` files the servers read (`np.take` into a new array, glibc's heap tuned as in the "
-        "service's workers), then sends it: the work of the service's socket path without the service."
+        "service's workers), then sends it: the work of the service's socket path without the service, in one "
+        "process and one batch at a time (the service spreads its gathers over 2 workers)."
     )
     L.append(
         "- One process tree (`bench/run.py` and its children): a tcp and an ipc server (2 workers each), the "

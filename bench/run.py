@@ -117,7 +117,7 @@ def fanin_section(
             one = settle.add(batchup_client.connect(servers[0].endpoint))
             stack.callback(_close, one)
             one.shared_memory_batches = shm
-            two = batchup_client.connect([s.endpoint for s in servers])
+            two = settle.add(batchup_client.connect([s.endpoint for s in servers]))
             stack.callback(_close, two)
             two.shared_memory_batches = shm
             systems += [

@@ -60,3 +60,28 @@ def test_a_loop_that_draws_between_epochs_gets_batchups_batches(server):
         assert proto.states_equal(mine.get_state(), ref.get_state())
         info = client.info()
         assert info["streams_taken_over"] == 1 and info["streams_ahead_closed"] == 1
+
+
+def _deleted_pool_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return len(
+            {line.split()[-2] for line in f if "/pool-" in line and line.rstrip().endswith("(deleted)")}
+        )
+
+
+def test_pools_the_server_removed_are_unmapped(server):
+    """Five loops of different batch sizes (their streams opened ahead too): the server keeps
+    four idle pools per client and deletes older ones; the client unmaps those instead of
+    holding every pool it ever saw."""
+    import gc
+
+    with batchup_client.connect(server.endpoint) as client:
+        assert client.info()["batch_transport"] == "shared memory"
+        src = client.source("demo")
+        for _ in range(6):
+            for bs in (16, 32, 48, 64, 80):
+                for _batch in src.batch_iterator(batch_size=bs):
+                    pass
+        gc.collect()
+        assert client.info()["streams_opened"] > 30
+        assert _deleted_pool_mappings() <= 4

@@ -43,7 +43,22 @@ def test_keep_closes_the_one_it_replaces_and_the_oldest_beyond_the_limit() -> No
     assert ahead.keep(Opened("train", [], 3, None)) == [1]  # same arguments: the newer wins
     assert ahead.keep(Opened("test", [], 4, None)) == [2]  # three loops: the oldest goes
     assert sorted(ahead.clear()) == [3, 4] and len(ahead) == 0
-    assert ahead.stats["streams_opened_ahead"] == 4 and ahead.stats["streams_ahead_closed"] == 2
+    assert ahead.stats["streams_opened_ahead"] == 4 and ahead.stats["streams_ahead_closed"] == 4
+
+
+def test_arguments_whose_streams_go_unused_twice_in_a_row_get_none() -> None:
+    ahead = Ahead(kept=1)
+    assert not ahead.repeats("a") and ahead.repeats("a")
+    ahead.keep(Opened("a", [], 1, None))
+    ahead.keep(Opened("b", [], 2, None))  # evicts a's: one miss
+    assert ahead.repeats("a")
+    ahead.unused("a")  # taken, but the caller's RNG had moved on: two in a row
+    assert not ahead.repeats("a") and not ahead.repeats("a")
+    assert not ahead.repeats("c") and ahead.repeats("c")
+    ahead.unused("c")
+    ahead.taken_over("c")  # a taken stream resets the count
+    ahead.unused("c")
+    assert ahead.repeats("c")
 
 
 # ---------------------------------------------------------------------- iterate
@@ -187,3 +202,61 @@ def test_the_global_rng_never_opens_ahead() -> None:
     finally:
         np.random.set_state(state)
     assert len(conn.opened) == 3 and conn.ahead.stats["streams_opened_ahead"] == 0
+
+
+def test_indices_changed_in_place_between_epochs_are_not_served_from_the_old_ones() -> None:
+    """The caller's subset array is the same object, changed in place (hard examples
+    mined, a curriculum): the stream opened ahead was planned from the old values."""
+    conn = FakeConnection()
+    idx = np.arange(0, 20)
+    plan = {"kind": "subset", "indices": 0, "repeats": 1}
+
+    def run(rng: np.random.RandomState) -> list[np.ndarray]:
+        return [b for (b,) in iterate(conn, {"name": "x"}, plan, [idx], 4, rng=rng, prefetch=4)]
+
+    from batchup_client.sampling import SubsetSampler
+
+    mine, ref = np.random.RandomState(1), np.random.RandomState(1)
+    for e in range(4):
+        want = list(SubsetSampler(idx.copy(), 1).shuffled_indices_batch_iterator(4, ref))
+        assert_same(run(mine), want)
+        idx[:] = idx + 20 * (e % 2 == 0)  # shifted after epochs 1 and 3, kept after 2
+    assert conn.ahead.stats["streams_taken_over"] == 1  # epoch 4's: planned from unchanged indices
+
+
+ARGS = {"fields": None, "include_indices": False, "transforms": None, "transform_seed": 0, "prefetch": 4}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fields": ["X"]},
+        {"include_indices": True},
+        {"transforms": [{"name": "crop"}]},
+        {"transform_seed": 5},
+        {"prefetch": 8},
+        {"plan": {"kind": "standard", "length": 23, "repeats": 1, "shard": [0, 2]}},
+        {"source": "y"},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_a_stream_opened_ahead_serves_only_the_same_arguments(change: dict) -> None:
+    conn = FakeConnection()
+    loop = np.random.RandomState(3)  # the training loop's RNG
+
+    def run(rng: np.random.RandomState, **kw) -> None:
+        args = {**ARGS, **kw}
+        plan = args.pop("plan", {"kind": "standard", "length": 23, "repeats": 1})
+        source = {"name": args.pop("source", "x")}
+        for _ in iterate(conn, source, plan, [], 5, rng=rng, **args):
+            pass
+
+    run(loop)
+    run(loop)  # seen before: the next is opened ahead, from where loop is now
+    assert len(conn.ahead) == 1
+    other = np.random.RandomState()
+    other.set_state(loop.get_state())  # in that very state, but other arguments
+    run(other, **change)
+    assert conn.ahead.stats["streams_taken_over"] == 0 and len(conn.ahead) == 1
+    run(loop)  # the loop's arguments and RNG: taken over
+    assert conn.ahead.stats["streams_taken_over"] == 1
