@@ -44,6 +44,7 @@ class Opened:
     plan_arrays: Sequence[Any]  #: copies of the plan's arrays when it was opened
     stream_id: int
     state: Any  #: ``RandomState.get_state()`` it was planned from; ``None``: no shuffle
+    held: int = 0  #: batch credit held back until it is taken over (granted then)
 
 
 def _same_arrays(a: Sequence[Any], b: Sequence[Any]) -> bool:

@@ -261,6 +261,8 @@ class Client:
             if proto.tells_credit_limit(welcome.version)
             else OLD_SERVER_CREDIT
         )
+        if not proto.opens_ahead(welcome.version):
+            self.ahead.kept = 0  # a server before 1.6 tells no final RNG state, takes no start credit
         self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
             and bool(welcome.shm_dir)
@@ -570,9 +572,12 @@ class Client:
         transforms: list[dict[str, Any]] | None = None,
         transform_seed: int = 0,
         assigned: bool = False,
+        start_credit: int = -1,
     ) -> int:
         """Open a stream; returns its id. Batches then arrive through :meth:`next_item`.
-        ``assigned``: the server makes only the batches :meth:`assign` names."""
+        ``assigned``: the server makes only the batches :meth:`assign` names;
+        ``start_credit``: of ``credit_batches``, the batches it may make before the first
+        :meth:`send_credit` (-1: all; a stream opened ahead)."""
         self._next_stream += 1
         sid = self._next_stream
         self._inboxes[sid] = Inbox()
@@ -593,6 +598,7 @@ class Client:
                     list(transforms or []),
                     transform_seed,
                     assigned,
+                    start_credit,
                 ),
                 plan_arrays,
             )

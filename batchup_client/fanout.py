@@ -36,6 +36,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import batchup_protocol as proto
+
 from .ahead import Ahead
 from .connection import Client as _Conn
 from .connection import wait_any
@@ -122,6 +124,8 @@ class FanoutClient(SourceMethods):
             target=self._reconnect_loop, name="batchup-reconnect", daemon=True
         )
         self._reconnector.start()
+        if not all(proto.opens_ahead(c.welcome.version) for c in self._conns.values()):
+            self.ahead.kept = 0  # a server before 1.6 (see Client)
 
     # ------------------------------------------------------------------ servers
     def _alive(self) -> list[tuple[str, _Conn]]:
@@ -229,7 +233,10 @@ class FanoutClient(SourceMethods):
         credit_bytes: int,
         transforms: list[dict[str, Any]] | None = None,
         transform_seed: int = 0,
+        start_credit: int = -1,
     ) -> int:
+        """``start_credit``: of ``credit_batches``, the batches asked of the servers before
+        the first :meth:`send_credit` (-1: all; a stream opened ahead)."""
         live = self._alive()
         limit = min(conn.max_credit_batches for _, conn in live)  # what every server accepts
         cap = max(1, min(max(2, -(-credit_batches // (2 * len(live)))), limit // 2))
@@ -257,9 +264,8 @@ class FanoutClient(SourceMethods):
         if not streams:
             raise ConnectionLost(f"no server could open the stream ({self.addresses})")
         self._next_sid += 1
-        fan = self._fans[self._next_sid] = _Fan(
-            args, streams, {a: set() for a in streams}, credit_batches, cap
-        )
+        allowed = credit_batches if start_credit < 0 else min(start_credit, credit_batches)
+        fan = self._fans[self._next_sid] = _Fan(args, streams, {a: set() for a in streams}, allowed, cap)
         self._pump(fan)  # the servers' first shares, at once (a stream opened ahead: only those)
         return self._next_sid
 

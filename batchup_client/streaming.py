@@ -140,6 +140,7 @@ class Connection(Protocol):
         credit_bytes: int,
         transforms: list[dict[str, Any]] | None = None,
         transform_seed: int = 0,
+        start_credit: int = -1,
     ) -> int: ...
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]: ...
     def ready(self, stream_id: int, seq: int) -> bool: ...
@@ -174,7 +175,7 @@ def iterate(
     (a training loop), and a later call takes that stream over (see that module)."""
     expected = rng.get_state() if rng is not None else None
 
-    def open_stream(state: Any) -> int:
+    def open_stream(state: Any, start_credit: int = -1) -> int:
         seed = secrets.randbits(63) if transform_seed is None else transform_seed
         wire = plan if state is None else {**plan, "rng": proto.encode_rng_state(state)}
         return conn.open_stream(
@@ -188,6 +189,7 @@ def iterate(
             prefetch_bytes,
             transforms,
             seed,
+            **({"start_credit": start_credit} if start_credit >= 0 else {}),  # only opening ahead
         )
 
     ahead: Ahead | None = getattr(conn, "ahead", None)
@@ -209,6 +211,8 @@ def iterate(
     if opened is not None and ahead is not None:
         if rng is None or proto.states_equal(opened.state, expected):
             ahead.taken_over(key)
+            if opened.held:  # the rest of its credit, held back while nobody read it
+                conn.send_credit(opened.stream_id, opened.held, 0)
         else:  # the caller's RNG moved on since that stream was planned
             ahead.unused(key)
             conn.close_stream(opened.stream_id)
@@ -252,7 +256,11 @@ def iterate(
                 end = conn.stream_end_state(sid)
                 if end is not None:
                     look_ahead = False
-                    _open_ahead(conn, ahead, key, plan_arrays, rng, end[1], open_stream)  # type: ignore[arg-type]
+                    # through shared memory all of it: its pool bounds it (and is there anyway),
+                    # and +2% of an epoch boundary's worth over a quarter (ad hoc A/B); over a
+                    # socket a quarter of what flies, client memory held until it is taken over
+                    start = prefetch if pool is not None else min(prefetch, grant_every)
+                    _open_ahead(conn, ahead, key, plan_arrays, rng, end[1], open_stream, start, prefetch)  # type: ignore[arg-type]
             if isinstance(msg, proto.Error):
                 raise remote_error(msg.code, msg.message, msg.remote_type, msg.traceback)
             if msg.rng is not None and rng is not None:
@@ -298,20 +306,23 @@ def _open_ahead(
     rng: np.random.RandomState | None,
     final_rng: dict[str, Any] | None,
     open_stream: Any,
+    start: int,
+    prefetch: int,
 ) -> None:
     """Open the next epoch's stream from the RNG state this one ends at (not when a
-    shuffled stream's server does not tell it, before 1.6); a failure only logs."""
+    shuffled stream's server does not tell it, before 1.6), allowed to make only ``start``
+    of its ``prefetch`` batches until it is taken over; a failure only logs."""
     if rng is not None and final_rng is None:
         return
     state = proto.decode_rng_state(final_rng) if final_rng is not None else None
     try:
-        sid = open_stream(state)
+        sid = open_stream(state, start if start < prefetch else -1)
     except BatchupError as exc:  # the stream the caller reads goes on; the next opens as usual
         log.debug("could not open the next epoch's stream ahead: %s", exc)
         return
     # a copy: the caller may change its index arrays in place before the next epoch
     copies = [np.array(a, copy=True) for a in plan_arrays]
-    for stale in ahead.keep(Opened(key, copies, sid, state)):
+    for stale in ahead.keep(Opened(key, copies, sid, state, prefetch - start)):
         conn.close_stream(stale)
 
 

@@ -504,6 +504,11 @@ class Router:
                 ErrorCode.INVALID_ARGUMENT,
                 f"credit_batches should be in [1, {self.config.max_credit_batches}], got {msg.credit_batches}",
             )
+        if msg.start_credit != -1 and not 1 <= msg.start_credit <= msg.credit_batches:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"start_credit should be -1 or in [1, credit_batches={msg.credit_batches}], got {msg.start_credit}",
+            )
         rng = None
         rng_spec = msg.plan.get("rng")
         if rng_spec is not None:
@@ -516,7 +521,8 @@ class Router:
             rng = CountingRNG(rs)
         try:
             plan = build_plan(msg.plan, batch_size, rng, arrays)
-            window = CreditWindow(msg.credit_batches, msg.credit_bytes)
+            start = msg.credit_batches if msg.start_credit == -1 else msg.start_credit
+            window = CreditWindow(start, msg.credit_bytes)  # the rest comes with Credit
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for child, entry in zip(children, entries):

@@ -46,7 +46,14 @@ from .messages import (
     message_from_fields,
 )
 from .rng import decode_rng_state, encode_rng_state, states_equal
-from .version import PROTOCOL_VERSION, is_compatible, knows_supersedes, takes_bundles, tells_credit_limit
+from .version import (
+    PROTOCOL_VERSION,
+    is_compatible,
+    knows_supersedes,
+    opens_ahead,
+    takes_bundles,
+    tells_credit_limit,
+)
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -99,4 +106,5 @@ __all__ = [
     "states_equal",
     "takes_bundles",
     "tells_credit_limit",
+    "opens_ahead",
 ]

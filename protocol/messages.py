@@ -150,6 +150,9 @@ class OpenStream:
     transforms: list[dict[str, Any]] = _since((1, 2), factory=list)  #: (1.2) maps, innermost first
     transform_seed: int = _since((1, 2), 0)  #: (1.2) seeds the RNGs transforms draw from, per batch
     assigned: bool = _since((1, 2), False)  #: (1.2) make only the batches Credit.assign names
+    #: (1.6) batches the server may make before the client's first Credit (-1: all of
+    #: credit_batches); the window, and a slot pool, are still sized by credit_batches
+    start_credit: int = _since((1, 6), -1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AHEAD_SINCE",
     "BUNDLES_SINCE",
     "PROTOCOL_VERSION",
     "SUPERSEDES_SINCE",
     "TELLS_CREDIT_SINCE",
     "is_compatible",
     "knows_supersedes",
+    "opens_ahead",
     "takes_bundles",
     "tells_credit_limit",
 ]
@@ -25,6 +27,9 @@ BUNDLES_SINCE: tuple[int, int] = (1, 3)
 SUPERSEDES_SINCE: tuple[int, int] = (1, 4)
 #: the first version whose servers say in Welcome how much batch credit they accept
 TELLS_CREDIT_SINCE: tuple[int, int] = (1, 5)
+#: the first version whose servers tell a plan's final RNG state (EndOfStream.final_rng)
+#: and take OpenStream.start_credit: what a stream opened ahead needs
+AHEAD_SINCE: tuple[int, int] = (1, 6)
 
 
 def is_compatible(peer: tuple[int, int]) -> bool:
@@ -54,3 +59,9 @@ def tells_credit_limit(peer: Any) -> bool:
     """Whether a server whose ``Welcome.version == peer`` sends its ``max_credit_batches``
     (1.5); an older one's limit is a server option the client cannot see."""
     return _at_least(peer, TELLS_CREDIT_SINCE)
+
+
+def opens_ahead(peer: Any) -> bool:
+    """Whether a server whose ``Welcome.version == peer`` tells ``EndOfStream.final_rng``
+    and takes ``OpenStream.start_credit`` (1.6): a client opens streams ahead only then."""
+    return _at_least(peer, AHEAD_SINCE)

@@ -260,6 +260,26 @@ def variants() -> dict[str, tuple[Any, list[np.ndarray[Any, Any]]]]:
             ),
             [],
         ),
+        # (1.6) a stream opened ahead: 8 of its 32 batches of credit until it is taken over
+        "open_stream.start_credit": (
+            proto.OpenStream(
+                7,
+                9,
+                {"name": "train"},
+                {"kind": "standard", "length": 50000, "repeats": 1, "rng": _rng_state(6, permute=50000)},
+                256,
+                False,
+                32,
+                1 << 27,
+                None,
+                True,
+                [],
+                0,
+                False,
+                8,
+            ),
+            [],
+        ),
         # (1.6) the end of a shuffled plan of 2 batches of a 6-row source, with the RNG
         # state it ends at (its one draw was the first batch's)
         "end_of_stream.final_rng": (proto.EndOfStream(1, 2, 0, None, _rng_state(12345, permute=6)), []),

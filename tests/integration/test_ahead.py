@@ -4,6 +4,8 @@ is taken over or closed."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from batchup import data_source as bds
@@ -85,3 +87,21 @@ def test_pools_the_server_removed_are_unmapped(server):
         gc.collect()
         assert client.info()["streams_opened"] > 30
         assert _deleted_pool_mappings() <= 4
+
+
+@pytest.mark.parametrize("share_memory", [True, False], ids=["shared-memory", "socket"])
+def test_a_start_credit_holds_a_stream_to_that_many_batches_until_a_credit(server, share_memory):
+    plan = {"kind": "standard", "length": 12000, "repeats": 1}
+    with batchup_client.connect(server.endpoint, share_memory=share_memory) as client:
+        for bad in (0, 17, -2):
+            with pytest.raises(batchup_client.InvalidArgumentError, match="start_credit should be -1 or in"):
+                client.open_stream({"name": "demo"}, plan, [], 50, False, None, 16, 1 << 24, start_credit=bad)
+        sid = client.open_stream({"name": "demo"}, plan, [], 50, False, None, 16, 1 << 24, start_credit=3)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # two seconds for batches beyond the three
+            client.poll_data(0.05)
+        assert client.buffered(sid) == 3 and not client.ready(sid, 3)
+        client.send_credit(sid, 13, 0)  # the rest of its 16
+        got = [client.next_item(sid, seq)[0].seq for seq in range(16)]
+        assert got == list(range(16))
+        client.close_stream(sid)

@@ -75,10 +75,12 @@ class FakeConnection:
         self.streams: dict[int, tuple[Stream, Inbox]] = {}
         self.opened: list[int] = []
         self.closed: list[int] = []
+        self.start_credits: list[int] = []
+        self.granted: list[tuple[int, int]] = []  #: (stream, batches) of every Credit
         self._payload: dict[tuple[int, int, int], np.ndarray] = {}
 
     def open_stream(self, source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches,
-                    credit_bytes, transforms=None, transform_seed=0):  # fmt: skip
+                    credit_bytes, transforms=None, transform_seed=0, start_credit=-1):  # fmt: skip
         rng = None
         if plan.get("rng") is not None:
             rs = np.random.RandomState()
@@ -86,8 +88,11 @@ class FakeConnection:
             rng = CountingRNG(rs)
         plan_obj = build_plan(plan, batch_size, rng, list(plan_arrays))
         sid = len(self.opened) + 1
-        self.streams[sid] = (Stream(plan_obj, rng, CreditWindow(credit_batches, credit_bytes), 8), Inbox())
+        start = credit_batches if start_credit == -1 else start_credit
+        self.streams[sid] = (Stream(plan_obj, rng, CreditWindow(start, credit_bytes), 8), Inbox())
         self.opened.append(sid)
+        self.start_credits.append(start_credit)
+        self._pump(sid)  # a server makes batches as soon as a stream opens
         return sid
 
     def _pump(self, sid: int) -> None:
@@ -117,6 +122,7 @@ class FakeConnection:
         return None
 
     def send_credit(self, stream_id, batches, consumed, freed=()):
+        self.granted.append((stream_id, batches))
         self.streams[stream_id][0].credit(batches, consumed)
         self._pump(stream_id)  # a server makes batches while the reader reads
 
@@ -158,6 +164,18 @@ def test_a_training_loop_takes_over_the_streams_opened_ahead(repeats: int) -> No
     # epoch 1 is new; from epoch 2 on each opens the next; epochs 3-5 take theirs over
     assert len(conn.opened) == 6 and conn.ahead.stats["streams_taken_over"] == 3
     assert len(conn.ahead) == 1 and conn.opened[-1] not in conn.closed  # the 6th waits
+
+
+def test_a_stream_opened_ahead_makes_a_quarter_of_its_credit_until_taken_over() -> None:
+    conn = FakeConnection()
+    rng = np.random.RandomState(4)
+    epoch(conn, rng, n=100, bs=5)
+    epoch(conn, rng, n=100, bs=5)  # 20 batches, prefetch 4... (epoch() asks for 4)
+    assert conn.start_credits == [-1, -1, 1]  # max(1, 4 // 4): a quarter of what flies
+    ahead = conn.opened[2]
+    assert len(conn.streams[ahead][1]) == 1  # made that much, and waits
+    epoch(conn, rng, n=100, bs=5)  # taken over: the other 3 of its 4 batches of credit, first
+    assert conn.granted[[s for s, _ in conn.granted].index(ahead)] == (ahead, 3)
 
 
 def test_a_draw_between_epochs_closes_the_stream_opened_ahead() -> None:

@@ -291,6 +291,13 @@ def test_only_a_15_server_tells_its_credit_limit(peer, tells):
     assert OLD_SERVER_CREDIT == 32
 
 
+@pytest.mark.parametrize(("peer", "opens"), [([1, 6], True), ([1, 9], True), ([1, 5], False), (None, False)])
+def test_streams_are_opened_ahead_only_of_a_16_server(peer, opens):
+    """A 1.5 server tells no final RNG state and would ignore start_credit (a stream opened
+    ahead would make its whole window for nothing)."""
+    assert proto.opens_ahead(peer) is opens
+
+
 @pytest.mark.parametrize(("peer", "knows"), [([1, 4], True), ([1, 9], True), ([1, 3], False), ("x", False)])
 def test_only_a_14_client_gets_batches_made_again_as_frames(peer, knows):
     assert proto.knows_supersedes(peer) is knows

@@ -250,6 +250,22 @@ EXPECTED: dict[str, tuple[Any, list[np.ndarray[Any, Any]]]] = {
         ),
         [],
     ),
+    "open_stream.start_credit": (
+        proto.OpenStream(
+            request_id=7,
+            stream_id=9,
+            source={"name": "train"},
+            plan={"kind": "standard", "length": 50000, "repeats": 1, "rng": rng_state(6, permute=50000)},
+            batch_size=256,
+            include_indices=False,
+            credit_batches=32,
+            credit_bytes=1 << 27,
+            fields=None,
+            shm=True,
+            start_credit=8,
+        ),
+        [],
+    ),
     "end_of_stream.final_rng": (
         proto.EndOfStream(stream_id=1, seq=2, generation=0, rng=None, final_rng=rng_state(12345, permute=6)),
         [],
@@ -293,6 +309,7 @@ VARIANTS = {
     "batch.again",
     "welcome.credit",
     "end_of_stream.final_rng",
+    "open_stream.start_credit",
 }
 
 GOLDEN_FILES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
@@ -413,3 +430,6 @@ def test_fields_added_by_a_minor_version_are_left_out_at_their_default() -> None
     assert proto.decode(read_frames("end_of_stream"))[0].final_rng is None
     header = msgpack.unpackb(read_frames("end_of_stream.final_rng")[0], raw=False)
     assert list(header)[-1] == "final_rng" and header["rng"] is None
+    assert proto.decode(read_frames("open_stream"))[0].start_credit == -1  # all of its credit
+    header = msgpack.unpackb(read_frames("open_stream.start_credit")[0], raw=False)
+    assert list(header)[-1] == "start_credit" and "assigned" not in header
