@@ -261,8 +261,9 @@ class Client:
             if proto.tells_credit_limit(welcome.version)
             else OLD_SERVER_CREDIT
         )
-        if not proto.opens_ahead(welcome.version):
-            self.ahead.kept = 0  # a server before 1.6 tells no final RNG state, takes no start credit
+        #: the server tells a plan's final RNG state and takes a start credit (1.6): streams
+        #: can be opened ahead of it (a 1.5 server would make a whole window for nothing)
+        self.opens_ahead = proto.opens_ahead(welcome.version)
         self.same_host = share_memory is not False and (
             welcome.host_id == host_id()
             and bool(welcome.shm_dir)

@@ -36,8 +36,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import batchup_protocol as proto
-
 from .ahead import Ahead
 from .connection import Client as _Conn
 from .connection import wait_any
@@ -124,8 +122,6 @@ class FanoutClient(SourceMethods):
             target=self._reconnect_loop, name="batchup-reconnect", daemon=True
         )
         self._reconnector.start()
-        if not all(proto.opens_ahead(c.welcome.version) for c in self._conns.values()):
-            self.ahead.kept = 0  # a server before 1.6 (see Client)
 
     # ------------------------------------------------------------------ servers
     def _alive(self) -> list[tuple[str, _Conn]]:
@@ -427,6 +423,11 @@ class FanoutClient(SourceMethods):
             if state is not None:
                 return state
         return None
+
+    @property
+    def opens_ahead(self) -> bool:
+        """Every server can have streams opened ahead of it (1.6; see :class:`Client`)."""
+        return all(c.opens_ahead for c in self._conns.values())
 
     def close_ahead(self) -> None:
         """Close the streams opened ahead for loops' next epochs (see :class:`Client`)."""

@@ -81,6 +81,7 @@ __all__ = [
     "OpenStream",
     "PROTOCOL_VERSION",
     "knows_supersedes",
+    "opens_ahead",
     "ProtocolError",
     "RegisterArray",
     "RegisterCode",
@@ -106,5 +107,4 @@ __all__ = [
     "states_equal",
     "takes_bundles",
     "tells_credit_limit",
-    "opens_ahead",
 ]

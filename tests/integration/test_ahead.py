@@ -105,3 +105,18 @@ def test_a_start_credit_holds_a_stream_to_that_many_batches_until_a_credit(serve
         got = [client.next_item(sid, seq)[0].seq for seq in range(16)]
         assert got == list(range(16))
         client.close_stream(sid)
+
+
+def test_no_stream_is_opened_ahead_of_a_server_before_16(server, monkeypatch):
+    """A 1.5 server tells no final RNG state and would ignore a start credit: the client
+    sees its version in Welcome (here: the check made to read 1.6 as older) and opens none."""
+    from batchup_client import connection
+
+    monkeypatch.setattr(connection.proto, "opens_ahead", lambda version: False)
+    with batchup_client.connect(server.endpoint) as client:
+        assert client.opens_ahead is False
+        src = client.source("demo")
+        for _ in range(3):
+            for _batch in src.batch_iterator(batch_size=500):
+                pass
+        assert client.info()["streams_opened_ahead"] == 0 and client.info()["streams_opened"] == 3

@@ -76,6 +76,7 @@ class FakeConnection:
         self.opened: list[int] = []
         self.closed: list[int] = []
         self.start_credits: list[int] = []
+        self.limits: dict[int, int] = {}  #: credit_batches of each stream
         self.granted: list[tuple[int, int]] = []  #: (stream, batches) of every Credit
         self._payload: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -89,6 +90,8 @@ class FakeConnection:
         plan_obj = build_plan(plan, batch_size, rng, list(plan_arrays))
         sid = len(self.opened) + 1
         start = credit_batches if start_credit == -1 else start_credit
+        assert 1 <= start <= credit_batches
+        self.limits[sid] = credit_batches
         self.streams[sid] = (Stream(plan_obj, rng, CreditWindow(start, credit_bytes), 8), Inbox())
         self.opened.append(sid)
         self.start_credits.append(start_credit)
@@ -122,8 +125,12 @@ class FakeConnection:
         return None
 
     def send_credit(self, stream_id, batches, consumed, freed=()):
+        assert stream_id not in self.closed, "credit for a closed stream"
         self.granted.append((stream_id, batches))
-        self.streams[stream_id][0].credit(batches, consumed)
+        stream = self.streams[stream_id][0]
+        stream.credit(batches, consumed)
+        # never more than its credit_batches in flight and to come (PROTOCOL.md, Flow control)
+        assert stream.window.credits + stream.window.statistics().in_flight <= self.limits[stream_id]
         self._pump(stream_id)  # a server makes batches while the reader reads
 
     def reseed(self, stream_id, from_seq, generation, rng):
@@ -170,7 +177,7 @@ def test_a_stream_opened_ahead_makes_a_quarter_of_its_credit_until_taken_over() 
     conn = FakeConnection()
     rng = np.random.RandomState(4)
     epoch(conn, rng, n=100, bs=5)
-    epoch(conn, rng, n=100, bs=5)  # 20 batches, prefetch 4... (epoch() asks for 4)
+    epoch(conn, rng, n=100, bs=5)  # seen before: the next is opened ahead (prefetch is 4)
     assert conn.start_credits == [-1, -1, 1]  # max(1, 4 // 4): a quarter of what flies
     ahead = conn.opened[2]
     assert len(conn.streams[ahead][1]) == 1  # made that much, and waits
@@ -278,3 +285,46 @@ def test_a_stream_opened_ahead_serves_only_the_same_arguments(change: dict) -> N
     assert conn.ahead.stats["streams_taken_over"] == 0 and len(conn.ahead) == 1
     run(loop)  # the loop's arguments and RNG: taken over
     assert conn.ahead.stats["streams_taken_over"] == 1
+
+
+def test_no_stream_is_opened_ahead_of_a_server_that_cannot_take_one() -> None:
+    conn = FakeConnection()
+    conn.opens_ahead = False  # a server before 1.6 (Client.opens_ahead)
+    rng = np.random.RandomState(6)
+    for _ in range(3):
+        epoch(conn, rng)
+    assert len(conn.opened) == 3 and conn.ahead.stats["streams_opened_ahead"] == 0
+
+
+@pytest.mark.parametrize("with_pool", [True, False], ids=["slot-pool", "frames"])
+def test_a_stream_opened_ahead_with_a_slot_pool_gets_all_its_credit_at_once(with_pool: bool) -> None:
+    from batchup_client.streaming import _open_ahead
+
+    class Conn:
+        def __init__(self) -> None:
+            self.opened: list[int] = []
+            self.granted: list[tuple[int, int]] = []
+
+        def pool(self, sid):
+            return object() if with_pool else None
+
+        def send_credit(self, sid, batches, consumed, freed=()):
+            self.granted.append((sid, batches))
+
+        def close_stream(self, sid):
+            raise AssertionError("nothing to close")
+
+    conn, ahead = Conn(), Ahead()
+
+    def open_stream(state, start_credit=-1):
+        conn.opened.append(start_credit)
+        return 7
+
+    _open_ahead(conn, ahead, ("k",), [np.arange(3)], None, None, open_stream, 8, 32)  # type: ignore[arg-type]
+    assert conn.opened == [8]  # a quarter of its credit, then
+    opened = ahead.take(("k",), [np.arange(3)])
+    assert opened is not None
+    if with_pool:  # the pool bounds it: the rest at once
+        assert conn.granted == [(7, 24)] and opened.held == 0
+    else:  # frames: the rest when it is taken over
+        assert conn.granted == [] and opened.held == 24

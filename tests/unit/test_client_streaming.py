@@ -206,17 +206,22 @@ def test_resolve_shuffle():
 
 
 def test_byte_budget_below_the_credit_batching_never_deadlocks():
-    """Only 2 batches fit the byte budget while credit is returned every 8: the client must
-    report what it consumed before it waits."""
+    """Only 2 batches fit the byte budget while batch credit would be returned every 8:
+    the client reports what it consumed often enough (a quarter of what the budget lets
+    fly, or before it waits) for the server never to wait for bytes the client holds."""
 
-    class Tight(FakeServer):
-        def open_stream(self, *args):
-            args = list(args)
-            args[-1] = 2 * 8 * 5  # bytes for two batches of 5 rows of 8 bytes
-            return super().open_stream(*args)
-
-    fake = Tight(shuffle_delivery=False)
-    gen = iterate(fake, {"name": "x"}, {"kind": "standard", "length": 100}, [], 5, rng=None, prefetch=32)
+    fake = FakeServer(shuffle_delivery=False)
+    budget = 2 * 8 * 5  # bytes for two batches of 5 rows of 8 bytes
+    gen = iterate(
+        fake,
+        {"name": "x"},
+        {"kind": "standard", "length": 100},
+        [],
+        5,
+        rng=None,
+        prefetch=32,
+        prefetch_bytes=budget,
+    )
     assert sum(1 for _ in gen) == 20
     assert fake.credits and all(b >= 1 for b, _ in fake.credits)
 
