@@ -57,6 +57,13 @@ def _cut_batch(batch: Any, start: int, stop: int) -> Any:
     return batch[start:stop]
 
 
+def _sharded_indices(source: Any, batch_size: int, shard: tuple[int, int], **kwargs: Any) -> Iterator[Any]:
+    """``source.batch_indices_iterator`` for one rank: its part of each global index batch
+    (``batch_size * world_size``), cut as :func:`_shard_composed` does."""
+    check_batch_size(batch_size)
+    return _shard_composed(source.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
+
+
 def _shard_composed(batches: Iterator[Any], shard: tuple[int, int] | None) -> Iterator[Any]:
     """A rank's cut of each whole global batch, of data or of indices, by the rule of the
     server's ``ShardedPlan`` (composites: cut after trimming; a choice's index batch keeps
@@ -323,8 +330,7 @@ class RandomAccessDataSource(AbstractDataSource):
         global batch (the indices of that rank's :meth:`batch_iterator` batches)."""
         shard = check_shard(rank, world_size)
         if shard is not None:
-            check_batch_size(batch_size)
-            return _shard_composed(self.batch_indices_iterator(batch_size * shard[1], shuffle), shard)
+            return _sharded_indices(self, batch_size, shard, shuffle=shuffle)
         rng = self._get_shuffle_rng(shuffle)
         if rng is not None:
             return self.sampler.shuffled_indices_batch_iterator(batch_size, rng)  # type: ignore[no-any-return]
@@ -688,8 +694,7 @@ class CompositeDataSource(AbstractDataSource):
         _require_random_access(self._random_access, "batch_indices_iterator")
         shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
         if shard is not None:  # cut the trimmed global batches, every child alike
-            check_batch_size(batch_size)
-            yield from _shard_composed(self.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
+            yield from _sharded_indices(self, batch_size, shard, **kwargs)
             return
         iterators = [d.batch_indices_iterator(batch_size, **kwargs) for d in self.datasets]
         for batch in zip(*iterators):
@@ -748,10 +753,7 @@ class ChoiceDataSource(AbstractDataSource):
         _require_random_access(self._random_access, "batch_indices_iterator")
         shard = check_shard(kwargs.pop("rank", None), kwargs.pop("world_size", None))
         if shard is not None:  # the choice sequence counts global batches: cut whole ones
-            check_batch_size(batch_size)
-            return _shard_composed(
-                self.batch_indices_iterator(batch_size * shard[1], shuffle, **kwargs), shard
-            )
+            return _sharded_indices(self, batch_size, shard, shuffle=shuffle, **kwargs)
         rng = self._get_shuffle_rng(shuffle)
         iterators = [d.batch_indices_iterator(batch_size, shuffle=rng, **kwargs) for d in self.datasets]
         return self._ds_iterator(batch_size, iterators, rng, **kwargs)

@@ -189,7 +189,7 @@ def iterate(
             prefetch_bytes,
             transforms,
             seed,
-            **({"start_credit": start_credit} if start_credit >= 0 else {}),  # only opening ahead
+            start_credit=start_credit,
         )
 
     ahead: Ahead | None = getattr(conn, "ahead", None)

@@ -36,7 +36,9 @@ class FakeServer:
         credit_bytes,
         transforms=None,
         transform_seed=0,
+        start_credit=-1,
     ):
+        assert start_credit == -1  # only a stream opened ahead has one
         rng = None
         if plan.get("rng") is not None:
             rs = np.random.RandomState()
