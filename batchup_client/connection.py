@@ -768,6 +768,12 @@ class Client:
         inbox.reset(generation, from_seq)
         self._send(proto.Reseed(stream_id, from_seq, generation, rng))
 
+    def void_from(self, stream_id: int, from_seq: int, generation: int) -> list[int]:
+        """What :meth:`reseed` does here, without telling the server (a lost one, say):
+        items of the stream from ``from_seq`` on are void; returns those that had arrived."""
+        inbox = self._inboxes.get(stream_id)
+        return [] if inbox is None else inbox.reset(generation, from_seq)
+
     def close_ahead(self) -> None:
         """Close the streams opened ahead for loops' next epochs (after the last epoch, say,
         to stop the server making batches nobody will read)."""

@@ -407,11 +407,24 @@ class FanoutClient(SourceMethods):
         fan.consumed = from_seq
         if fan.end is not None and fan.end >= from_seq:
             fan.end = None  # replanned: the length is to be learnt again
-        for conn, sid in fan.streams.values():
-            try:
-                conn.reseed(sid, from_seq, generation, rng)
-            except (ConnectionLost, ClientClosed):
-                pass
+        # What arrived from from_seq on is void. A live server makes again what it sent (it
+        # remembers): those batches are outstanding again. A lost server's, and those of
+        # streams on connections replaced since, go to the live servers.
+        void: set[int] = set()
+        for address, (conn, sid) in fan.streams.items():
+            sent = conn.void_from(sid, from_seq, generation)
+            if address in fan.outstanding:
+                try:
+                    conn.reseed(sid, from_seq, generation, rng)
+                    fan.outstanding[address].update(sent)
+                    continue
+                except (ConnectionLost, ClientClosed):
+                    pass  # lost: the next round hands what it was asked to the others
+            void.update(sent)
+        for conn, sid in fan.retired:
+            void.update(conn.void_from(sid, from_seq, generation))
+        if void:
+            fan.requeue = collections.deque(sorted(void.union(fan.requeue)))
 
     def stream_end_state(self, stream_id: int) -> tuple[int, dict[str, Any] | None] | None:
         """The stream's length and the RNG state its plan ends at, once a server told them."""

@@ -103,13 +103,18 @@ class Inbox:
         self._taken = max(self._taken, seq + 1)
         return item
 
-    def reset(self, generation: int, from_seq: int) -> None:
+    def reset(self, generation: int, from_seq: int) -> list[int]:
+        """Items from ``from_seq`` on are void (replanned as ``generation``): drops those
+        that arrived and returns their sequence numbers, with those already taken from
+        here (batch ``from_seq``, whose RNG told the reader its caller had drawn)."""
         self.generation = generation
+        void = sorted({s for s in self._items if s >= from_seq}.union(range(from_seq, self._taken)))
         self._taken = min(self._taken, from_seq)  # replanned from there: sent again
         if self.end is not None and self.end >= from_seq:
             self.end = self.final_rng = None
-        for seq in [s for s in self._items if s >= from_seq]:
-            del self._items[seq]
+        for seq in void:
+            self._items.pop(seq, None)
+        return void
 
     def copy_out(self) -> int:
         """Replace the shared-memory views of the batches waiting here with copies, so their

@@ -339,3 +339,55 @@ def test_servers_that_accept_little_credit_still_stream_everything(tmp_path: Any
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("returns", [False, True], ids=["lost", "lost-and-back"])
+def test_a_draw_after_a_server_was_lost_replans_the_batches_it_had_sent(data: Any, returns: bool) -> None:
+    """A lost server's batches that arrived stay readable; but when the caller then draws
+    from its RNG, those from the replanned batch on are void and nobody makes them again
+    unless the client asks a live server for them (else: batches of the old plan, or a
+    reader waiting for batches that never come)."""
+    import threading
+
+    a, b = _server(data), _server(data)
+    bind = b.endpoint
+    try:
+        with batchup_client.connect([a.endpoint, bind], server_timeout=2.0) as client:
+            warm = client.source("train").map("tag").batch_iterator(batch_size=10)
+            made_by = {int(batch[2][0]) for batch in warm}  # both servers' workers are up
+            assert made_by & set(worker_pids(a.pid)) and made_by & set(worker_pids(b.pid))
+            src = client.source("train", include_indices=True, repeats=-1)
+            rng = np.random.RandomState(6)
+            it = src.batch_iterator(batch_size=100, shuffle=rng)  # 9 batches an epoch
+            got = [next(it) for _ in range(3)]
+            time.sleep(0.5)  # noqa: sleep-ok (both servers fill their credit: batches 3..19 arrive)
+            got += [next(it) for _ in range(5)]  # the reader takes in what came, past batch 9
+            os.kill(b.pid, signal.SIGKILL)
+            b.kill()
+            wait_until(lambda: not client.info()["servers"][bind], what="the loss noticed")
+            got.append(next(it))  # batch 8; the stream drops the lost server, keeps its batches
+            if returns:
+                b = _server(data, bind=bind)
+                wait_until(lambda: all(client.info()["servers"].values()), what="the server back")
+            rng.uniform()  # the caller draws: epoch 2 (batch 9 on) is planned anew
+
+            def run() -> None:
+                for _ in range(27):
+                    got.append(next(it))
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            t.join(30)
+            assert not t.is_alive(), "the reader waits for batches nobody makes"
+            it.close()
+        ref_rng = np.random.RandomState(6)
+        ref = bds.ArrayDataSource([X, Y], include_indices=True, repeats=-1).batch_iterator(
+            100, shuffle=ref_rng
+        )
+        want = [next(ref) for _ in range(9)]
+        ref_rng.uniform()
+        want += [next(ref) for _ in range(27)]
+        _same(got, want)
+    finally:
+        a.stop()
+        b.kill()

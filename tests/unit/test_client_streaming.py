@@ -193,6 +193,21 @@ def test_inbox_drops_a_duplicate_that_comes_after_its_original_was_taken():
     assert box.take(1)[1] == ["replanned"]
 
 
+def test_inbox_reset_names_the_void_batches_taken_or_waiting():
+    """What a reseed voids here: the batch just taken (its RNG told the reader of the draw)
+    and those waiting from it on; a several-servers client asks live servers for them again
+    when the server that made them is lost."""
+    box = Inbox()
+    for seq in (0, 1, 3, 5):
+        box.put(proto.Batch(1, seq, 0), [seq])
+    assert box.take(0)[1] == [0] and box.take(1)[1] == [1]
+    assert box.reset(1, 1) == [1, 3, 5]
+    assert len(box) == 0 and box.reset(2, 1) == []  # nothing taken or waiting from 1 since
+    other = Inbox()  # a stream that made none of them
+    other.put(proto.Batch(1, 2, 0), [2])
+    assert other.reset(1, 1) == [2]
+
+
 def test_resolve_shuffle():
     assert resolve_shuffle(None) is None and resolve_shuffle(False) is None
     assert resolve_shuffle(True) is np.random.mtrand._rand
