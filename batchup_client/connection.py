@@ -36,7 +36,7 @@ import zmq
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
-from batchup_protocol.host import content_key, host_id, sweep_stale, tune_malloc
+from batchup_protocol.host import content_key, host_id, make_private_dir, sweep_stale, tune_malloc
 
 from .ahead import Ahead
 from .errors import (
@@ -223,7 +223,7 @@ class Client:
             "batches_made_again": 0,  #: batches recomputed after a server's worker died (1.4)
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
-        self._private_dir = tempfile.mkdtemp(prefix=f"batchup-client-{os.getpid()}-")
+        self._private_dir = make_private_dir("batchup-client-")
         _live_dirs.add(self._private_dir)
         self._ctx = zmq.Context()
         self._heartbeat: _Heartbeat | None = None

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from batchup_protocol.host import sweep_stale
+from batchup_protocol.host import make_private_dir, sweep_stale
 
 from .errors import ConnectionLost
 
@@ -27,7 +27,7 @@ class LocalServer:
 
     def __init__(self, workers: int | None = None, startup_timeout: float = 60.0):
         sweep_stale(tempfile.gettempdir(), "batchup-local-")
-        self.folder = tempfile.mkdtemp(prefix=f"batchup-local-{os.getpid()}-")
+        self.folder = make_private_dir("batchup-local-")
         self.endpoint = f"ipc://{self.folder}/control"
         n = workers if workers is not None else min(2, os.cpu_count() or 1)
         cmd = [

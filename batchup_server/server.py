@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from batchup_protocol.host import host_id, sweep_stale
+from batchup_protocol.host import host_id, mark_owned, sweep_stale
 
 from .config import ConfigError, ServerConfig
 from .demo import write_demo_source
@@ -35,12 +35,14 @@ PREFIX = "batchup-"
 def _make_dirs() -> tuple[str, str]:
     tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     runtime = tempfile.mkdtemp(prefix=tag + "-")
+    mark_owned(runtime)
     shm_root = SHM_ROOT if os.access(SHM_ROOT, os.W_OK) else runtime
     for root in {shm_root, tempfile.gettempdir()}:
         for path in sweep_stale(root, PREFIX):
             log.info("removed %s left by a process that died", path)
     shm = os.path.join(shm_root, tag if shm_root == SHM_ROOT else "shm")
     os.makedirs(shm, mode=0o700)
+    mark_owned(shm)
     return runtime, shm
 
 

@@ -6,12 +6,24 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import shutil
 import socket
+import stat
+import tempfile
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ContentHasher", "content_key", "host_id", "sweep_stale", "tune_malloc"]
+__all__ = [
+    "OWNER_FILE",
+    "ContentHasher",
+    "content_key",
+    "host_id",
+    "make_private_dir",
+    "mark_owned",
+    "sweep_stale",
+    "tune_malloc",
+]
 
 
 def host_id() -> str:
@@ -45,16 +57,68 @@ def content_key(array: np.ndarray[Any, Any]) -> str:
     return hasher.key()
 
 
+#: in every private folder of a server or client: ``"<pid> <start time>"`` of its owner
+OWNER_FILE = ".batchup-owner"
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, Linux; "" elsewhere): with the
+    pid it names one process, as pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        return text[text.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return ""
+
+
+def mark_owned(path: str) -> None:
+    """Make ``path`` (a folder this process made) one :func:`sweep_stale` may remove
+    after this process is gone."""
+    pid = os.getpid()
+    with open(os.path.join(path, OWNER_FILE), "w") as f:
+        f.write(f"{pid} {_process_start(pid)}\n")
+
+
+def make_private_dir(prefix: str, root: str | None = None) -> str:
+    """A new folder ``<root>/<prefix><pid>-<random>``, marked as this process's."""
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
+    mark_owned(path)
+    return path
+
+
+def _owner(path: str) -> tuple[int, str] | None:
+    """The process that marked folder ``path`` (one of this user's), if it did."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        with open(os.path.join(path, OWNER_FILE)) as f:
+            pid, _, start = f.read().strip().partition(" ")
+        return int(pid), start
+    except (OSError, ValueError):
+        return None
+
+
+def _gone(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        pass  # it exists (another user's): its start time tells whether it is ours
+    now = _process_start(pid)
+    return bool(start and now and now != start)
+
+
 def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
-    """Remove ``root/<prefix>...-<pid>-...`` folders whose owning process is gone.
+    """Remove the folders ``root/<prefix>...`` that a server or client made
+    (:func:`make_private_dir`, :func:`mark_owned`) and whose process is gone.
 
-    Servers and clients name their private folders with their pid, so folders left by a
-    killed process are recognised and removed by the next one to start. Returns what
-    was removed.
+    A killed process cannot clean up: the next one to start does. Only folders of this
+    user that carry the owner file are touched, never another folder with a like name.
+    Returns what was removed.
     """
-    import os
-    import shutil
-
     removed: list[str] = []
     try:
         names = os.listdir(root)
@@ -63,17 +127,11 @@ def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
     for name in names:
         if not name.startswith(prefix):
             continue
-        pids = [p for p in name[len(prefix) :].split("-") if p.isdigit()]
-        if not pids:
-            continue
-        try:
-            os.kill(int(pids[0]), 0)
-        except ProcessLookupError:
-            path = os.path.join(root, name)
+        path = os.path.join(root, name)
+        owner = _owner(path)
+        if owner is not None and _gone(*owner):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
-        except (PermissionError, OverflowError):
-            continue
     return removed
 
 
