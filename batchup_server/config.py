@@ -112,16 +112,34 @@ class ServerConfig:
             )
 
 
+#: the options of each kind of source table
+SOURCE_KEYS = {
+    "npy": {"npy"},
+    "npz": {"npz", "keys"},
+    "hdf5": {"hdf5", "datasets"},
+    "plugin": {"plugin", "args"},
+}
+#: the sections of a config file
+SECTIONS = ("server", "sources", "datasets")
+
+
 def _source_from_table(name: str, table: dict[str, Any], base: str) -> tuple[str, Any]:
     def path(p: Any) -> str:
         if not isinstance(p, str):
             raise ConfigError(f"sources.{name}: a path should be a string, got {p!r}")
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
-    kinds = [k for k in ("npy", "npz", "hdf5", "plugin") if k in table]
+    if not isinstance(table, dict):
+        raise ConfigError(f"sources.{name} should be a table ([sources.{name}]), got {table!r}")
+    kinds = [k for k in SOURCE_KEYS if k in table]
     if len(kinds) != 1:
         raise ConfigError(f"sources.{name} should have exactly one of npy, npz, hdf5, plugin; got {kinds}")
     kind = kinds[0]
+    unknown = sorted(set(table) - SOURCE_KEYS[kind])
+    if unknown:
+        raise ConfigError(
+            f"sources.{name} ({kind}) has unknown option(s) {unknown}; known: {sorted(SOURCE_KEYS[kind])}"
+        )
     if kind == "plugin":
         args = table.get("args", {})
         if not isinstance(table["plugin"], str) or not isinstance(args, dict):
@@ -198,6 +216,12 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         base = os.path.dirname(os.path.abspath(path))
+        unknown = sorted(set(doc) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(
+                f"config file {path} has unknown section(s) {unknown}; known: {list(SECTIONS)} "
+                "(a source is [sources.NAME])"
+            )
         server = doc.get("server", {})
         known = {f.name for f in dataclasses.fields(ServerConfig)} - {
             "sources",

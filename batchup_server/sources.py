@@ -185,7 +185,14 @@ def plugin_fields(kind: str, args: dict[str, Any]) -> list[str]:
 def _open_array(field: FieldSpec) -> Any:
     try:
         if field.kind == "npy":
-            return np.load(field.path, mmap_mode="r", allow_pickle=False)
+            arr = np.load(field.path, mmap_mode="r", allow_pickle=False)
+            if not isinstance(arr, np.ndarray):  # an .npz archive (np.load opens both)
+                arr.close()
+                raise SourceError(
+                    f"field {field.name!r}: {field.path} is an .npz archive, not an .npy file; "
+                    f"serve it with npz = {field.path!r} (and keys = [...] to pick arrays)"
+                )
+            return arr
         if field.kind == "h5":
             return _h5_array(field.path, field.dataset)
         if field.kind == "plugin":

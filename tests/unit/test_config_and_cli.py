@@ -44,6 +44,13 @@ def test_sources_and_options_from_toml(tmp_path):
         ('[sources.x]\nhdf5 = "a.h5"\n', "datasets should map"),
         ('[sources.demo]\nnpy = { X = "a" }\n', "reserved"),
         ('[server]\nbind = "localhost"\n', "bind should be an endpoint"),
+        ('[source.x]\nnpy = { X = "a" }\n', r"unknown section\(s\) \['source'\].*\[sources.NAME\]"),
+        (
+            '[sources.x]\nnpy = { X = "a" }\nshuffle = true\n',
+            r"sources.x \(npy\) has unknown option\(s\) \['shuffle'\]",
+        ),
+        ('[sources.x]\nnpz = "a.npz"\ndatasets = { X = "X" }\n', r"unknown option\(s\) \['datasets'\]"),
+        ('[sources]\nx = "a.npy"\n', r"sources.x should be a table"),
     ],
 )
 def test_bad_config_files(tmp_path, text, message):
@@ -74,6 +81,9 @@ def test_sources_check_lengths_and_files(tmp_path):
     np.save(tmp_path / "o.npy", np.array([{}, 1], dtype=object), allow_pickle=True)
     with pytest.raises(SourceError):
         open_source(SourceSpec("s", (FieldSpec("a", "npy", str(tmp_path / "o.npy")),)))
+    np.savez(tmp_path / "z.npz", X=np.zeros(5))
+    with pytest.raises(SourceError, match=r"is an .npz archive, not an .npy file; serve it with npz ="):
+        open_source(SourceSpec("s", (FieldSpec("X", "npy", str(tmp_path / "z.npz")),)))
 
 
 def test_h5_gather_handles_unsorted_and_repeated_indices(tmp_path):
