@@ -200,6 +200,7 @@ class AbstractDataSource:
         return MapDataSource(self, fn, params, seed=seed, where=where)
 
     def _n_batches(self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]) -> int | None:
+        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
         if n_batches is None:
             n = self.num_samples(**kwargs)
             if n == np.inf:

@@ -122,7 +122,8 @@ class SourceCatalog:
             arr = arrays[pos]
             if arr.dtype.kind in "iu" and not in_range(arr, length):
                 raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT, f"plan indices out of range for a source of length {length}"
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"indices out of range for a source of {length} rows (0 <= index < {length})",
                 )
         if plan.get("kind") == "standard" and plan.get("length") != length:
             raise RequestError(

@@ -132,6 +132,10 @@ def test_bad_batch_sizes(server):
                 next(it)
         with pytest.raises(TypeError, match="batch_size"):
             next(src.batch_iterator(batch_size=2.5))
+        for bad in (0, -1):  # batchup: ZeroDivisionError for 0, an empty result for -1
+            for call in (src.batch_map_concat, src.batch_map_mean):
+                with pytest.raises(ValueError, match=f"positive integer, but got batch_size={bad}"):
+                    call(lambda X, y: (X.sum(),), batch_size=bad)
         with pytest.raises(batchup_client.TooLargeError, match="max_message_bytes"):
             next(src.batch_iterator(batch_size=10**9))
         assert len(list(src.batch_iterator(batch_size=6000))) == 2
