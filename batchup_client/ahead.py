@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,15 @@ class Ahead:
         self._opened = []
         self.stats["streams_ahead_closed"] += len(ids)
         return ids
+
+    def close_all(self, close_stream: Callable[[int], None]) -> None:
+        """Close every stream opened ahead with the client's ``close_stream``."""
+        for stream_id in self.clear():
+            close_stream(stream_id)
+
+    def info(self) -> dict[str, int]:
+        """What a client's ``info()`` tells of them: how many are open, and their fate."""
+        return {"streams_ahead_open": len(self._opened), **self.stats}
 
     def __len__(self) -> int:
         return len(self._opened)

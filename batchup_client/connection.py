@@ -419,8 +419,7 @@ class Client:
             else f"{self.address.split('://', 1)[0]} socket",
             "batches_copied_out": self._copied_gone + sum(p.copied for p in self._pool_maps.values()),
             "open_streams": len(self._inboxes),
-            "streams_ahead_open": len(self.ahead),
-            **self.ahead.stats,  # streams opened ahead for a loop's next epoch, and their fate
+            **self.ahead.info(),  # streams opened ahead for a loop's next epoch, and their fate
             "security": "CURVE" if self.curve is not None else "none",
         }
 
@@ -777,8 +776,7 @@ class Client:
     def close_ahead(self) -> None:
         """Close the streams opened ahead for loops' next epochs (after the last epoch, say,
         to stop the server making batches nobody will read)."""
-        for stream_id in self.ahead.clear():
-            self.close_stream(stream_id)
+        self.ahead.close_all(self.close_stream)
 
     def close_stream(self, stream_id: int) -> None:
         """Release a stream's credits and buffers at once. Idempotent; quiet after close."""

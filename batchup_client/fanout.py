@@ -444,8 +444,7 @@ class FanoutClient(SourceMethods):
 
     def close_ahead(self) -> None:
         """Close the streams opened ahead for loops' next epochs (see :class:`Client`)."""
-        for stream_id in self.ahead.clear():
-            self.close_stream(stream_id)
+        self.ahead.close_all(self.close_stream)
 
     def close_stream(self, stream_id: int) -> None:
         fan = self._fans.pop(stream_id, None)
@@ -463,8 +462,7 @@ class FanoutClient(SourceMethods):
             "batches_copied_out": sum(
                 c.info()["batches_copied_out"] for c in [*self._conns.values(), *self._retired]
             ),
-            "streams_ahead_open": len(self.ahead),
-            **self.ahead.stats,
+            **self.ahead.info(),
         }
 
     @property

@@ -162,4 +162,5 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
             router.close()
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
-        log.info("stopped; removed %s and %s", runtime, shm)
+        # (a server that never started says why, after this, and nothing else)
+        (log.info if router is not None else log.debug)("stopped; removed %s and %s", runtime, shm)
