@@ -171,8 +171,8 @@ def measure_cell(
     ``epoch(rng)`` iterates one epoch shuffled with ``rng`` and returns (samples, batches).
     Each system first runs two warm-up epochs; the second sets how many epochs make a run
     last about ``min_run_seconds`` (a first epoch pays one-off costs: a new shared-memory
-    pool's page faults, say, which made the runs of the fastest systems too short). Then come ``settings.runs`` rounds; in each round every
-    system does one timed run, in an order rotated from round to round, so background load
+    pool's page faults, say, which made the runs of the fastest systems too short). Then
+    come ``settings.runs`` rounds; in each round every system does one timed run, in an order rotated from round to round, so background load
     and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
     draw successive permutations from it, as a training loop would. ``after_run`` runs
     after every run, untimed (see :class:`Settle`).
