@@ -549,6 +549,9 @@ class Client:
             if inbox is None:  # a late batch of a closed stream: its slot is free again
                 pool.free_unused(msg.slot)
                 return
+            if inbox.passed(msg.seq):  # taken from another server's copy (fanned out)
+                pool.free_unused(msg.slot)
+                return
             if inbox.duplicate(msg):
                 return  # made again after a worker died, into the slot the first copy holds
             try:
@@ -766,6 +769,13 @@ class Client:
         inbox = self._inboxes[stream_id]
         inbox.reset(generation, from_seq)
         self._send(proto.Reseed(stream_id, from_seq, generation, rng))
+
+    def pass_to(self, stream_id: int, seq: int) -> None:
+        """Items of a stream before ``seq`` were handed out, some from another server's
+        stream (fanned out): none is needed from here any more (see :meth:`Inbox.pass_to`)."""
+        inbox = self._inboxes.get(stream_id)
+        if inbox is not None:
+            inbox.pass_to(seq)
 
     def void_from(self, stream_id: int, from_seq: int, generation: int) -> list[int]:
         """What :meth:`reseed` does here, without telling the server (a lost one, say):

@@ -62,7 +62,8 @@ class _Fan:
     cap: int  #: batches a server may have outstanding: a faster server empties its share sooner
     next_seq: int = 0  #: the first batch never asked for
     requeue: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
-    consumed: int = 0
+    consumed: int = 0  #: as last reported to the servers
+    read: int = 0  #: the batch the reader is at: every earlier one was handed out
     end: int | None = None  #: the stream's length, once a server reported it
     reseeds: list[tuple[int, int, dict[str, Any]]] = dataclasses.field(default_factory=list)
     #: streams on connections that were lost and replaced: their received batches still count
@@ -301,13 +302,22 @@ class FanoutClient(SourceMethods):
         self._rejoin(fan)
         for address in list(fan.outstanding):
             conn, sid = fan.streams[address]
-            if not conn.alive():
-                lost = sorted(s for s in fan.outstanding.pop(address) if s >= fan.consumed)
+            if not conn.alive():  # what it sent stays readable; the rest goes to the others
+                lost = sorted(
+                    s for s in fan.outstanding.pop(address) if s >= fan.read and not conn.holds(sid, s)
+                )
                 if lost:
                     log.warning("server %s is lost: asking the others for batches %s", address, lost[:8])
                 fan.requeue.extendleft(reversed(lost))
                 continue
-            fan.outstanding[address] = {s for s in fan.outstanding[address] if not conn.ready(sid, s)}
+            # batches that came (also while another stream waited), or that were read from
+            # another server's copy, are outstanding no more
+            conn.pass_to(sid, fan.read)
+            fan.outstanding[address] = {
+                s for s in fan.outstanding[address] if s >= fan.read and not conn.ready(sid, s)
+            }
+        if fan.requeue:
+            fan.requeue = collections.deque(s for s in fan.requeue if s >= fan.read)
         if not fan.outstanding:
             raise ConnectionLost(f"every server of this stream is lost ({self.addresses})")
         for conn, sid in fan.streams.values():
@@ -359,6 +369,7 @@ class FanoutClient(SourceMethods):
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         fan = self._fan(stream_id)
+        fan.read = max(fan.read, seq)
         waits = 0  # wait slices gone by without batch seq
         while True:
             self._pump(fan, waiting=fan.has(seq) is None, waits=waits)
@@ -404,7 +415,7 @@ class FanoutClient(SourceMethods):
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:
         fan = self._fan(stream_id)
         fan.reseeds.append((from_seq, generation, rng))
-        fan.consumed = from_seq
+        fan.consumed = fan.read = from_seq
         if fan.end is not None and fan.end >= from_seq:
             fan.end = None  # replanned: the length is to be learnt again
         # What arrived from from_seq on is void. A live server makes again what it sent (it

@@ -64,6 +64,9 @@ class Inbox:
         self.end: int | None = None  #: the stream's length, once an EndOfStream arrived
         self.final_rng: dict[str, Any] | None = None  #: the RNG state its plan ends at (1.6)
         self._taken = 0  #: items before this sequence number were taken (handed out)
+        #: items before this one were handed out, from here or from another server's stream
+        #: of a fanned-out stream (a lost server's batch, asked again of this one)
+        self._floor = 0
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
         generation = getattr(msg, "generation", -1)
@@ -72,7 +75,7 @@ class Inbox:
         if isinstance(msg, proto.Error) and msg.seq < 0:
             self._failure = self._failure or (msg, arrays)  # the whole stream failed
             return
-        if msg.seq < self._taken:
+        if msg.seq < self._taken or msg.seq < self._floor:
             return  # a recomputed duplicate of an item already handed out: dropped (its slot too)
         if isinstance(msg, proto.EndOfStream):
             self.end, self.final_rng = msg.seq, msg.final_rng
@@ -86,6 +89,19 @@ class Inbox:
         if getattr(msg, "generation", -1) != self.generation:
             return False
         return msg.seq < self._taken or msg.seq in self._items
+
+    def pass_to(self, seq: int) -> None:
+        """Items before ``seq`` were handed out, some from another stream: those waiting
+        here are dropped (their slots freed), and those that come later too."""
+        if seq > self._floor:
+            self._floor = seq
+            for s in [s for s in self._items if s < seq]:
+                del self._items[s]
+
+    def passed(self, seq: int) -> bool:
+        """Whether item ``seq`` was handed out from another stream, not from here: a copy
+        of it arriving here is not needed (nor its shared-memory slot)."""
+        return self._taken <= seq < self._floor
 
     def has(self, seq: int) -> bool:
         """Whether :meth:`take` would return something now."""
@@ -105,15 +121,20 @@ class Inbox:
 
     def reset(self, generation: int, from_seq: int) -> list[int]:
         """Items from ``from_seq`` on are void (replanned as ``generation``): drops those
-        that arrived and returns their sequence numbers, with those already taken from
-        here (batch ``from_seq``, whose RNG told the reader its caller had drawn)."""
+        that arrived and returns the sequence numbers of the batches among them, with those
+        already taken from here (batch ``from_seq``, whose RNG told the reader its caller
+        had drawn). Not an end of stream's: the server that reaches the new end tells it."""
         self.generation = generation
-        void = sorted({s for s in self._items if s >= from_seq}.union(range(from_seq, self._taken)))
+        end = self.end if self.end is not None and self.end >= from_seq else None
+        void = sorted(
+            {s for s in self._items if s >= from_seq and s != end}.union(range(from_seq, self._taken))
+        )
         self._taken = min(self._taken, from_seq)  # replanned from there: sent again
+        self._floor = min(self._floor, from_seq)
         if self.end is not None and self.end >= from_seq:
             self.end = self.final_rng = None
-        for seq in void:
-            self._items.pop(seq, None)
+        for seq in [s for s in self._items if s >= from_seq]:
+            del self._items[seq]
         return void
 
     def copy_out(self) -> int:

@@ -332,6 +332,8 @@ class Stream:
         self._sent = {s for s in self._sent if s >= consumed}
         self.consumed = consumed
         if self.assigned:
+            if self._queue and min(self._queue) < consumed:  # taken from another server's copy
+                self._queue = collections.deque(s for s in self._queue if s >= consumed)
             self._awaited_first()
 
     def reseed(self, from_seq: int, generation: int, state: Any) -> None:

@@ -391,3 +391,46 @@ def test_a_draw_after_a_server_was_lost_replans_the_batches_it_had_sent(data: An
     finally:
         a.stop()
         b.kill()
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "socket"])
+def test_a_server_lost_after_another_streams_wait_took_in_its_batches(data: Any, shm: bool) -> None:
+    """Two streams read in turns: one's batches come in while the other waits. Then a
+    server is lost. Its batches that came are read, not asked again of the other server:
+    that server's copies came after their turn, were dropped (their shared-memory slots
+    with them, unfreed) and stayed outstanding for ever, so it was asked for nothing more
+    and the reader waited for ever."""
+    import threading
+
+    a, b = _server(data), _server(data)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint], server_timeout=2.0) as client:
+            client.shared_memory_batches = shm
+            src = client.source("train", include_indices=True)
+            it_b = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(2))
+            got = [next(it_b)]  # each server is asked for its share of the first batches
+            time.sleep(0.5)  # noqa: sleep-ok (they are made and wait in the sockets, unread)
+            it_a = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(1))
+            next(it_a)
+            time.sleep(0.3)  # noqa: sleep-ok (the other stream's batches keep coming)
+            next(it_a)  # its waits take in the first stream's batches too
+            os.kill(b.pid, signal.SIGKILL)
+            b.kill()
+            wait_until(lambda: not client.info()["servers"][b.endpoint], what="the loss noticed")
+
+            def run() -> None:
+                got.extend(it_b)
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            t.join(40)
+            assert not t.is_alive(), "the reader waits for batches nobody was asked for"
+            it_a.close()
+            _same(got, _reference(10, 2))
+            # slots and credit all came back: a later stream on the one server left runs
+            _same(
+                list(src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(3))), _reference(10, 3)
+            )
+    finally:
+        a.stop()
+        b.kill()

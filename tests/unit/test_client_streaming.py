@@ -208,6 +208,22 @@ def test_inbox_reset_names_the_void_batches_taken_or_waiting():
     assert other.reset(1, 1) == [2]
 
 
+def test_inbox_passed_to_a_batch_drops_what_came_from_elsewhere():
+    """A fanned-out stream's batch read from another server's copy: this server's copy,
+    waiting or late, is dropped (its slot freed), and a reseed does not name an end."""
+    box = Inbox()
+    for seq in (0, 1, 2, 4):
+        box.put(proto.Batch(1, seq, 0), [seq])
+    assert box.take(0)[1] == [0]
+    box.pass_to(3)  # batches 1 and 2 were handed out from another server's stream
+    assert not box.holds(1) and not box.holds(2) and box.holds(4)
+    assert box.passed(1) and box.passed(2) and not box.passed(0) and not box.passed(3)
+    box.put(proto.Batch(1, 2, 0), ["late"])
+    assert not box.holds(2)
+    box.put(proto.EndOfStream(1, 5, 0), [])
+    assert box.reset(1, 4) == [4]  # the end is told again by the server that reaches it
+
+
 def test_resolve_shuffle():
     assert resolve_shuffle(None) is None and resolve_shuffle(False) is None
     assert resolve_shuffle(True) is np.random.mtrand._rand

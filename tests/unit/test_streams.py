@@ -226,6 +226,21 @@ def test_assigned_reseed_makes_sent_batches_again() -> None:
     assert [t.seq for t in redo] == [2, 3] and all(t.generation == 1 for t in redo)
 
 
+def test_assigned_batches_the_client_read_elsewhere_meanwhile_are_not_made() -> None:
+    """Batches queued here that the client took from another server's copy (the reported
+    consumed passed them) are dropped: their checkpoints are gone, and nobody wants them."""
+    s = _assigned()
+    s.credit(6, 0)
+    s.assign([1, 3, 5])
+    s.credit(0, 4)  # the client read 0..3, batches 1 and 3 from another server's copies
+    made = []
+    while s.can_produce():
+        item = s.produce()
+        if item is not None:
+            made.append(item.seq)
+    assert made == [5]
+
+
 def test_assign_below_consumed_or_on_a_plain_stream_is_refused() -> None:
     s = _assigned()
     _take(s, [0, 1])
