@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -78,6 +79,7 @@ class Settings:
     batch_sizes: tuple[int, ...]
     workloads: tuple[Workload, ...]
     min_run_seconds: float  #: a run repeats epochs until it lasts about this long
+    warmup_seconds: float  #: warm-up epochs per system and cell: at least 2, for this long
     max_epochs_per_run: int
     latency_repeats: int  #: connect→first batch repeats
     embedded_repeats: int
@@ -101,6 +103,7 @@ class Settings:
                 batch_sizes=(256,),
                 workloads=(Workload("mnist", 6000, (1, 28, 28)), Workload("cifar", 5000, (3, 32, 32))),
                 min_run_seconds=0.0,
+                warmup_seconds=0.0,
                 max_epochs_per_run=1,
                 latency_repeats=2,
                 embedded_repeats=1,
@@ -116,6 +119,7 @@ class Settings:
             batch_sizes=(64, 256, 1024),
             workloads=(Workload("mnist", 60000, (1, 28, 28)), Workload("cifar", 50000, (3, 32, 32))),
             min_run_seconds=0.25,
+            warmup_seconds=0.5,
             max_epochs_per_run=8,
             latency_repeats=7,
             embedded_repeats=5,
@@ -169,20 +173,25 @@ def measure_cell(
     """Time every system on one workload and batch size, interleaved.
 
     ``epoch(rng)`` iterates one epoch shuffled with ``rng`` and returns (samples, batches).
-    Each system first runs two warm-up epochs; the second sets how many epochs make a run
-    last about ``min_run_seconds`` (a first epoch pays one-off costs: a new shared-memory
-    pool's page faults, say, which made the runs of the fastest systems too short). Then
-    come ``settings.runs`` rounds; in each round every system does one timed run, in an order rotated from round to round, so background load
+    Each system first runs warm-up epochs, at least two and for at least
+    ``warmup_seconds``; the last sets how many epochs make a run last about
+    ``min_run_seconds``. The first epochs pay one-off costs (a new shared-memory pool's
+    pages, allocated, then mapped by each worker as it first uses each slot), which made
+    the runs of the fastest systems too short and their first runs slow. Then come
+    ``settings.runs`` rounds; in each round every system does one timed run, in an order rotated from round to round, so background load
     and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
     draw successive permutations from it, as a training loop would. ``after_run`` runs
     after every run, untimed (see :class:`Settle`).
     """
     epochs: dict[str, int] = {}
     for name, epoch in systems:
-        epoch(np.random.RandomState(SEED))
-        t0 = time.perf_counter()
-        epoch(np.random.RandomState(SEED))
-        warm = time.perf_counter() - t0
+        start = time.perf_counter()
+        for i in itertools.count():
+            t0 = time.perf_counter()
+            epoch(np.random.RandomState(SEED))
+            warm = time.perf_counter() - t0
+            if i >= 1 and t0 + warm - start >= settings.warmup_seconds:
+                break
         if after_run is not None:
             after_run()
         k = 1
