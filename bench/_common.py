@@ -177,18 +177,21 @@ def measure_cell(
     ``warmup_seconds``; the last sets how many epochs make a run last about
     ``min_run_seconds``. The first epochs pay one-off costs (a new shared-memory pool's
     pages, allocated, then mapped by each worker as it first uses each slot), which made
-    the runs of the fastest systems too short and their first runs slow. Then come
-    ``settings.runs`` rounds; in each round every system does one timed run, in an order rotated from round to round, so background load
-    and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
+    the runs of the fastest systems too short and their first runs slow. The warm-up
+    epochs draw from one ``RandomState``: the same state for each made every stream opened
+    ahead go unused, and after two the client opens none for those arguments. Then come
+    ``settings.runs`` rounds; in each round every system does one timed run, in an order
+    rotated from round to round, so background load and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
     draw successive permutations from it, as a training loop would. ``after_run`` runs
     after every run, untimed (see :class:`Settle`).
     """
     epochs: dict[str, int] = {}
     for name, epoch in systems:
         start = time.perf_counter()
+        rng = np.random.RandomState(SEED)  # one, as a training loop (and a timed run) has
         for i in itertools.count():
             t0 = time.perf_counter()
-            epoch(np.random.RandomState(SEED))
+            epoch(rng)
             warm = time.perf_counter() - t0
             if i >= 1 and t0 + warm - start >= settings.warmup_seconds:
                 break

@@ -590,7 +590,7 @@ def write_markdown(
         "- Each cell (workload × batch size) runs all systems side by side: every system first does warm-up "
         f"epochs, at least 2 and for ≳{settings.warmup_seconds:g} s (past one-off costs such as a new shared-memory "
         f"pool's first page faults; the last one picks how many epochs, 1–{settings.max_epochs_per_run}, make one "
-        f"timed run last ≳{settings.min_run_seconds:g} s), then come {settings.runs} round(s) in which every system does one timed "
+        f"timed run last ≳{settings.min_run_seconds:g} s; they draw from one `RandomState`, as a run does), then come {settings.runs} round(s) in which every system does one timed "
         "run, in an order rotated from round to round, so background load and drift hit all systems alike. The "
         "epochs of a run draw successive permutations from one fresh `RandomState`. Figures are medians over "
         "runs; the spread column shows min–max. Every epoch iterates all batches (the last one short) and "
