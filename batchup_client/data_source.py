@@ -200,7 +200,6 @@ class AbstractDataSource:
         return MapDataSource(self, fn, params, seed=seed, where=where)
 
     def _n_batches(self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]) -> int | None:
-        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
         if n_batches is None:
             n = self.num_samples(**kwargs)
             if n == np.inf:
@@ -228,6 +227,7 @@ class AbstractDataSource:
         position in the unsharded stream, so an all-gather puts every result in place
         exactly once (no padding duplicates).
         """
+        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
         shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
         world = shard[1] if shard else 1
         n_batches = self._n_batches(batch_size * world, n_batches, kwargs)
@@ -261,6 +261,7 @@ class AbstractDataSource:
         With ``rank=r, world_size=w`` it averages over this rank's shard and returns
         ``(means, n_samples)``; the global mean is ``sum(means_r * n_r) / sum(n_r)``.
         """
+        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
         shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
         world = shard[1] if shard else 1
         n_batches = self._n_batches(batch_size * world, n_batches, kwargs)

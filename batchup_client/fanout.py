@@ -410,6 +410,7 @@ class FanoutClient(SourceMethods):
         fan = self._fan(stream_id)
         fan.allowed += batches
         fan.consumed = consumed
+        fan.read = max(fan.read, consumed)
         self._pump(fan)
 
     def reseed(self, stream_id: int, from_seq: int, generation: int, rng: dict[str, Any]) -> None:

@@ -99,9 +99,10 @@ class Inbox:
                 del self._items[s]
 
     def passed(self, seq: int) -> bool:
-        """Whether item ``seq`` was handed out from another stream, not from here: a copy
-        of it arriving here is not needed (nor its shared-memory slot)."""
-        return self._taken <= seq < self._floor
+        """Whether the reader of a fanned-out stream is past item ``seq``: a copy of it
+        arriving here is not needed (nor its shared-memory slot, always its own since 1.4:
+        a batch made again comes as frames)."""
+        return seq < self._floor
 
     def has(self, seq: int) -> bool:
         """Whether :meth:`take` would return something now."""

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -111,13 +112,34 @@ def _gone(pid: int, start: str) -> bool:
     return bool(start and now and now != start)
 
 
+#: the names folders had before owner files (and have until one is written): a server's
+#: runtime and shared-memory folders, a client's and an embedded server's launcher's
+_UNMARKED = re.compile(r"batchup-(?:(\d+)-[0-9a-f]{8}(?:-[a-z0-9_]{8})?|(?:client|local)-(\d+)-[a-z0-9_]{8})")
+
+
+def _unmarked_owner(path: str, name: str) -> tuple[int, str] | None:
+    """The pid in the exact name of a folder made without an owner file, if it is one
+    of this user's (never a folder like ``batchup-experiments-2023``)."""
+    m = _UNMARKED.fullmatch(name)
+    if m is None or os.path.exists(os.path.join(path, OWNER_FILE)):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return None
+    return int(m.group(1) or m.group(2)), ""
+
+
 def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
     """Remove the folders ``root/<prefix>...`` that a server or client made
     (:func:`make_private_dir`, :func:`mark_owned`) and whose process is gone.
 
     A killed process cannot clean up: the next one to start does. Only folders of this
-    user that carry the owner file are touched, never another folder with a like name.
-    Returns what was removed.
+    user that carry the owner file are touched, or that have the exact name such folders
+    had before owner files (a process killed before it wrote one, or an older version),
+    never another folder with a like name. Returns what was removed.
     """
     removed: list[str] = []
     try:
@@ -128,7 +150,7 @@ def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
         if not name.startswith(prefix):
             continue
         path = os.path.join(root, name)
-        owner = _owner(path)
+        owner = _owner(path) or _unmarked_owner(path, name)
         if owner is not None and _gone(*owner):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

@@ -136,6 +136,8 @@ def test_bad_batch_sizes(server):
             for call in (src.batch_map_concat, src.batch_map_mean):
                 with pytest.raises(ValueError, match=f"positive integer, but got batch_size={bad}"):
                     call(lambda X, y: (X.sum(),), batch_size=bad)
+                with pytest.raises(ValueError, match=f"positive integer, but got batch_size={bad}$"):
+                    call(lambda X, y: (X.sum(),), batch_size=bad, rank=0, world_size=2)
         with pytest.raises(batchup_client.TooLargeError, match="max_message_bytes"):
             next(src.batch_iterator(batch_size=10**9))
         assert len(list(src.batch_iterator(batch_size=6000))) == 2

@@ -35,10 +35,18 @@ def test_only_marked_folders_of_gone_processes_are_removed(tmp_path):
     unreadable = tmp_path / f"batchup-{dead}-garbled"
     unreadable.mkdir()
     (unreadable / OWNER_FILE).write_text("not a pid")
+    # made before owner files (or killed before writing one): only these exact names
+    legacy = [tmp_path / n for n in (f"batchup-{dead}-0a1b2c3d", f"batchup-{dead}-0a1b2c3d-x4nj_5z9")]
+    legacy += [tmp_path / f"batchup-client-{dead}-b6i000yr", tmp_path / f"batchup-local-{dead}-165y7njw"]
+    for path in legacy:
+        path.mkdir()
+    alive = tmp_path / f"batchup-{os.getpid()}-0a1b2c3d"  # a live process's, not marked yet
+    alive.mkdir()
 
     removed = sweep_stale(root)
 
-    assert sorted(removed) == sorted([str(left), str(reused)])
+    assert sorted(removed) == sorted([str(left), str(reused), *map(str, legacy)])
+    assert alive.is_dir()
     assert os.path.isdir(mine) and os.path.isfile(os.path.join(mine, OWNER_FILE))
     for name in (f"batchup-experiments-{dead}", f"batchup-{dead}-results", "batchup-2023"):
         assert (tmp_path / name / "results.csv").read_text() == "important"
