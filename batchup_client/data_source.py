@@ -199,7 +199,13 @@ class AbstractDataSource:
         """``fn(*batch)`` for every batch (batchup's ``map``); see :class:`MapDataSource`."""
         return MapDataSource(self, fn, params, seed=seed, where=where)
 
-    def _n_batches(self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]) -> int | None:
+    def _map_setup(
+        self, batch_size: int, n_batches: int | None, kwargs: dict[str, Any]
+    ) -> tuple[tuple[int, int] | None, int | None]:
+        """What ``batch_map_*`` check first: the shard (rank, world size) or ``None``, and
+        the batches to map (of ``batch_size * world_size`` globally, as batchup counts)."""
+        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
+        shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
         if n_batches is None:
             n = self.num_samples(**kwargs)
             if n == np.inf:
@@ -208,8 +214,8 @@ class AbstractDataSource:
                     "no n_batches limit specified"
                 )
             if n is not None:
-                n_batches = sampling.num_batches(n, batch_size)
-        return n_batches
+                n_batches = sampling.num_batches(n, batch_size * (shard[1] if shard else 1))
+        return shard, n_batches
 
     def batch_map_concat(
         self,
@@ -227,15 +233,12 @@ class AbstractDataSource:
         position in the unsharded stream, so an all-gather puts every result in place
         exactly once (no padding duplicates).
         """
-        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
-        shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
-        world = shard[1] if shard else 1
-        n_batches = self._n_batches(batch_size * world, n_batches, kwargs)
+        shard, n_batches = self._map_setup(batch_size, n_batches, kwargs)
         batches = self.batch_iterator(batch_size, **kwargs)
         if shard is None:
             return batch_map_concat(func, batches, progress_iter_func, n_batches, prepend_args)
         total = self.num_samples(**kwargs)
-        tracker = _ShardPositions(batches, batch_size * world, total, *shard)
+        tracker = _ShardPositions(batches, batch_size * shard[1], total, *shard)
 
         def tracked(*args: Any) -> Any:
             out = func(*args)
@@ -261,10 +264,7 @@ class AbstractDataSource:
         With ``rank=r, world_size=w`` it averages over this rank's shard and returns
         ``(means, n_samples)``; the global mean is ``sum(means_r * n_r) / sum(n_r)``.
         """
-        check_batch_size(batch_size)  # (batchup: ZeroDivisionError for 0, nothing for -1)
-        shard = check_shard(kwargs.get("rank"), kwargs.get("world_size"))
-        world = shard[1] if shard else 1
-        n_batches = self._n_batches(batch_size * world, n_batches, kwargs)
+        shard, n_batches = self._map_setup(batch_size, n_batches, kwargs)
         batches = self.batch_iterator(batch_size, **kwargs)
         if shard is None:
             return batch_map_mean(func, batches, progress_iter_func, sum_axis, n_batches, prepend_args)

@@ -132,7 +132,7 @@ class Inbox:
         )
         self._taken = min(self._taken, from_seq)  # replanned from there: sent again
         self._floor = min(self._floor, from_seq)
-        if self.end is not None and self.end >= from_seq:
+        if end is not None:
             self.end = self.final_rng = None
         for seq in [s for s in self._items if s >= from_seq]:
             del self._items[seq]

@@ -181,8 +181,9 @@ def measure_cell(
     epochs draw from one ``RandomState``: the same state for each made every stream opened
     ahead go unused, and after two the client opens none for those arguments. Then come
     ``settings.runs`` rounds; in each round every system does one timed run, in an order
-    rotated from round to round, so background load and drift hit all systems alike. A run's epochs share one fresh ``RandomState`` and
-    draw successive permutations from it, as a training loop would. ``after_run`` runs
+    rotated from round to round, so background load and drift hit all systems alike. A
+    run's epochs share one fresh ``RandomState`` and draw successive permutations from it,
+    as a training loop would. ``after_run`` runs
     after every run, untimed (see :class:`Settle`).
     """
     epochs: dict[str, int] = {}

@@ -88,19 +88,6 @@ def make_private_dir(prefix: str, root: str | None = None) -> str:
     return path
 
 
-def _owner(path: str) -> tuple[int, str] | None:
-    """The process that marked folder ``path`` (one of this user's), if it did."""
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            return None
-        with open(os.path.join(path, OWNER_FILE)) as f:
-            pid, _, start = f.read().strip().partition(" ")
-        return int(pid), start
-    except (OSError, ValueError):
-        return None
-
-
 def _gone(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,19 +104,25 @@ def _gone(pid: int, start: str) -> bool:
 _UNMARKED = re.compile(r"batchup-(?:(\d+)-[0-9a-f]{8}(?:-[a-z0-9_]{8})?|(?:client|local)-(\d+)-[a-z0-9_]{8})")
 
 
-def _unmarked_owner(path: str, name: str) -> tuple[int, str] | None:
-    """The pid in the exact name of a folder made without an owner file, if it is one
-    of this user's (never a folder like ``batchup-experiments-2023``)."""
-    m = _UNMARKED.fullmatch(name)
-    if m is None or os.path.exists(os.path.join(path, OWNER_FILE)):
-        return None
+def _owner(path: str, name: str) -> tuple[int, str] | None:
+    """The process that made folder ``path`` (``root/name``), if it is one of this
+    user's: named in its owner file, or in its exact name from before owner files (never
+    a folder like ``batchup-experiments-2023``)."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         return None
-    return int(m.group(1) or m.group(2)), ""
+    try:
+        with open(os.path.join(path, OWNER_FILE)) as f:
+            pid, _, start = f.read().strip().partition(" ")
+        return int(pid), start
+    except FileNotFoundError:
+        m = _UNMARKED.fullmatch(name)
+        return None if m is None else (int(m.group(1) or m.group(2)), "")
+    except (OSError, ValueError):
+        return None
 
 
 def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
@@ -150,7 +143,7 @@ def sweep_stale(root: str, prefix: str = "batchup-") -> list[str]:
         if not name.startswith(prefix):
             continue
         path = os.path.join(root, name)
-        owner = _owner(path) or _unmarked_owner(path, name)
+        owner = _owner(path, name)
         if owner is not None and _gone(*owner):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
