@@ -11,6 +11,8 @@ its data endpoint. Commands are JSON:
   the ``.npy`` files the server reads, each batch gathered (``np.take`` of memory-mapped
   rows into a new array, the glibc heap tuned as in the service's workers) before it is
   sent: the service's work on the socket path, without the service;
+* either with ``"part": [K, N]`` → only batches K, K + N, K + 2N, … of the epoch (N
+  senders share one epoch, as the service's N workers do);
 * ``{"op": "stop"}`` → exit.
 
 Exits on its own when the benchmark process goes away.
@@ -56,6 +58,7 @@ def main() -> int:
                 data.send_multipart([b"hello"])
                 continue
             rows, batch, x_row, y_row = cmd["rows"], cmd["batch"], cmd["x_row"], cmd["y_row"]
+            k, n_parts = cmd.get("part", (0, 1))
             if "gather" in cmd:
                 g = cmd["gather"]
                 for path in (g["x"], g["y"]):
@@ -63,7 +66,7 @@ def main() -> int:
                         sources[path] = np.load(path, mmap_mode="r").view(np.ndarray)
                 X, Y = sources[g["x"]], sources[g["y"]]
                 order = np.random.RandomState(g["seed"]).permutation(len(X))
-                for start in range(0, len(order), batch):
+                for start in range(k * batch, len(order), n_parts * batch):
                     idx = order[start : start + batch]
                     xb, yb = np.take(X, idx, axis=0), np.take(Y, idx, axis=0)
                     data.send_multipart([xb, yb], copy=False)
@@ -75,7 +78,7 @@ def main() -> int:
                 y = (np.arange(key[1], dtype=np.int64) % 7).astype(np.uint8)
                 buffers[key] = (x, y)
             x, y = buffers[key]
-            for start in range(0, rows, batch):
+            for start in range(k * batch, rows, n_parts * batch):
                 n = min(batch, rows - start)
                 data.send_multipart([x[: n * x_row].data, y[: n * y_row].data], copy=False)
     finally:

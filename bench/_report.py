@@ -20,6 +20,7 @@ from _systems import (
     BATCHUP,
     RAW_TCP,
     RAW_TCP_GATHER,
+    RAW_TCP_GATHER_2,
     SERVICE_DROPIN,
     SERVICE_SHM,
     SERVICE_TCP,
@@ -159,6 +160,13 @@ def key_targets(
         "raw-gather",
         "service tcp vs raw pyzmq tcp that also gathers each batch (the same work, no service)",
         _find(results, RAW_TCP_GATHER, workload, batch),
+        None,
+    )
+    add(
+        "raw-gather-2",
+        "service tcp vs 2 raw pyzmq tcp senders that gather, each every other batch (the work of "
+        "the service's 2 workers, no service: the bound for gather-then-send on this machine)",
+        _find(results, RAW_TCP_GATHER_2, workload, batch),
         None,
     )
     add(
@@ -339,10 +347,11 @@ def write_markdown(
     )
     L.append("")
     L.append(
-        "| workload | batch | ÷ raw tcp | ÷ raw tcp + gather | ÷ DataLoader per-sample 2w "
+        "| workload | batch | ÷ raw tcp | ÷ raw tcp + gather | ÷ 2 raw senders + gather "
+        "| ÷ DataLoader per-sample 2w "
         "| ÷ DataLoader best (which) | ÷ batchup | other load |"
     )
-    L.append("|---|---:|---:|---:|---:|---|---:|---:|")
+    L.append("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     cores = len(os.sched_getaffinity(0))
     loads = {sec["name"]: sec for sec in extras.get("load") or []}
     for w in settings.workloads:
@@ -351,7 +360,8 @@ def write_markdown(
             if not kinds:
                 continue
             cells = [
-                f"{kinds[k]['ratio']:.2f}×" if k in kinds else "—" for k in ("raw", "raw-gather", "torch2")
+                f"{kinds[k]['ratio']:.2f}×" if k in kinds else "—"
+                for k in ("raw", "raw-gather", "raw-gather-2", "torch2")
             ]
             best = kinds.get("best")
             cells.append(

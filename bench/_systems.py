@@ -53,6 +53,8 @@ RAW_TCP = "raw pyzmq PUSH/PULL tcp"
 RAW_IPC = "raw pyzmq PUSH/PULL ipc"
 #: the service's work on the socket path without the service: gather, then send
 RAW_TCP_GATHER = "raw pyzmq PUSH/PULL tcp, gathering each batch (np.take)"
+#: the same with two sending processes sharing each epoch, as the service's two workers do
+RAW_TCP_GATHER_2 = "raw pyzmq PUSH/PULL tcp, 2 PUSH processes gathering each batch (np.take)"
 
 SYSTEMS = [
     BATCHUP,
@@ -69,6 +71,7 @@ SYSTEMS = [
     RAW_TCP,
     RAW_IPC,
     RAW_TCP_GATHER,
+    RAW_TCP_GATHER_2,
 ]
 TORCH_SYSTEMS = [TORCH_SAMPLE_0, TORCH_SAMPLE_2, TORCH_BATCH_0, TORCH_BATCH_2]
 POOL_SYSTEMS = {"thread": BATCHUP_THREADS, "process": BATCHUP_PROCS}
@@ -360,34 +363,50 @@ class TorchBatchLoader:
 
 # ---------------------------------------------------------------------- raw pyzmq
 class RawPeer:
-    """PUSH in a child process (``_raw_push.py``), PULL here; same X and y frame sizes."""
+    """PUSH in ``senders`` child processes (``_raw_push.py``), one PULL here; same X and y
+    frame sizes. Several senders share each epoch's batches (every N-th each), as the
+    service's workers do."""
 
-    def __init__(self, children: Children, scheme: str, folder: str):
+    def __init__(self, children: Children, scheme: str, folder: str, senders: int = 1):
         self.ctx = zmq.Context()
-        self.proc: subprocess.Popen[Any] | None = None
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.commands: list[zmq.Socket[Any]] = []
         try:
-            self.commands = self.ctx.socket(zmq.PUSH)
-            self.commands.setsockopt(zmq.LINGER, 0)
             self.data = self.ctx.socket(zmq.PULL)
             self.data.setsockopt(zmq.LINGER, 0)
             self.data.setsockopt(zmq.RCVHWM, 32)
             self.data.setsockopt(zmq.RCVTIMEO, 60_000)
             if scheme == "tcp":
-                cmd_ep = f"tcp://127.0.0.1:{self.commands.bind_to_random_port('tcp://127.0.0.1')}"
                 data_ep = f"tcp://127.0.0.1:{self.data.bind_to_random_port('tcp://127.0.0.1')}"
             else:
-                cmd_ep, data_ep = f"ipc://{folder}/raw-cmd", f"ipc://{folder}/raw-data"
-                self.commands.bind(cmd_ep)
+                data_ep = f"ipc://{folder}/raw-data-{senders}"
                 self.data.bind(data_ep)
-            self.proc = children.popen(
-                [sys.executable, os.path.join(BENCH_DIR, "_raw_push.py"), cmd_ep, data_ep, str(os.getpid())],
-                stdin=subprocess.DEVNULL,
-            )
-            self.commands.send(json.dumps({"op": "hello"}).encode())
-            try:
-                self.data.recv_multipart()
-            except zmq.Again:
-                raise RuntimeError("the raw PUSH process did not connect within 60 s") from None
+            for k in range(senders):
+                sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                self.commands.append(sock)
+                if scheme == "tcp":
+                    cmd_ep = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+                else:
+                    cmd_ep = f"ipc://{folder}/raw-cmd-{senders}-{k}"
+                    sock.bind(cmd_ep)
+                self.procs.append(
+                    children.popen(
+                        [
+                            sys.executable,
+                            os.path.join(BENCH_DIR, "_raw_push.py"),
+                            cmd_ep,
+                            data_ep,
+                            str(os.getpid()),
+                        ],
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
+                sock.send(json.dumps({"op": "hello"}).encode())
+                try:
+                    self.data.recv_multipart()
+                except zmq.Again:
+                    raise RuntimeError("a raw PUSH process did not connect within 60 s") from None
         except BaseException:
             self.close()
             raise
@@ -407,7 +426,8 @@ class RawPeer:
         def epoch(rng: np.random.RandomState) -> tuple[int, int]:
             if gather is not None:
                 cmd["gather"] = {"x": gather[0], "y": gather[1], "seed": int(rng.randint(2**31))}
-            self.commands.send(json.dumps(cmd).encode())
+            for k, sock in enumerate(self.commands):
+                sock.send(json.dumps({**cmd, "part": [k, len(self.commands)]}).encode())
             samples = 0
             for _ in range(n_batches):
                 frames = self.data.recv_multipart(copy=False)
@@ -420,13 +440,17 @@ class RawPeer:
 
     def close(self) -> None:
         with shielded():
-            if self.proc is not None:
+            for sock in self.commands:
                 try:
-                    self.commands.send(json.dumps({"op": "stop"}).encode(), zmq.NOBLOCK)
-                    self.proc.wait(10)
-                except (zmq.ZMQError, subprocess.TimeoutExpired):
+                    sock.send(json.dumps({"op": "stop"}).encode(), zmq.NOBLOCK)
+                except zmq.ZMQError:
                     pass
-                Children.stop(self.proc)
+            for proc in self.procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+                Children.stop(proc)
             self.ctx.destroy(linger=0)
 
 

@@ -1,12 +1,14 @@
 """Run every benchmark side by side and write RESULTS.md and results.png.
 
-    python3 bench/run.py            # full run (~7 min on 2 cores)
+    python3 bench/run.py            # full run (~10 min on 2 cores)
     python3 bench/run.py --quick    # smoke run on small arrays (< 60 s)
     python3 bench/run.py --out DIR  # write RESULTS.md / results.png into DIR (default: bench/)
 
 Systems: batchup 0.2.3 in process and with its WorkerThreadPool(2) / WorkerProcessPool(2),
 PyTorch DataLoader (4 set-ups), the service over tcp and ipc, the drop-in ArrayDataSource on
-the embedded server, and raw pyzmq PUSH/PULL moving the same bytes. Then an augmentation
+the embedded server, and raw pyzmq PUSH/PULL moving the same bytes (pre-built, and gathered
+from the same ``.npy`` files by one or by two sending processes: the service's socket-path
+work without the service). Then an augmentation
 workload (random crop + flip, ``bench/_augment.py``) through batchup, batchup's process
 pool, a DataLoader with 2 workers and the service with 1 and 2 server workers, and an
 emulated training step (a fixed sleep per batch) fed by those systems. Plus connect→first-
@@ -241,9 +243,10 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
             stack.callback(stop_server, tcp)
             ipc = start_server(children, f"ipc://{work}/ctl", config, 2, work)
             stack.callback(stop_server, ipc)
-            raw = {scheme: S.RawPeer(children, scheme, work) for scheme in ("tcp", "ipc")}
-            for peer in raw.values():
-                stack.callback(peer.close)
+            raw = {}
+            for name, scheme, senders in (("tcp", "tcp", 1), ("ipc", "ipc", 1), ("tcp2", "tcp", 2)):
+                raw[name] = S.RawPeer(children, scheme, work, senders)
+                stack.callback(raw[name].close)
             clients = {}
             for name, server in (("tcp", tcp), ("ipc", ipc), ("shm", tcp)):
                 clients[name] = settle.add(batchup_client.connect(server.endpoint))
@@ -299,6 +302,7 @@ def run(settings: Settings, out_dir: str, command: str) -> int:
                             (S.RAW_TCP, raw["tcp"].epoch_fn(w, bs)),
                             (S.RAW_IPC, raw["ipc"].epoch_fn(w, bs)),
                             (S.RAW_TCP_GATHER, raw["tcp"].epoch_fn(w, bs, gather=paths[w.name])),
+                            (S.RAW_TCP_GATHER_2, raw["tcp2"].epoch_fn(w, bs, gather=paths[w.name])),
                         ]
                         results += measure_cell(settings, w, bs, systems, log, settle)
                         for system, first in torch_loaders.first_batch.items():
