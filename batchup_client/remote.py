@@ -27,9 +27,15 @@ class RemoteDataSource(RandomAccessDataSource):
         repeats: int = 1,
         sampler: Any = None,
         include_indices: bool = False,
-        fields: list[str] | None = None,
+        fields: list[str] | str | None = None,
         wait: float | None = None,
     ):
+        if isinstance(fields, str):  # one field's name, not its letters
+            fields = [fields]
+        elif fields is not None and (
+            not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields)
+        ):
+            raise TypeError(f"fields should be a list of field names, got {fields!r}")
         info = client.describe(source, wait)
         self.client = client
         self.source_ref = source
@@ -39,7 +45,9 @@ class RemoteDataSource(RandomAccessDataSource):
         if fields is not None:
             missing = [f for f in fields if f not in available]
             if missing:
-                raise ValueError(f"source has no field(s) {missing}; it has {available}")
+                raise ValueError(
+                    f"source {source.get('name')!r} has no field(s) {missing}; it has {available}"
+                )
         if fields is None:
             fields = self.metadata.get("default_fields") or available
         self.fields = list(fields)
@@ -189,7 +197,7 @@ class SourceMethods:
         repeats: int = 1,
         include_indices: bool = False,
         sampler: Any = None,
-        fields: list[str] | None = None,
+        fields: list[str] | str | None = None,
         wait: float | None = None,
         **params: Any,
     ) -> RemoteDataSource:
@@ -200,8 +208,9 @@ class SourceMethods:
 
             client.source("cifar10", split="train", n_val=10000, val_lower=-1.0, val_upper=1.0)
 
-        ``fields`` picks fields (a dataset's: ``X``, ``X_u8``, ``y``, ``y_coarse``; by
-        default what batchup's attributes hold: ``X`` and ``y``). A dataset the server is
+        ``fields`` picks fields by name, in the order the batches give them (a dataset's:
+        ``X``, ``X_u8``, ``y``, ``y_coarse``; one name for one field; by default what
+        batchup's attributes hold: ``X`` and ``y``). A dataset the server is
         still fetching is waited for, up to ``wait`` seconds (``None``: as long as it takes).
         """
         ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}

@@ -91,6 +91,26 @@ def test_config_sources_npy_npz_hdf5(tmp_path, name):
             np.testing.assert_array_equal(ndx, [5, 2, 5])
 
 
+def test_fields_pick_and_order_a_sources_arrays_and_bad_names_are_refused(server):
+    X, y = make_demo_arrays()
+    with batchup_client.connect(server.endpoint) as client:
+        idx = np.array([3, 1, 4])
+        (ys,) = client.source("demo", fields="y").samples_by_indices(idx)  # one name, not its letters
+        np.testing.assert_array_equal(ys, y[idx])
+        ys, Xs = client.source("demo", fields=["y", "X"]).samples_by_indices(idx)
+        np.testing.assert_array_equal(ys, y[idx])
+        np.testing.assert_array_equal(Xs, X[idx])
+        with pytest.raises(ValueError, match=r"source 'demo' has no field\(s\) \['Z'\]; it has \['X', 'y'\]"):
+            client.source("demo", fields=["X", "Z"])
+        with pytest.raises(ValueError, match="has no field"):
+            client.source("demo", fields="Xy")  # once split into "X" and "y"
+        for bad in ([0], 5, [b"X"]):
+            with pytest.raises(TypeError, match="fields should be a list of field names"):
+                client.source("demo", fields=bad)
+        (xs,) = client.source("demo", fields=("X",)).samples_by_indices(idx)  # the client still works
+        np.testing.assert_array_equal(xs, X[idx])
+
+
 def test_one_client_interleaves_train_and_validation_streams(server):
     X, y = make_demo_arrays()
     with batchup_client.connect(server.endpoint) as client:
