@@ -90,6 +90,8 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECTED  # what a handshake that never comes waited on: for the error
+    | zmq.EVENT_CONNECT_RETRIED
 )
 
 
@@ -306,6 +308,8 @@ class Client:
         )
         deadline = time.monotonic() + self.timeout
         self._handshake_failures = 0
+        self._connected = False  #: a connection was accepted (else every attempt failed)
+        self._retries = 0  #: connection attempts that failed (refused, no such file, unreachable)
         try:
             frames = proto.encode(hello)
             while True:  # never block in send: with no peer (its handshake failed) it would hang
@@ -322,10 +326,7 @@ class Client:
                 raise BatchupTimeout(f"no handshake with {self.address} within {self.timeout:g}s")
             reply, _ = self._wait_reply(0, max(0.0, deadline - time.monotonic()), heartbeat=False)
         except BatchupTimeout as exc:
-            raise ConnectionLost(
-                f"no batchup-server answered at {self.address} within {self.timeout:g}s; "
-                "is it running, and is the address right?"
-            ) from exc
+            raise ConnectionLost(self._no_answer()) from exc
         finally:
             self._stop_monitor()
         if not isinstance(reply, proto.Welcome):
@@ -337,6 +338,25 @@ class Client:
                 f"server answered {reply.version}",
             )
         return reply
+
+    def _no_answer(self) -> str:
+        """Why a handshake timed out, as far as the control socket's events tell."""
+        within = f"within {self.timeout:g}s"
+        if self._connected:
+            return (
+                f"a connection to {self.address} was accepted, but no batchup-server answered "
+                f"{within}: is another program listening there, or is the server stuck?"
+            )
+        if self._retries:
+            return (
+                f"nothing accepted a connection at {self.address} ({self._retries + 1} attempts "
+                f"{within} were refused or failed): is batchup-server running there, and are the "
+                "address and port right?"
+            )
+        return (
+            f"no batchup-server answered at {self.address} {within}; is it running, is the address "
+            "right, and does a firewall let the connection through?"
+        )
 
     def _watch_handshake(self, deadline: float, writable: bool = False) -> bool:
         """Wait until the control socket's security handshake succeeded (or a reply came, or,
@@ -360,6 +380,12 @@ class Client:
                 raise ConnectionLost(f"connection to {self.address} failed: {exc}") from exc
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 return True
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+                continue
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                self._retries += 1
+                continue
             self._handshake_failures += 1
             if (
                 event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL

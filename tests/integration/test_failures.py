@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,9 +87,21 @@ def test_dead_server_gives_a_clear_error_not_a_hang():
         client.source("demo")
 
 
-def test_connect_to_nothing_fails_clearly():
-    with pytest.raises(batchup_client.ConnectionLost, match="no batchup-server answered"):
+def test_connect_to_nothing_fails_clearly(tmp_path):
+    refused = r"nothing accepted a connection at {} \(\d+ attempts within 0.5s were refused or failed\)"
+    with pytest.raises(batchup_client.ConnectionLost, match=refused.format("tcp://127.0.0.1:9")):
         batchup_client.connect("tcp://127.0.0.1:9", timeout=0.5)
+    missing = f"ipc://{tmp_path}/no-server"
+    with pytest.raises(batchup_client.ConnectionLost, match=refused.format(re.escape(missing))):
+        batchup_client.connect(missing, timeout=0.5)
+    with socket.socket() as silent:  # accepts connections and never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(
+            batchup_client.ConnectionLost, match="was accepted, but no batchup-server answered"
+        ):
+            batchup_client.connect(address, timeout=0.5)
     with pytest.raises(ValueError, match="tcp:// or ipc://"):
         batchup_client.connect("http://example:1", timeout=0.5)
 
@@ -307,8 +321,6 @@ print("exiting mid-handshake", flush=True)
 def test_a_client_still_connecting_when_the_program_ends_leaves_no_folder(tmp_path):
     """A client made in a daemon thread (a fanned-out client reconnecting to a server that
     stopped answering) is cut off mid-handshake at exit; its private folder goes anyway."""
-    import socket
-
     silent = socket.socket()  # accepts TCP connections (backlog) and never speaks ZMTP
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)

@@ -178,4 +178,4 @@ def test_bad_arguments_exit_with_a_clear_message(args, code, text):
 
 def test_ping_fails_when_nobody_answers():
     out = run_cli("ping", "tcp://127.0.0.1:9", "--timeout", "0.5")
-    assert out.returncode == 1 and "no batchup-server answered" in out.stderr
+    assert out.returncode == 1 and "nothing accepted a connection at tcp://127.0.0.1:9" in out.stderr
