@@ -360,8 +360,15 @@ def test_a_draw_after_a_server_was_lost_replans_the_batches_it_had_sent(data: An
             rng = np.random.RandomState(6)
             it = src.batch_iterator(batch_size=100, shuffle=rng)  # 9 batches an epoch
             got = [next(it) for _ in range(3)]
-            time.sleep(0.5)  # noqa: sleep-ok (both servers fill their credit: batches 3..19 arrive)
-            got += [next(it) for _ in range(5)]  # the reader takes in what came, past batch 9
+            conn_b, sid_b = client._fans[max(client._fans)].streams[bind]
+
+            def b_sent_past_the_epoch() -> bool:  # both servers fill their credit: 3..19 come
+                while conn_b._recv_data(0):  # file what arrived, as a reader's wait does
+                    pass
+                return any(seq >= 9 for seq in conn_b._inboxes[sid_b]._items)
+
+            wait_until(b_sent_past_the_epoch, what="server b's batches of the next epoch")
+            got += [next(it) for _ in range(5)]
             os.kill(b.pid, signal.SIGKILL)
             b.kill()
             wait_until(lambda: not client.info()["servers"][bind], what="the loss noticed")
@@ -409,11 +416,15 @@ def test_a_server_lost_after_another_streams_wait_took_in_its_batches(data: Any,
             src = client.source("train", include_indices=True)
             it_b = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(2))
             got = [next(it_b)]  # each server is asked for its share of the first batches
-            time.sleep(0.5)  # noqa: sleep-ok (they are made and wait in the sockets, unread)
+            fan_b = max(client._fans)  # the stream of it_b
+            conn_b, sid_b = client._fans[fan_b].streams[b.endpoint]
             it_a = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(1))
-            next(it_a)
-            time.sleep(0.3)  # noqa: sleep-ok (the other stream's batches keep coming)
-            next(it_a)  # its waits take in the first stream's batches too
+            for _ in range(40):  # its waits take in the first stream's batches too
+                next(it_a)
+                if len(conn_b._inboxes[sid_b]):
+                    break
+                time.sleep(0.05)  # noqa: sleep-ok (server b makes them meanwhile)
+            assert len(conn_b._inboxes[sid_b]), "no batch of server b was taken in by the other stream"
             os.kill(b.pid, signal.SIGKILL)
             b.kill()
             wait_until(lambda: not client.info()["servers"][b.endpoint], what="the loss noticed")
