@@ -54,7 +54,7 @@ from .errors import (
 )
 from .keys import CurveClientKeys, handshake_failure
 from .pickling import pickle_function
-from .streaming import Inbox, SlotPool
+from .streaming import Inbox, SlotPool, admit_batch
 
 __all__ = ["Client", "UPLOAD_CHUNK_BYTES", "wait_any"]
 
@@ -556,32 +556,16 @@ class Client:
             return
         stream_id = getattr(msg, "stream_id", None)
         inbox = self._inboxes.get(stream_id) if isinstance(stream_id, int) else None
-        if isinstance(msg, proto.Batch) and msg.supersedes >= 0:
-            # made again after its worker died (1.4). If the first making came, the user may
-            # hold it (in the superseded slot): drop this one. If not, this one goes in its
-            # place and the superseded slot is freed when it is consumed (next_item). A closed
-            # stream, or a replanned generation, cannot tell: the slot stays in use.
-            self._stats["batches_made_again"] += 1
-            if inbox is None or inbox.duplicate(msg):
-                return
-        if isinstance(msg, proto.Batch) and msg.slot >= 0:
+        if isinstance(msg, proto.Batch):
+            if msg.supersedes >= 0:
+                self._stats["batches_made_again"] += 1
             pool = self._pools.get(msg.stream_id)
-            if pool is None:
-                if inbox is None and msg.stream_id in self._closed_streams:
-                    return  # a late batch of a closed stream whose pool the server removed since
-                raise ProtocolViolation(f"a slot batch for stream {msg.stream_id}, which has no pool")
-            if pool.late_first_making(msg.stream_id, msg.seq, msg.slot):
-                return  # its slot was freed when the batch made again in its place was taken
-            if inbox is None:  # a late batch of a closed stream: its slot is free again
-                pool.free_unused(msg.slot)
-                return
-            if inbox.passed(msg.seq):  # taken from another server's copy (fanned out)
-                pool.free_unused(msg.slot)
-                return
-            if inbox.duplicate(msg):
-                return  # made again after a worker died, into the slot the first copy holds
             try:
-                arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
+                if not admit_batch(msg, inbox, pool, msg.stream_id in self._closed_streams):
+                    return
+                if msg.slot >= 0:
+                    assert pool is not None
+                    arrays = pool.arrays(msg.slot, msg.layout)  # dropped views free the slot
             except proto.ProtocolError as exc:
                 raise ProtocolViolation(f"the server sent an invalid slot batch: {exc}") from exc
         if inbox is not None:
@@ -800,8 +784,12 @@ class Client:
         """Items of a stream before ``seq`` were handed out, some from another server's
         stream (fanned out): none is needed from here any more (see :meth:`Inbox.pass_to`)."""
         inbox = self._inboxes.get(stream_id)
-        if inbox is not None:
-            inbox.pass_to(seq)
+        if inbox is None:
+            return
+        pool = self._pools.get(stream_id)
+        for passed, slot in inbox.pass_to(seq):  # made again; their first making never came
+            if pool is not None:
+                pool.free_superseded(stream_id, passed, slot)
 
     def void_from(self, stream_id: int, from_seq: int, generation: int) -> list[int]:
         """What :meth:`reseed` does here, without telling the server (a lost one, say):

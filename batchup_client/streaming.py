@@ -28,7 +28,7 @@ import batchup_protocol as proto
 from .ahead import Ahead, Opened
 from .errors import BatchupError, remote_error
 
-__all__ = ["Inbox", "SlotPool", "UnsupportedShuffle", "iterate", "resolve_shuffle"]
+__all__ = ["Inbox", "SlotPool", "UnsupportedShuffle", "admit_batch", "iterate", "resolve_shuffle"]
 
 log = logging.getLogger("batchup_client")
 
@@ -67,6 +67,11 @@ class Inbox:
         #: items before this one were handed out, from here or from another server's stream
         #: of a fanned-out stream (a lost server's batch, asked again of this one)
         self._floor = 0
+        #: slot batches dropped because the reader was past them (:meth:`pass_to`,
+        #: :meth:`drop_passed`): if one is made again after its worker died, its first
+        #: making came and its slot was freed then (only copies of a batch asked of two
+        #: servers get here: a few, after a server was lost)
+        self._passed_slots: set[int] = set()
 
     def put(self, msg: Any, arrays: list[Any]) -> None:
         generation = getattr(msg, "generation", -1)
@@ -90,13 +95,38 @@ class Inbox:
             return False
         return msg.seq < self._taken or msg.seq in self._items
 
-    def pass_to(self, seq: int) -> None:
+    def pass_to(self, seq: int) -> list[tuple[int, int]]:
         """Items before ``seq`` were handed out, some from another stream: those waiting
-        here are dropped (their slots freed), and those that come later too."""
+        here are dropped (their slots freed), and those that come later too. Returns
+        ``(seq, slot)`` of the dropped batches made again after their worker died whose
+        first making had not come: the caller frees ``slot`` (:meth:`SlotPool.free_superseded`)."""
+        superseded: list[tuple[int, int]] = []
         if seq > self._floor:
             self._floor = seq
             for s in [s for s in self._items if s < seq]:
-                del self._items[s]
+                msg, _ = self._items.pop(s)
+                if isinstance(msg, proto.Batch) and msg.slot >= 0:
+                    self._passed_slots.add(s)
+                elif isinstance(msg, proto.Batch) and msg.supersedes >= 0:
+                    superseded.append((s, msg.supersedes))
+        return superseded
+
+    def drop_passed(self, msg: Any) -> bool:
+        """Whether batch ``msg`` arrived after the reader passed it (:meth:`passed`), to be
+        dropped; a slot batch is noted (see :meth:`first_making_passed`)."""
+        if not self.passed(msg.seq):
+            return False
+        if msg.slot >= 0:
+            self._passed_slots.add(msg.seq)
+        return True
+
+    def first_making_passed(self, seq: int) -> bool:
+        """Whether the first making of batch ``seq`` came into its slot and was dropped as
+        passed (its slot freed then); answers once."""
+        if seq in self._passed_slots:
+            self._passed_slots.discard(seq)
+            return True
+        return False
 
     def passed(self, seq: int) -> bool:
         """Whether the reader of a fanned-out stream is past item ``seq``: a copy of it
@@ -459,6 +489,39 @@ class SlotPool:
         while self._freed:
             out.append(self._freed.popleft())
         return out
+
+
+def admit_batch(msg: Any, inbox: Inbox | None, pool: SlotPool | None, closed: bool) -> bool:
+    """Whether a :class:`~batchup_protocol.Batch` that came goes into its stream's inbox
+    (a slot batch's views are then mapped); frees, or keeps, the slots of those that do not.
+    ``closed``: the stream was closed here (its late batches are dropped).
+
+    * A batch made again after its worker died (``supersedes``, 1.4) is dropped when its
+      first making came: the user may hold that one. If the reader is past it (fanned
+      out: it took another server's copy), the superseded slot is freed unless its first
+      making came (and was freed as passed); a first making that comes later is dropped
+      without freeing its slot twice (:meth:`SlotPool.late_first_making`).
+    * A slot batch whose stream is closed, or that the reader passed, frees its slot.
+    Raises :class:`proto.ProtocolError` for a slot batch of a stream with no pool."""
+    if msg.supersedes >= 0:
+        if inbox is None or inbox.duplicate(msg):
+            return False  # a closed stream, or a replanned generation, cannot tell: slot kept
+        if inbox.drop_passed(msg):
+            if pool is not None and not inbox.first_making_passed(msg.seq):
+                pool.free_superseded(msg.stream_id, msg.seq, msg.supersedes)
+            return False
+    if msg.slot < 0:
+        return inbox is not None
+    if pool is None:
+        if inbox is None and closed:
+            return False  # a late batch of a closed stream whose pool the server removed since
+        raise proto.MalformedFrame(f"a slot batch for stream {msg.stream_id}, which has no pool")
+    if pool.late_first_making(msg.stream_id, msg.seq, msg.slot):
+        return False  # its slot was freed when the batch made again in its place was taken
+    if inbox is None or inbox.drop_passed(msg):  # a closed stream, or another server's copy taken
+        pool.free_unused(msg.slot)
+        return False
+    return not inbox.duplicate(msg)  # made again into the slot the first copy holds: dropped
 
 
 def _contained(container: str, arrays: tuple[Any, ...]) -> Any:

@@ -319,6 +319,59 @@ def test_a_superseded_slot_is_freed_once_even_if_its_first_making_comes_late(tmp
     assert pool.take_freed() == []
 
 
+def test_a_batch_made_again_that_the_fanned_out_reader_passed_frees_its_slot_once(tmp_path):
+    """A fanned-out stream's reader took batch 3 from another server's copy. This server's
+    worker died making it: the batch made again (frames, naming slot S) frees S unless the
+    first making came into S (then S was freed as passed, and is not freed twice), and a
+    first making that comes later frees nothing. In every order, each slot comes back once."""
+    from batchup_client.streaming import SlotPool, admit_batch
+
+    path = tmp_path / "pool.bin"
+    path.write_bytes(bytes(8 * 4096))
+    pool = SlotPool(str(path), 8, 4096)
+
+    def first(seq, slot):
+        return proto.Batch(1, seq, 0, None, slot, [["<f4", [1], 0]])
+
+    def again(seq, slot):
+        return proto.Batch(1, seq, 0, supersedes=slot)
+
+    # the first making never came (its worker died before sending it): S freed by the remake
+    box = Inbox()
+    box.pass_to(5)
+    assert not admit_batch(again(3, 2), box, pool, closed=False) and pool.take_freed() == [2]
+    assert not admit_batch(first(3, 2), box, pool, closed=False)  # late after all: not freed again
+    assert pool.take_freed() == []
+    # the first making came after the reader passed it (freed then): the remake frees nothing
+    box = Inbox()
+    box.pass_to(5)
+    assert not admit_batch(first(3, 1), box, pool, closed=False) and pool.take_freed() == [1]
+    assert not admit_batch(again(3, 1), box, pool, closed=False) and pool.take_freed() == []
+    # the first making was waiting when the reader passed it (its views freed S): same
+    box = Inbox()
+    assert admit_batch(first(3, 4), box, pool, closed=False)
+    box.put(first(3, 4), ["views of slot 4"])
+    assert box.pass_to(5) == [] and not box.holds(3)
+    assert not admit_batch(again(3, 4), box, pool, closed=False) and pool.take_freed() == []
+    # the remake was waiting when the reader passed it: its caller frees S (Client.pass_to)
+    box = Inbox()
+    assert admit_batch(again(3, 5), box, pool, closed=False)
+    box.put(again(3, 5), ["frames"])
+    assert box.pass_to(5) == [(3, 5)]
+    pool.free_superseded(1, 3, 5)
+    assert pool.take_freed() == [5]
+    assert not admit_batch(first(3, 5), box, pool, closed=False) and pool.take_freed() == []
+    # not passed: a slot batch is admitted, and a remake of it is a duplicate
+    assert admit_batch(first(6, 6), box, pool, closed=False)
+    box.put(first(6, 6), ["views of slot 6"])
+    assert not admit_batch(again(6, 6), box, pool, closed=False) and pool.take_freed() == []
+    # a closed stream: a late slot batch frees its slot; with no pool left, nothing to free
+    assert not admit_batch(first(7, 7), None, pool, closed=True) and pool.take_freed() == [7]
+    assert not admit_batch(first(7, 7), None, None, closed=True)
+    with pytest.raises(proto.ProtocolError, match="which has no pool"):
+        admit_batch(first(7, 7), box, None, closed=False)
+
+
 @pytest.mark.parametrize(("peer", "tells"), [([1, 5], True), ([1, 9], True), ([1, 4], False), (None, False)])
 def test_only_a_15_server_tells_its_credit_limit(peer, tells):
     """A client asks a server before 1.5 for the 32 batches clients always asked (its limit
