@@ -162,6 +162,7 @@ class Inbox:
         )
         self._taken = min(self._taken, from_seq)  # replanned from there: sent again
         self._floor = min(self._floor, from_seq)
+        self._passed_slots = {s for s in self._passed_slots if s < from_seq}  # of the old plan
         if end is not None:
             self.end = self.final_rng = None
         for seq in [s for s in self._items if s >= from_seq]:
