@@ -185,6 +185,7 @@ def _server_keys(
 
 
 _default: Client | None = None
+_default_pid = 0  #: the process that made ``_default`` (a forked child makes its own)
 _default_lock = threading.Lock()
 
 
@@ -193,12 +194,14 @@ def default_client() -> Client:
 
     ``$BATCHUP_SERVER`` names a running server (with ``$BATCHUP_SERVER_KEY`` and
     ``$BATCHUP_CLIENT_KEY`` when it requires CURVE keys); otherwise a private local server
-    starts on first use. It is closed at interpreter exit.
+    starts on first use. It is closed at interpreter exit. A forked child (a DataLoader
+    worker, say) gets one of its own: the parent's sockets do not survive the fork.
     """
-    global _default
+    global _default, _default_pid
     with _default_lock:
-        if _default is None or _default.closed:
+        if _default is None or _default.closed or _default_pid != os.getpid():
             address = os.environ.get("BATCHUP_SERVER") or None
             _default = connect(address)
+            _default_pid = os.getpid()
             atexit.register(_default.close)
         return _default

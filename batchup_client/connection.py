@@ -72,17 +72,20 @@ HANDSHAKE_FAILURES = 2
 #: every client asked before 1.5
 OLD_SERVER_CREDIT = 32
 
-#: private folders of this process's clients not yet torn down. At exit, those of clients
-#: still being made go too: a daemon thread (a fanned-out client reconnecting to a server
-#: that stopped answering) is stopped mid-handshake, before it could remove its folder.
-_live_dirs: set[str] = set()
+#: private folders of clients not yet torn down, with the process that made each. At exit,
+#: those of clients still being made go too: a daemon thread (a fanned-out client
+#: reconnecting to a server that stopped answering) is stopped mid-handshake, before it
+#: could remove its folder. A forked child inherits the set, and leaves its parent's alone.
+_live_dirs: dict[str, int] = {}
 
 
 @atexit.register
 def _remove_live_dirs() -> None:
-    for path in list(_live_dirs):
-        shutil.rmtree(path, ignore_errors=True)
-    _live_dirs.clear()
+    me = os.getpid()
+    for path, pid in list(_live_dirs.items()):
+        if pid == me:
+            shutil.rmtree(path, ignore_errors=True)
+            del _live_dirs[path]
 
 
 _HANDSHAKE_EVENTS = (
@@ -225,8 +228,9 @@ class Client:
             "batches_made_again": 0,  #: batches recomputed after a server's worker died (1.4)
         }
         sweep_stale(tempfile.gettempdir(), "batchup-client-")
+        self._pid = os.getpid()  #: the process whose sockets these are (a fork's child has none)
         self._private_dir = make_private_dir("batchup-client-")
-        _live_dirs.add(self._private_dir)
+        _live_dirs[self._private_dir] = self._pid
         self._ctx = zmq.Context()
         self._heartbeat: _Heartbeat | None = None
         try:
@@ -413,13 +417,15 @@ class Client:
         self._stop_heartbeat()
         self._ctx.destroy(linger=0)
         shutil.rmtree(self._private_dir, ignore_errors=True)
-        _live_dirs.discard(self._private_dir)
+        _live_dirs.pop(self._private_dir, None)
 
     def close(self) -> None:
         """Say goodbye, stop the heartbeat, close sockets. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self.forked():
+            return  # the parent's client: its sockets, folder and server are not ours to touch
         self.ahead.clear()  # the server forgets them with the rest at the goodbye
         self._stop_heartbeat()  # no heartbeat may follow the goodbye
         try:
@@ -474,7 +480,20 @@ class Client:
         return f"<batchup_client.Client {self.address} server={self.server_id} {state}>"
 
     # ------------------------------------------------------------------ plumbing
+    def forked(self) -> bool:
+        """Whether this is a forked child's copy of a client made by its parent."""
+        return os.getpid() != self._pid
+
+    def _check_process(self) -> None:
+        if self.forked():
+            raise ClientClosed(
+                f"this client was made in process {self._pid}, which forked this one: ZeroMQ "
+                "sockets do not survive a fork, so a forked process must connect() a client of "
+                "its own (drop-in sources do that by themselves)"
+            )
+
     def _check(self) -> None:
+        self._check_process()
         if self._closed:
             raise ClientClosed("this client was closed")
         if self._heartbeat is not None and self._heartbeat.lost:
@@ -649,6 +668,7 @@ class Client:
 
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         """Wait for item ``seq`` of a stream (a Batch, an EndOfStream or an Error)."""
+        self._check_process()  # batches that came stay readable after a loss (fanned out)
         inbox = self._inboxes.get(stream_id)
         if inbox is None:
             raise ClientClosed(f"stream {stream_id} is closed")

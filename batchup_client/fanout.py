@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -116,6 +117,7 @@ class FanoutClient(SourceMethods):
         self._fans: dict[int, _Fan] = {}
         self._next_sid = 0
         self._closed = False
+        self._pid = os.getpid()  #: a forked child's copy leaves the parent's threads and sockets be
         self._back: collections.deque[tuple[str, _Conn]] = collections.deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -485,6 +487,8 @@ class FanoutClient(SourceMethods):
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._pid:
+            return  # the parent's (its connections say so if used: ClientClosed)
         self.ahead.clear()
         with self._lock:
             self._stop.set()

@@ -27,6 +27,7 @@ class LocalServer:
 
     def __init__(self, workers: int | None = None, startup_timeout: float = 60.0):
         sweep_stale(tempfile.gettempdir(), "batchup-local-")
+        self._pid = os.getpid()
         self.folder = make_private_dir("batchup-local-")
         self.endpoint = f"ipc://{self.folder}/control"
         n = workers if workers is not None else min(2, os.cpu_count() or 1)
@@ -72,7 +73,10 @@ class LocalServer:
         self.process.stdout.close()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent; does
+        nothing in a forked child (the server and its folder are the parent's)."""
+        if os.getpid() != self._pid:
+            return
         if self.process.poll() is None:
             self.process.terminate()
             try:
