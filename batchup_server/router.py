@@ -530,7 +530,16 @@ class Router:
         stream = StreamEntry(
             client,
             msg.stream_id,
-            Stream(plan, rng, window, row_bytes, msg.assigned),
+            # an assigned stream is asked for batches within the whole fanned-out stream's
+            # credit, which each server's share does not tell; it is within every server's limit
+            Stream(
+                plan,
+                rng,
+                window,
+                row_bytes,
+                msg.assigned,
+                self.config.max_credit_batches if msg.assigned else msg.credit_batches,
+            ),  # fmt: skip
             entries[0].spec,
             fields,
             msg.include_indices,

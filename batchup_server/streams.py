@@ -63,6 +63,10 @@ class CreditWindow:
     def grant(self, batches: int) -> None:
         self.credits += batches
 
+    def in_flight(self) -> list[int]:
+        """The batches produced and not yet reported consumed."""
+        return list(self._sizes)
+
     def release_below(self, seq: int) -> None:
         """Batches before ``seq`` were consumed: their bytes are free again."""
         for s in [s for s in self._sizes if s < seq]:
@@ -129,6 +133,7 @@ class Stream:
         window: CreditWindow,
         row_bytes: int,
         assigned: bool = False,
+        credit_batches: int = 0,
     ):
         self.plan = plan
         self.rng = rng
@@ -153,6 +158,12 @@ class Stream:
         self.end: int | None = None  #: the plan's length in batches, once known
         self._end_sent = False
         self._end_rng: dict[str, Any] | None = None
+        #: how far past the consumed batches a client may ask (credit in flight, assigned
+        #: batches): twice the stream's credit_batches, and some. A client keeps to its
+        #: credit_batches; a few more come from slots freed for other streams' batches. The
+        #: plan is drawn (and checkpointed) up to what is asked: without a bound, one
+        #: Credit could make the router walk a plan for ever
+        self.max_ahead = 2 * credit_batches + 64 if credit_batches > 0 else None
 
     # ------------------------------------------------------------------ assigned mode
     def assign(self, seqs: list[int]) -> None:
@@ -162,6 +173,14 @@ class Stream:
         bad = [s for s in seqs if not isinstance(s, int) or s < self.consumed]
         if bad:
             raise StreamError(f"assigned batches {bad[:5]} are below the {self.consumed} consumed")
+        if self.max_ahead is not None:
+            far = [s for s in seqs if s >= self.consumed + self.max_ahead]
+            if far or len(self._queue) + len(seqs) > self.max_ahead:
+                raise StreamError(
+                    f"assigned batches {far[:5] or seqs[:5]} reach too far: at most {self.max_ahead} "
+                    f"batches past the {self.consumed} consumed may be asked for (twice the "
+                    "stream's credit_batches, plus 64)"
+                )
         self._queue.extend(seqs)
         self._awaited_first()
 
@@ -324,6 +343,14 @@ class Stream:
             if len(set(freed)) != len(freed):
                 raise StreamError(f"freed slots {sorted(freed)} name a slot twice")
             self.free_slots.extend(freed)
+        if self.max_ahead is not None and not self.assigned:
+            flying = sum(1 for s in self.window.in_flight() if s >= consumed)
+            if self.window.credits + batches + flying > self.max_ahead:
+                raise StreamError(
+                    f"credit would let {self.window.credits + batches + flying} batches be in "
+                    f"flight, above {self.max_ahead} (twice the stream's credit_batches, plus 64); "
+                    "grant credit as batches are consumed"
+                )
         self.window.grant(batches)
         self.window.release_below(consumed)
         for s in [s for s in self._checkpoints if s < consumed]:
