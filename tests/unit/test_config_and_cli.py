@@ -132,6 +132,23 @@ def test_key_cache_notices_a_rewrite_of_any_row_of_a_big_array():
     assert cache.key(rows) == content_key(rows) != k
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_key_cache_notices_a_rewritten_row_of_a_long_array_of_small_rows(dtype):
+    """3 million labels (24 MB of int64, or 3 MB of uint8 rows in a 2-D array over the
+    threshold): a cap on the sampled words once left most rows unsampled, so relabelling
+    them went unseen and the server kept serving the old labels."""
+    n = 3_000_000
+    labels = np.zeros(n, dtype) if dtype == np.int64 else np.zeros((n, 8), dtype)
+    assert labels.nbytes > FULL_HASH_BYTES
+    cache = KeyCache()
+    k = cache.key(labels)
+    for r in (1, 2, 12345, n - 7):
+        labels[r] = 7
+        assert cache.key(labels) == content_key(labels) != k, f"row {r} relabelled and not noticed"
+        labels[r] = 0
+        assert cache.key(labels) == k
+
+
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "batchup_server", *args], capture_output=True, text=True, timeout=60
