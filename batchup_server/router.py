@@ -62,7 +62,7 @@ from .security import CurveKeys
 from .sources import SourceSpec
 from .state import ClientState, Job, Pool, StreamEntry, WorkerHandle
 from .streams import CreditWindow, End, Stream, StreamError, Task
-from .uploads import Uploads
+from .uploads import Uploads, check_key
 from .worker import TaskRunner
 
 __all__ = ["Router", "worker_main"]
@@ -355,7 +355,7 @@ class Router:
             self._on_gather(self._client(routing_id), msg, arrays)
         elif isinstance(msg, proto.HaveArrays):
             self._client(routing_id)
-            present = [k in self.uploads.paths for k in msg.keys]
+            present = [check_key(k) in self.uploads.paths for k in msg.keys]
             self._reply(routing_id, proto.ArraysPresent(msg.request_id, present))
         elif isinstance(msg, proto.RegisterArray):
             self._client(routing_id)

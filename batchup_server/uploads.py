@@ -8,6 +8,7 @@ match the announced content key; a rejected or abandoned upload leaves nothing b
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from typing import Any
 
@@ -15,11 +16,23 @@ import numpy as np
 
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
-from batchup_protocol.host import ContentHasher
+from batchup_protocol.host import ContentHasher, content_key
 
 from .errors import RequestError
 
-__all__ = ["Uploads"]
+__all__ = ["Uploads", "check_key"]
+
+_KEY = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_key(key: Any) -> str:
+    """A content key as :func:`batchup_protocol.host.content_key` makes them; anything
+    else (a path, say: keys name files in the shared folder) is refused."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise RequestError(
+            ErrorCode.INVALID_ARGUMENT, f"an array key should be 'sha256:' and 64 hex digits, got {key!r:.80}"
+        )
+    return key
 
 
 class _Partial:
@@ -38,7 +51,14 @@ class Uploads:
         self._partial: dict[tuple[bytes, str], _Partial] = {}
 
     def register_file(self, key: str, path: str) -> None:
-        """Adopt an ``.npy`` file a same-host client wrote into the (0700) shared folder."""
+        """Adopt an ``.npy`` file a same-host client wrote into the (0700) shared folder,
+        once its content is checked against ``key`` (hashed as an upload is): any client
+        could otherwise make another's key name its own bytes. A key already held stays."""
+        check_key(key)
+        if not isinstance(path, str):
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"path should be a string, got {path!r:.80}")
+        if key in self.paths:
+            return
         real = os.path.realpath(path)
         if os.path.dirname(real) != os.path.realpath(self.folder):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not inside {self.folder}")
@@ -48,6 +68,8 @@ class Uploads:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}") from exc
         try:
             proto.check_dtype(arr.dtype)
+            if content_key(arr) != key:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"the bytes of {path} do not match key {key}")
         except proto.UnsupportedDtype as exc:
             raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc)) from exc
         finally:
@@ -55,6 +77,14 @@ class Uploads:
         self.paths[key] = real
 
     def _begin(self, owner: bytes, msg: proto.UploadChunk) -> _Partial:
+        check_key(msg.key)  # it names the file: never a path
+        if not isinstance(msg.shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in msg.shape
+        ):
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"upload shape should be a list of integers, got {msg.shape!r:.80}",
+            )
         try:
             dtype = proto.dtype_from_wire(msg.dtype)
         except proto.UnsupportedDtype as exc:
@@ -91,7 +121,7 @@ class Uploads:
 
     def chunk(self, owner: bytes, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
         """Add one chunk of ``owner``'s upload; the last one verifies and publishes it."""
-        if msg.key in self.paths:
+        if check_key(msg.key) in self.paths:
             return
         part = self._partial.get((owner, msg.key))
         if part is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 
@@ -201,7 +202,7 @@ def test_unsupported_dtypes_are_refused(server, peer):
         {
             "type": "upload_chunk",
             "request_id": 3,
-            "key": "k",
+            "key": "sha256:" + "0" * 64,
             "dtype": "|O8",
             "shape": [1],
             "offset": 0,
@@ -211,7 +212,7 @@ def test_unsupported_dtypes_are_refused(server, peer):
     peer.send_raw([header, b"\0" * 8])
     reply = peer.recv()
     assert reply.code == ErrorCode.UNSUPPORTED_DTYPE
-    peer.send(proto.UploadChunk(4, "k", "<U3", [1], 0), [np.zeros(12, np.uint8)])
+    peer.send(proto.UploadChunk(4, "sha256:" + "0" * 64, "<U3", [1], 0), [np.zeros(12, np.uint8)])
     assert peer.recv().code in (ErrorCode.UNSUPPORTED_DTYPE, ErrorCode.MALFORMED)
 
 
@@ -244,6 +245,49 @@ def test_corrupt_upload_is_rejected_and_loses_nothing(server, peer):
     with batchup_client.connect(server.endpoint, share_memory=False) as client:
         (got,) = client.array_source([data]).samples_by_indices(np.arange(10))
         np.testing.assert_array_equal(got, data)
+
+
+def test_array_keys_name_no_path_and_a_shared_file_must_hold_its_keys_bytes(server, peer, tmp_path):
+    """Found by a fuzzing review: an upload's key named its file, so "../x" or "/x" wrote
+    anywhere the server could; and a client could register its own file under another
+    array's key, which then served those bytes to everyone asking for that array."""
+    welcome = peer.hello()
+    assert isinstance(welcome, proto.Welcome)
+    data = np.arange(10, dtype=np.int64)
+    for i, key in enumerate(
+        [str(tmp_path / "abs"), "../../" + str(tmp_path)[1:] + "/trav", "k", "sha256:XYZ"]
+    ):
+        peer.send(proto.UploadChunk(10 + i, key, "<i8", [10], 0), [data.view(np.uint8)])
+        reply = peer.recv()
+        assert reply.code == ErrorCode.INVALID_ARGUMENT and "'sha256:' and 64 hex digits" in reply.message
+    assert not list(tmp_path.iterdir())  # nothing written outside the server's folder
+    key = proto.host.content_key(data)
+    for i, shape in enumerate([["a"], [None], [[2]], [1.5]]):
+        peer.send(proto.UploadChunk(20 + i, key, "<i8", shape, 0), [data.view(np.uint8)])
+        reply = peer.recv()
+        assert reply.code == ErrorCode.INVALID_ARGUMENT and "shape" in reply.message, (shape, reply)
+    peer.send(proto.HaveArrays(30, [[]]))
+    assert peer.recv().code == ErrorCode.INVALID_ARGUMENT
+    # the victim's array, its key known to the attacker; the attacker's own bytes in the folder
+    victim = np.arange(10.0)
+    victim_key = proto.host.content_key(victim)
+    mine = np.full(10, 666.0)
+    path = os.path.join(welcome.shm_dir, proto.host.content_key(mine).replace(":", "-") + ".npy")
+    np.save(path, mine)
+    peer.send(proto.RegisterArray(31, victim_key, path))
+    reply = peer.recv()
+    assert reply.code == ErrorCode.INVALID_ARGUMENT and "do not match key" in reply.message
+    peer.send(proto.HaveArrays(32, [victim_key]))
+    assert peer.recv().present == [False]
+    with batchup_client.connect(server.endpoint) as client:
+        (got,) = client.array_source([victim]).samples_by_indices(np.arange(10))
+        np.testing.assert_array_equal(got, victim)  # its own bytes, not the attacker's
+    peer.send(proto.RegisterArray(33, victim_key, path))  # held already: kept as it is
+    assert isinstance(peer.recv(), proto.Ack)
+    with batchup_client.connect(server.endpoint, share_memory=False) as client:
+        (got,) = client.array_source([victim]).samples_by_indices(np.arange(10))
+        np.testing.assert_array_equal(got, victim)
+    assert_still_serving(server)
 
 
 def test_wrong_token(tmp_path):
