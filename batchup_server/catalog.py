@@ -125,6 +125,13 @@ class SourceCatalog:
                     ErrorCode.INVALID_ARGUMENT,
                     f"indices out of range for a source of {length} rows (0 <= index < {length})",
                 )
+        pos = plan.get("weights")
+        if plan.get("kind") == "weighted" and isinstance(pos, int) and 0 <= pos < len(arrays):
+            if len(arrays[pos]) != length:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"plan weights should have one weight per row of the source ({length}), got {len(arrays[pos])}",
+                )
         if plan.get("kind") == "standard" and plan.get("length") != length:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,

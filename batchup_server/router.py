@@ -523,7 +523,7 @@ class Router:
             plan = build_plan(msg.plan, batch_size, rng, arrays)
             start = msg.credit_batches if msg.start_credit == -1 else msg.start_credit
             window = CreditWindow(start, msg.credit_bytes)  # the rest comes with Credit
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for child, entry in zip(children, entries):
             self.catalog.check_plan_fits(child, arrays, entry.length)

@@ -103,6 +103,14 @@ class Task:
         return dataclasses.replace(self, slot=-1, supersedes=self.slot)
 
 
+def _check_state(state: Any) -> None:
+    """Raise :class:`StreamError` for an RNG state numpy would refuse."""
+    try:
+        np.random.RandomState().set_state(state)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StreamError(f"reseed rng state is invalid: {exc}") from exc
+
+
 def _joined(indices: Any) -> tuple[np.ndarray[Any, Any], tuple[int, ...] | None]:
     """A composite plan's per-child index arrays as one array and the children's lengths."""
     if not isinstance(indices, list):
@@ -344,13 +352,12 @@ class Stream:
                 raise StreamError(f"freed slots {sorted(freed)} name a slot twice")
             self.free_slots.extend(freed)
         if self.max_ahead is not None and not self.assigned:
+            # credit beyond the bound is not granted: a client's count can run ahead of
+            # the server's (a reseed returns the credit of void batches here, and the client
+            # counts their freed slots too), which costs nothing while it is bounded. The
+            # awaited batch can always be made: unmade, it has nothing in flight after it
             flying = sum(1 for s in self.window.in_flight() if s >= consumed)
-            if self.window.credits + batches + flying > self.max_ahead:
-                raise StreamError(
-                    f"credit would let {self.window.credits + batches + flying} batches be in "
-                    f"flight, above {self.max_ahead} (twice the stream's credit_batches, plus 64); "
-                    "grant credit as batches are consumed"
-                )
+            batches = max(0, min(batches, self.max_ahead - flying - self.window.credits))
         self.window.grant(batches)
         self.window.release_below(consumed)
         for s in [s for s in self._checkpoints if s < consumed]:
@@ -364,7 +371,8 @@ class Stream:
             self._awaited_first()
 
     def reseed(self, from_seq: int, generation: int, state: Any) -> None:
-        """Replan from batch ``from_seq`` with a new RNG state; later batches are void."""
+        """Replan from batch ``from_seq`` with a new RNG state; later batches are void.
+        Nothing changes when it fails (a state numpy refuses, say)."""
         if generation <= self.generation:
             raise StreamError(f"reseed generation should exceed {self.generation}, got {generation}")
         if (
@@ -373,6 +381,7 @@ class Stream:
             and from_seq >= self.next_seq
             and from_seq not in self._checkpoints
         ):
+            _check_state(state)
             self._pending = (from_seq, state)  # not reached yet: applied when it is
             self.generation = generation
             return
@@ -381,6 +390,7 @@ class Stream:
                 f"cannot reseed from batch {from_seq}: only batches {sorted(self._checkpoints)[:1]}.."
                 f"{self.next_seq} of a shuffled stream can be replanned"
             )
+        _check_state(state)  # before anything changes
         self.plan.set_state(self._checkpoints[from_seq])
         self._set_rng(state)
         for s in [s for s in self._checkpoints if s > from_seq]:

@@ -298,6 +298,28 @@ class ShardedPlan:
 Plan = SequencePlan | WeightedPlan | ShardedPlan | CompositePlan
 
 
+def _integer(spec: dict[str, Any], name: str, default: int | None = None) -> int:
+    """A plan's integer field (not a bool, string or float: msgpack keeps the type)."""
+    value = spec.get(name, default) if default is not None else spec[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"plan {name} should be an integer, got {value!r:.40}")
+    return value
+
+
+def _attached(spec: dict[str, Any], name: str, arrays: list[IntArray], kinds: str) -> IntArray:
+    """The attached array a plan field names by position: 1-D, of a dtype kind in ``kinds``."""
+    pos = spec[name]
+    if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < len(arrays):
+        raise ValueError(
+            f"plan {name} should be the position of one of the {len(arrays)} attached arrays, got {pos!r:.40}"
+        )
+    arr = arrays[pos]
+    if arr.ndim != 1 or arr.dtype.kind not in kinds:
+        what = "integers" if kinds == "iu" else "numbers"
+        raise ValueError(f"plan {name} should be a 1-D array of {what}, got {arr.dtype} of shape {arr.shape}")
+    return arr
+
+
 def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: list[IntArray]) -> Plan:
     """The plan described by an ``OpenStream.plan`` map (arrays: its attached frames).
 
@@ -327,13 +349,16 @@ def build_plan(spec: dict[str, Any], batch_size: int, rng: RNG | None, arrays: l
             built.append(plan)
         return CompositePlan(built, bool(spec.get("trim", True)))
     if kind == "standard":
-        return SequencePlan(int(spec["length"]), batch_size, int(spec.get("repeats", 1)), None, rng)
+        return SequencePlan(_integer(spec, "length"), batch_size, _integer(spec, "repeats", 1), None, rng)
     if kind == "subset":
-        return SequencePlan(0, batch_size, int(spec.get("repeats", 1)), arrays[spec["indices"]], rng)
+        indices = _attached(spec, "indices", arrays, "iu")
+        return SequencePlan(0, batch_size, _integer(spec, "repeats", 1), indices, rng)
     if kind == "weighted":
-        return WeightedPlan(arrays[spec["weights"]], batch_size, rng)
+        return WeightedPlan(_attached(spec, "weights", arrays, "iuf"), batch_size, rng)
     if kind == "weighted_subset":
-        return WeightedPlan(
-            arrays[spec["weights"]], batch_size, rng, arrays[spec["indices"]], "WeightedSubsetSampler"
-        )
+        weights = _attached(spec, "weights", arrays, "iuf")
+        indices = _attached(spec, "indices", arrays, "iu")
+        if len(weights) != len(indices):
+            raise ValueError(f"plan weights ({len(weights)}) and indices ({len(indices)}) should be as long")
+        return WeightedPlan(weights, batch_size, rng, indices, "WeightedSubsetSampler")
     raise ValueError(f"plan kind should be standard, subset, weighted or weighted_subset, got {kind!r}")

@@ -39,8 +39,10 @@ def decode_rng_state(data: Any) -> RNGState:
         raise MalformedFrame(f"rng state is missing a field: {exc}") from exc
     if kind != "MT19937" or not isinstance(key, bytes) or len(key) != 624 * 4:
         raise MalformedFrame("rng state should be MT19937 with a 624-word key")
-    if not (isinstance(pos, int) and 0 <= pos <= 624 and isinstance(has_gauss, int)):
-        raise MalformedFrame("rng state position out of range")
+    if not (
+        isinstance(pos, int) and 0 <= pos <= 624 and has_gauss in (0, 1) and not isinstance(has_gauss, float)
+    ):
+        raise MalformedFrame("rng state position out of range, or has_gauss not 0 or 1")
     if not isinstance(gauss, (int, float)):
         raise MalformedFrame("rng state gauss should be a float")
     return (kind, np.frombuffer(key, dtype="<u4").astype(np.uint32), pos, has_gauss, float(gauss))
