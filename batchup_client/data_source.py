@@ -60,7 +60,7 @@ def _cut_batch(batch: Any, start: int, stop: int) -> Any:
 def _sharded_indices(source: Any, batch_size: int, shard: tuple[int, int], **kwargs: Any) -> Iterator[Any]:
     """``source.batch_indices_iterator`` for one rank: its part of each global index batch
     (``batch_size * world_size``), cut as :func:`_shard_composed` does."""
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     return _shard_composed(source.batch_indices_iterator(batch_size * shard[1], **kwargs), shard)
 
 
@@ -411,7 +411,7 @@ def stream_plan(
     if shard is not None:
         plan = ({**plan[0], "shard": list(shard)}, plan[1])
     rng = resolve_shuffle(shuffle)
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)  # a numpy integer becomes an int (msgpack)
     transforms: list[dict[str, Any]] = []
     seed: int | None = 0
     if maps:

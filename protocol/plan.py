@@ -39,6 +39,8 @@ def check_batch_size(batch_size: Any) -> int:
         raise TypeError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
+    if batch_size >= 2**62:
+        raise ValueError(f"batch_size should be below 2**62, but got batch_size={batch_size!r}")
     return int(batch_size)
 
 

@@ -149,7 +149,15 @@ def test_bad_batch_sizes(server):
                     call(lambda X, y: (X.sum(),), batch_size=bad, rank=0, world_size=2)
         with pytest.raises(batchup_client.TooLargeError, match="max_message_bytes"):
             next(src.batch_iterator(batch_size=10**9))
+        with pytest.raises(ValueError, match="batch_size should be below 2\\*\\*62"):
+            next(src.batch_iterator(batch_size=2**70))  # msgpack cannot carry it
         assert len(list(src.batch_iterator(batch_size=6000))) == 2
+        # numpy integers, as batchup takes them (msgpack could not pack one)
+        for size in (np.int64(6000), np.int32(6000), np.uint16(6000)):
+            assert [len(b[0]) for b in src.batch_iterator(batch_size=size)] == [6000, 6000]
+            (sums,) = src.batch_map_concat(lambda X, y: (X.sum(axis=1),), batch_size=size)
+            assert sums.shape == (12000,)
+            assert len(src.batch_map_mean(lambda X, y: (X.sum(),), batch_size=size)) == 1
 
 
 def test_raw_open_stream_argument_errors(server, peer):
