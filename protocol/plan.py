@@ -37,11 +37,12 @@ def check_batch_size(batch_size: Any) -> int:
     """Validate a batch size (batchup itself loops forever on 0 with ``repeats != 1``)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
-    if batch_size <= 0:
+    size = int(batch_size)
+    if size <= 0:
         raise ValueError(f"batch_size should be a positive integer, but got batch_size={batch_size!r}")
-    if batch_size >= 2**62:
+    if size >= 2**62:
         raise ValueError(f"batch_size should be below 2**62, but got batch_size={batch_size!r}")
-    return int(batch_size)
+    return size
 
 
 def check_repeats(repeats: Any) -> int:
