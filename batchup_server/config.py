@@ -84,7 +84,27 @@ class ServerConfig:
         """Whether the server authenticates and encrypts with CURVE."""
         return bool(self.curve_secret_key)
 
+    def _check_types(self) -> None:
+        """Each plain option has its default's type (TOML "2" for 2 is a clear error here,
+        not a TypeError deep in the start-up)."""
+        for f in dataclasses.fields(self):
+            if f.default is dataclasses.MISSING or isinstance(f.default, tuple):
+                continue
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+                    kind, kind.__name__
+                )
+                raise ConfigError(f"{f.name} should be {what}, but got {f.name}={value!r}")
+
     def __post_init__(self) -> None:
+        self._check_types()
         if self.workers < 1:
             raise ConfigError(f"workers should be >= 1, but got workers={self.workers}")
         if self.heartbeat_interval <= 0 or self.client_timeout <= self.heartbeat_interval:
@@ -237,8 +257,6 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             if isinstance(values.get(key), str) and values[key]:
                 values[key] = os.path.normpath(os.path.join(base, os.path.expanduser(values[key])))
         for name, table in doc.get("sources", {}).items():
-            if name == "demo":
-                raise ConfigError("the source name 'demo' is reserved for the built-in demo data")
             kind, spec = _source_from_table(name, table, base)
             if kind == "spec":
                 sources[name] = spec
@@ -257,4 +275,9 @@ def load_config(path: str | None, **overrides: Any) -> ServerConfig:
             download=settings.download if download is None else download,
         )
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("demo", True) and "demo" in {*sources, *npz, *plugin_sources}:
+        raise ConfigError(
+            "the source name 'demo' is the built-in demo data's; name yours otherwise, or start "
+            "the server with --no-demo ([server] demo = false)"
+        )
     return ServerConfig(sources=sources, npz=npz, plugin_sources=plugin_sources, **values)

@@ -51,6 +51,10 @@ def _extract_npz(name: str, path: str, keys: list[str] | None, folder: str) -> S
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"source {name!r}: cannot read {path}: {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ConfigError(
+            f"source {name!r}: {path} is a .npy file, not an .npz archive (use npy = {{ ... }})"
+        )
     with archive:
         names = keys if keys is not None else list(archive.files)
         missing = [k for k in names if k not in archive.files]

@@ -108,6 +108,8 @@ def _h5_array(path: str, dataset: str) -> Any:
         if dataset not in f:
             raise SourceError(f"{path} has no dataset {dataset!r}")
         d = f[dataset]
+        if not hasattr(d, "chunks"):  # a group, say
+            raise SourceError(f"{path}: {dataset!r} is a {type(d).__name__.lower()}, not a dataset")
         offset = d.id.get_offset() if d.chunks is None and d.compression is None else None
         if offset is not None and d.dtype.kind in "biuf" and len(d.shape) >= 1:
             if offset + d.nbytes > os.path.getsize(path):

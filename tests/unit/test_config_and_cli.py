@@ -42,7 +42,15 @@ def test_sources_and_options_from_toml(tmp_path):
         ('[sources.x]\nnpy = "a.npy"\n', "should map field names"),
         ('[sources.x]\nnpy = { X = "a" }\nnpz = "b"\n', "exactly one of npy, npz, hdf5"),
         ('[sources.x]\nhdf5 = "a.h5"\n', "datasets should map"),
-        ('[sources.demo]\nnpy = { X = "a" }\n', "reserved"),
+        ('[sources.demo]\nnpy = { X = "a" }\n', "the built-in demo data's.*--no-demo"),
+        ('[server]\nworkers = "2"\n', "workers should be an integer, but got workers='2'"),
+        ("[server]\nworkers = 2.0\n", "workers should be an integer"),
+        (
+            "[server]\nclient_timeout = true\n",
+            "client_timeout should be a number, but got client_timeout=True",
+        ),
+        ("[server]\ntoken = 5\n", "token should be a string"),
+        ('[server]\ntrust_client_code = "yes"\n', "trust_client_code should be true or false"),
         ('[server]\nbind = "localhost"\n', "bind should be an endpoint"),
         ('[source.x]\nnpy = { X = "a" }\n', r"unknown section\(s\) \['source'\].*\[sources.NAME\]"),
         (
@@ -56,6 +64,11 @@ def test_sources_and_options_from_toml(tmp_path):
 def test_bad_config_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_demo_may_name_a_source_of_a_server_without_the_demo(tmp_path):
+    cfg = load_config(write(tmp_path, '[sources.demo]\nnpy = { X = "a.npy" }\n'), demo=False)
+    assert list(cfg.sources) == ["demo"] and not cfg.demo
 
 
 def test_missing_config_file(tmp_path):
@@ -84,6 +97,19 @@ def test_sources_check_lengths_and_files(tmp_path):
     np.savez(tmp_path / "z.npz", X=np.zeros(5))
     with pytest.raises(SourceError, match=r"is an .npz archive, not an .npy file; serve it with npz ="):
         open_source(SourceSpec("s", (FieldSpec("X", "npy", str(tmp_path / "z.npz")),)))
+    import h5py
+
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f["train/X"] = np.zeros(5)
+    with pytest.raises(SourceError, match="'train' is a group, not a dataset"):
+        open_source(SourceSpec("s", (FieldSpec("X", "h5", str(tmp_path / "g.h5"), "train"),)))
+
+
+def test_an_npy_file_named_as_an_npz_archive_is_a_config_error(tmp_path):
+    np.save(tmp_path / "X.npy", np.zeros(5))
+    (tmp_path / "s.toml").write_text('[sources.a]\nnpz = "X.npy"\n')
+    out = run_cli("--config", str(tmp_path / "s.toml"), "--bind", "tcp://127.0.0.1:0")
+    assert out.returncode == 2 and "X.npy is a .npy file, not an .npz archive" in out.stderr, out.stderr
 
 
 def test_h5_gather_handles_unsorted_and_repeated_indices(tmp_path):
