@@ -16,6 +16,7 @@ below.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -933,9 +934,14 @@ class Client:
     def _share(self, arr: np.ndarray[Any, Any], key: str) -> None:
         name = key.replace(":", "-") + ".npy"
         path = os.path.join(self.welcome.shm_dir, name)
-        tmp = path[: -len(".npy")] + f".{os.getpid()}.tmp.npy"
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        tmp = path[: -len(".npy")] + f".{os.getpid()}.tmp.npy"  # the server's sweep knows the pid
+        try:
+            np.save(tmp, arr, allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C mid-write, a full /dev/shm: no partial file left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self.request(lambda rid: proto.RegisterArray(rid, key, path))
         self._stats["arrays_shared"] += 1
         self._stats["bytes_shared"] += arr.nbytes

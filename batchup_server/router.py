@@ -415,6 +415,7 @@ class Router:
             time.monotonic(),
             bundles=proto.takes_bundles(msg.version),
             supersedes=proto.knows_supersedes(msg.version),
+            pid=msg.pid if isinstance(msg.pid, int) else 0,
         )
         log.info("client %s connected (pid %d, data %s)", routing_id.hex()[:8], msg.pid, msg.data_endpoint)
         self._reply(routing_id, self._welcome())
@@ -855,6 +856,8 @@ class Router:
         client.streams.clear()
         self.clients.pop(client.routing_id, None)
         self.uploads.forget_owner(client.routing_id)
+        if client.pid > 0 and not any(c.pid == client.pid for c in self.clients.values()):
+            self.uploads.forget_shares_of(client.pid)
         client.data.close(linger=0)
         self._tell_workers({"op": "forget", "endpoint": client.data_endpoint})
 

@@ -39,6 +39,7 @@ class ClientState:
     idle_pools: list[Pool] = dataclasses.field(default_factory=list)
     bundles: bool = False  #: it decodes several batches in one data message (1.3)
     supersedes: bool = False  #: it frees the slot a batch made again names (1.4)
+    pid: int = 0  #: its process, as its Hello says (names the temporary files it shares)
     #: a worker's time per batch of its last stream of each kind (:func:`cost_key`): the
     #: next stream of that kind (the next epoch) starts with task groups of that size
     costs: dict[tuple[Any, ...], float] = dataclasses.field(default_factory=dict)

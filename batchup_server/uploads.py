@@ -7,6 +7,7 @@ match the announced content key; a rejected or abandoned upload leaves nothing b
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import secrets
@@ -152,6 +153,15 @@ class Uploads:
         final = os.path.join(self.folder, msg.key.replace(":", "-") + ".npy")
         os.replace(part.path, final)
         self.paths[msg.key] = final
+
+    def forget_shares_of(self, pid: int) -> None:
+        """A same-host client process went away: remove the temporary files it was writing
+        into the shared folder (``<key>.<pid>.tmp.npy``; interrupted, or killed, mid-write)."""
+        for path in glob.glob(os.path.join(glob.escape(self.folder), f"*.{pid}.tmp.npy")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def forget_owner(self, owner: bytes) -> None:
         """A client went away: drop its unfinished uploads."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import glob
 import os
 
 import numpy as np
@@ -196,3 +197,36 @@ def test_a_failed_batch_gives_its_slot_back(tmp_path):
             while client.poll_data(0.5):
                 pass
             assert client.buffered(sid) == pool.slots
+
+
+def test_an_interrupted_array_share_leaves_no_partial_file(server, monkeypatch):
+    """Ctrl-C while a client wrote an array into the server's shared folder left the
+    partial file there (hundreds of MB of RAM in /dev/shm) until the server stopped: the
+    client removes it, and the server removes those of a client process that went away
+    (killed mid-write)."""
+    import batchup_client.connection as connection
+
+    real_save = np.save
+
+    def interrupted(path, arr, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with batchup_client.connect(server.endpoint) as client:
+        shm_dir = client.welcome.shm_dir
+        monkeypatch.setattr(connection.np, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            client.array_source([np.arange(1000.0)])
+        monkeypatch.setattr(connection.np, "save", real_save)
+        assert not glob.glob(os.path.join(shm_dir, "*.tmp.npy"))
+        # a process killed mid-write: its file goes when the server drops its client
+        left = os.path.join(shm_dir, f"sha256-{'0' * 64}.{os.getpid()}.tmp.npy")
+        with open(left, "wb") as f:
+            f.write(b"partial")
+        other = os.path.join(shm_dir, f"sha256-{'1' * 64}.{os.getpid() + 1}.tmp.npy")
+        with open(other, "wb") as f:
+            f.write(b"another process's, still writing")
+    wait_until(lambda: not os.path.exists(left), what="the partial file removed")
+    assert os.path.exists(other)
+    os.unlink(other)
