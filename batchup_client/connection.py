@@ -196,6 +196,7 @@ class Client:
         self.curve = curve  #: CURVE keys (None: plain ZeroMQ, for loopback/ipc servers)
         self._on_close = on_close
         self._closed = False
+        self._stopping = ""  #: why the server is gone, when it said it is shutting down
         tune_malloc()
         self._request_id = 0
         self._inboxes: dict[int, Inbox] = {}
@@ -497,6 +498,8 @@ class Client:
         self._check_process()
         if self._closed:
             raise ClientClosed("this client was closed")
+        if self._stopping:
+            raise ConnectionLost(self._stopping)
         if self._heartbeat is not None and self._heartbeat.lost:
             raise ConnectionLost(f"lost the server at {self.address}: {self._heartbeat.lost}")
 
@@ -571,6 +574,11 @@ class Client:
 
     def _file(self, msg: Any, arrays: list[Any]) -> None:
         """Put one data message where its reader looks for it."""
+        if isinstance(msg, proto.Error) and msg.code == ErrorCode.SHUTTING_DOWN:
+            # the server is going: lost as if it stopped answering (batches that came stay
+            # readable; a fanned-out stream asks the other servers), not a stream's failure
+            self._stopping = f"the server at {self.address} is shutting down"
+            return
         if isinstance(msg, proto.GatherResult) or (isinstance(msg, proto.Error) and msg.stream_id == 0):
             self._replies[msg.request_id] = (msg, arrays)
             return

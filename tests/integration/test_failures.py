@@ -258,11 +258,17 @@ def test_stopping_server_ends_open_streams_with_shutting_down():
         next(it)
         assert srv.stop() == 0
         start = time.monotonic()
-        with pytest.raises(batchup_client.RemoteError, match="shutting down") as info:
+        # ConnectionLost, as a server that stops answering: code that reconnects on it works
+        with pytest.raises(
+            batchup_client.ConnectionLost, match=f"the server at {srv.endpoint} is shutting down"
+        ):
             for _ in range(100000):
                 next(it)
-        assert info.value.code == batchup_client.errors.ErrorCode.SHUTTING_DOWN
         assert time.monotonic() - start < 10  # not the 60 s heartbeat timeout
+        start = time.monotonic()
+        with pytest.raises(batchup_client.ConnectionLost, match="shutting down"):
+            client.source("demo")  # told already: at once, not after a heartbeat timeout
+        assert time.monotonic() - start < 1
 
 
 def test_refused_credit_fails_the_stream_instead_of_hanging(server):

@@ -186,7 +186,10 @@ def test_a_faster_server_makes_more_batches(data: Any) -> None:
         fast.stop()
 
 
-def test_a_server_killed_mid_epoch_costs_a_stall_not_a_batch(data: Any) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_server_killed_mid_epoch_costs_a_stall_not_a_batch(data: Any, sig: int) -> None:
+    """Killed, or stopped (docker stop: its goodbye to each stream once failed the
+    trainer's stream with "the server is shutting down" instead of replanning it)."""
     a, b = _server(data, delay=0.005), _server(data, delay=0.005)
     try:
         with batchup_client.connect([a.endpoint, b.endpoint], server_timeout=2.0) as client:
@@ -198,7 +201,7 @@ def test_a_server_killed_mid_epoch_costs_a_stall_not_a_batch(data: Any) -> None:
                 gaps.append(now - last)
                 got.append(batch[:3])
                 if i == 30:
-                    os.kill(b.pid, signal.SIGKILL)
+                    os.kill(b.pid, sig)
                 last = time.monotonic()
         _same(got, _reference(10, 2))  # every batch once, in order
         assert max(gaps) < 6.0  # detected within the heartbeat timeout (2 s), then replanned
