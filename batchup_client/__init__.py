@@ -105,6 +105,13 @@ def connect(
     their own take one ``server_key`` per address, in the same order (a list, or in
     ``$BATCHUP_SERVER_KEY`` paths separated by commas); one key serves every address.
     """
+    if address is not None and not isinstance(address, str):
+        if not isinstance(address, list | tuple) or not all(isinstance(a, str) for a in address):
+            raise TypeError(
+                f"address should be a string like 'tcp://host:5555', or a list of them, got {address!r:.80}"
+            )
+        if not address:
+            raise ValueError("connect() got an empty list of addresses (None starts a private local server)")
     addresses = address.split(",") if isinstance(address, str) else address
     if addresses is None or not addresses:
         if server_key is not None or client_key is not None:

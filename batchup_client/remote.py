@@ -66,6 +66,11 @@ class RemoteDataSource(RandomAccessDataSource):
         if isinstance(indices, slice):
             indices = np.arange(*indices.indices(self.length))
         idx = np.asarray(indices)
+        if idx.ndim == 0 and idx.dtype.kind in "iu":  # one sample: its row, as numpy indexing gives
+            rows = self.samples_by_indices_nomapping(idx.reshape(1))
+            if self.include_indices:
+                return (indices, *(a[0] for a in rows[1:]))
+            return tuple(a[0] for a in rows)
         if idx.dtype.kind not in "iu" or idx.ndim != 1:
             raise IndexError(
                 f"indices should be a 1-D integer array (as numpy indexing), got {idx.dtype} with shape {idx.shape}"
@@ -213,6 +218,8 @@ class SourceMethods:
         batchup's attributes hold: ``X`` and ``y``). A dataset the server is
         still fetching is waited for, up to ``wait`` seconds (``None``: as long as it takes).
         """
+        if not isinstance(name, str):
+            raise TypeError(f"a source's name should be a string, got {name!r:.80}")
         ref: dict[str, Any] = {"name": name, "params": params} if params else {"name": name}
         return RemoteDataSource(self, ref, indices, repeats, sampler, include_indices, fields, wait)
 

@@ -46,7 +46,10 @@ def check_batch_size(batch_size: Any) -> int:
 
 
 def check_repeats(repeats: Any) -> int:
-    """batchup's check, with batchup's message."""
+    """batchup's check, with batchup's message; and an integer (batchup loops for ever on
+    1.5, and fails on "2" with a bare comparison error)."""
+    if not isinstance(repeats, numbers.Integral):
+        raise TypeError(f"repeats should be an integer (>= 1, or -1 for ever), not {repeats!r}")
     if repeats == 0 or repeats < -1:
         raise ValueError(f"Invalid number of repeats; should be >= 1 or -1, not {repeats}")
     return int(repeats)

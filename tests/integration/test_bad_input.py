@@ -14,6 +14,7 @@ import zmq
 import batchup_client
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
+from batchup_server.demo import make_demo_arrays
 
 pytestmark = pytest.mark.integration
 
@@ -383,3 +384,26 @@ def test_heartbeat_or_goodbye_for_another_client_is_refused(server, peer):
         assert peer.recv().code == ErrorCode.UNAUTHORIZED
         peer.send(proto.Goodbye(victim.client_id))  # ignored: not the victim's socket
         assert len(list(victim.source("demo").batch_iterator(batch_size=6000))) == 2
+
+
+def test_bad_arguments_to_connect_and_source_are_typed(server):
+    """Found by a user walk-through: connect([]) started a private server, connect(5555)
+    failed inside with "'int' object is not iterable", source(5) was a RemoteError."""
+    with pytest.raises(ValueError, match="empty list of addresses"):
+        batchup_client.connect([])
+    for bad in (5555, [5555], {"a": 1}):
+        with pytest.raises(TypeError, match="address should be a string"):
+            batchup_client.connect(bad)
+    with batchup_client.connect(server.endpoint) as client:
+        with pytest.raises(TypeError, match="a source's name should be a string, got 5"):
+            client.source(5)
+        with pytest.raises(TypeError, match="repeats should be an integer"):
+            client.source("demo", repeats=1.5)  # batchup loops for ever on it
+        X, y = make_demo_arrays()
+        # one sample by a scalar index: its row, as numpy indexing (and batchup) give it
+        got = client.source("demo").samples_by_indices(np.int64(3))
+        np.testing.assert_array_equal(got[0], X[3])
+        assert got[1] == y[3] and np.ndim(got[1]) == 0
+        ndx, x3, y3 = client.source("demo", include_indices=True).samples_by_indices(3)
+        assert ndx == 3 and y3 == y[3]
+        np.testing.assert_array_equal(x3, X[3])
