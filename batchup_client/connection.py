@@ -49,6 +49,7 @@ from .errors import (
     DatasetNotReady,
     InvalidArgumentError,
     ProtocolViolation,
+    RemoteError,
     UnsupportedDtypeError,
     VersionMismatchError,
     remote_error,
@@ -333,6 +334,10 @@ class Client:
             reply, _ = self._wait_reply(0, max(0.0, deadline - time.monotonic()), heartbeat=False)
         except BatchupTimeout as exc:
             raise ConnectionLost(self._no_answer()) from exc
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNAVAILABLE:  # serving all the clients it may: try later
+                raise ConnectionLost(f"the batchup-server at {self.address} refused: {exc.args[0]}") from exc
+            raise
         finally:
             self._stop_monitor()
         if not isinstance(reply, proto.Welcome):

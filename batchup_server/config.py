@@ -65,6 +65,11 @@ class ServerConfig:
     max_message_bytes: int = 1 << 30  #: largest batch or upload chunk accepted/sent
     max_credit_batches: int = 256  #: a client may not grant more batches in flight (told in Welcome)
     max_upload_bytes: int = 16 << 30  #: largest client array accepted
+    max_clients: int = 256  #: clients served at once (each has sockets in every process)
+    max_streams_per_client: int = 256  #: streams a client may have open at once
+    #: a stream's byte budget (OpenStream.credit_bytes) is cut to this: what one stream may
+    #: have in flight, or in its shared-memory pool (at least 4 batches, and one always)
+    max_credit_bytes: int = 1 << 30
     token: str = ""  #: when set, a Hello must carry this token
     trust_client_code: bool = False  #: run functions clients ship for ``map`` (cloudpickle)
     plugins: tuple[str, ...] = ()  #: modules whose transforms and sources the server offers
@@ -107,6 +112,13 @@ class ServerConfig:
         self._check_types()
         if self.workers < 1:
             raise ConfigError(f"workers should be >= 1, but got workers={self.workers}")
+        for name, most in (
+            ("max_clients", MAX_CLIENTS),
+            ("max_streams_per_client", 1 << 20),
+            ("max_credit_bytes", 1 << 62),
+        ):
+            if not 1 <= getattr(self, name) <= most:
+                raise ConfigError(f"{name} should be in [1, {most}], but got {name}={getattr(self, name)}")
         if self.heartbeat_interval <= 0 or self.client_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 "client_timeout should exceed heartbeat_interval > 0, but got "
@@ -131,6 +143,11 @@ class ServerConfig:
                 f"tcp://127.0.0.1:5556 or ipc:///run/batchup-health; got {self.health_bind!r}"
             )
 
+
+#: the most clients a server may serve: each has a socket in the router and in every
+#: worker, within ZeroMQ's MAX_SOCKETS that the server sets (:data:`ZMQ_MAX_SOCKETS`)
+MAX_CLIENTS = 4000
+ZMQ_MAX_SOCKETS = MAX_CLIENTS + 96
 
 #: the options of each kind of source table
 SOURCE_KEYS = {

@@ -44,6 +44,7 @@ from batchup_protocol.host import tune_malloc
 from batchup_protocol.plan import CountingRNG, build_plan, check_batch_size
 
 from .catalog import SourceCatalog, in_range
+from .config import ZMQ_MAX_SOCKETS
 from .datasets.service import DatasetService
 from .datasets.store import DatasetStore
 from .errors import RequestError
@@ -94,6 +95,7 @@ class Router:
         self.host = host
         self.shm_dir = shm_dir
         self.ctx = zmq.Context()
+        self.ctx.set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # a socket per client (1023 by default)
         registry = load_plugins(config.plugins)  # before plugin sources are described
         self.functions = FunctionTable(registry, config.trust_client_code, config.bind, curve is not None)
         self.uploads = Uploads(shm_dir, config.max_upload_bytes)
@@ -399,11 +401,23 @@ class Router:
         old = self.clients.get(routing_id)
         if old is not None:
             self._drop_client(old, "said hello again")
+        elif len(self.clients) >= self.config.max_clients:
+            raise RequestError(
+                ErrorCode.UNAVAILABLE,
+                f"the server serves {len(self.clients)} clients, its max_clients; try again when "
+                "one has gone (or raise max_clients in its config)",
+            )
         try:
             data = self._socket(zmq.PUSH, client_facing=True)
             data.setsockopt(zmq.SNDHWM, 10000)
             data.connect(msg.data_endpoint)
         except zmq.ZMQError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise RequestError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the server is out of sockets or file descriptors ({exc}); raise its "
+                    "open-file limit (ulimit -n) or lower max_clients",
+                ) from exc
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT, f"cannot connect to data endpoint {msg.data_endpoint!r}: {exc}"
             ) from exc
@@ -472,6 +486,12 @@ class Router:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream_id should be >= 1, got {msg.stream_id}")
         if msg.stream_id in client.streams:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"stream {msg.stream_id} is already open")
+        if len(client.streams) >= self.config.max_streams_per_client:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"this client has {len(client.streams)} streams open, the server's "
+                "max_streams_per_client: close iterators it no longer reads",
+            )
         if "composite" in msg.source:
             parts = self.catalog.composite_parts(msg.source)
             entries = [p[0] for p in parts]
@@ -523,7 +543,8 @@ class Router:
         try:
             plan = build_plan(msg.plan, batch_size, rng, arrays)
             start = msg.credit_batches if msg.start_credit == -1 else msg.start_credit
-            window = CreditWindow(start, msg.credit_bytes)  # the rest comes with Credit
+            credit_bytes = min(msg.credit_bytes, self.config.max_credit_bytes)  # no more, whatever asked
+            window = CreditWindow(start, credit_bytes)  # the rest comes with Credit
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for child, entry in zip(children, entries):
@@ -579,7 +600,8 @@ class Router:
         shared folder); 0 slots (frames) if none can be made."""
         need = batch_size * (row_bytes + 8) + n_arrays * proto.arrays.SLOT_ALIGN
         slot_bytes = -(-need // 4096) * 4096
-        slots = max(MIN_SLOTS, min(msg.credit_batches, msg.credit_bytes // slot_bytes))
+        budget = min(msg.credit_bytes, self.config.max_credit_bytes)
+        slots = max(MIN_SLOTS, min(msg.credit_batches, budget // slot_bytes))
         client = stream.client
         pool = next((p for p in client.idle_pools if (p.slots, p.slot_bytes) == (slots, slot_bytes)), None)
         if pool is not None:
@@ -637,6 +659,13 @@ class Router:
         if len(arrays) != 1 or arrays[0].ndim != 1 or arrays[0].dtype.kind not in "iu":
             raise RequestError(ErrorCode.INVALID_ARGUMENT, "gather should carry one 1-D integer index array")
         idx = arrays[0]
+        nbytes = len(idx) * sum(entry.row_bytes[i] for i in fields)
+        if nbytes > self.config.max_message_bytes:
+            raise RequestError(
+                ErrorCode.TOO_LARGE,
+                f"a gather of {len(idx)} rows makes {nbytes} bytes, above the server's "
+                f"max_message_bytes={self.config.max_message_bytes}",
+            )
         if not in_range(idx, entry.length):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"indices out of range for length {entry.length}")
         self._gathers.append((client, msg.request_id, entry.spec, fields, np.array(idx)))
@@ -961,6 +990,7 @@ def worker_main(
     tune_malloc()  # gathered batches reuse freed heap memory instead of faulting fresh pages
     registry = load_plugins(plugins)
     ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # a socket per client it sends to
     auth = start_authenticator(ctx, curve) if curve is not None else None
     tasks = ctx.socket(zmq.PULL)
     tasks.setsockopt(zmq.LINGER, 0)

@@ -15,6 +15,7 @@ import batchup_client
 import batchup_protocol as proto
 from batchup_protocol import ErrorCode
 from batchup_server.demo import make_demo_arrays
+from tests.servers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -407,3 +408,54 @@ def test_bad_arguments_to_connect_and_source_are_typed(server):
         ndx, x3, y3 = client.source("demo", include_indices=True).samples_by_indices(3)
         assert ndx == 3 and y3 == y[3]
         np.testing.assert_array_equal(x3, X[3])
+
+
+def test_the_servers_limits_on_clients_streams_bytes_and_gathers(tmp_path):
+    """Found by a fuzzing review: about 1,020 clients exhausted ZeroMQ's sockets and every
+    later Hello was refused as the client's fault; streams and their byte budgets were the
+    client's to set (four streams filled 1 GB of /dev/shm in 8 s); a gather had no size
+    limit. Each is a server option now, refused with a typed error or cut to the limit."""
+    from tests.servers import RunningServer
+
+    (tmp_path / "s.toml").write_text(
+        "[server]\nmax_clients = 2\nmax_streams_per_client = 3\nmax_credit_bytes = 4194304\n"
+        "max_message_bytes = 1048576\n"
+    )
+    with RunningServer("--config", str(tmp_path / "s.toml"), "--workers", "1") as srv:
+        one = batchup_client.connect(srv.endpoint)
+        two = batchup_client.connect(srv.endpoint)
+        with pytest.raises(batchup_client.ConnectionLost, match="serves 2 clients, its max_clients"):
+            batchup_client.connect(srv.endpoint)
+        two.close()
+        wait_until(lambda: _connects(srv.endpoint), what="a place for another client")
+        src = one.source("demo", repeats=-1)
+        its = [src.batch_iterator(batch_size=100) for _ in range(3)]
+        for it in its:
+            next(it)
+        with pytest.raises(
+            batchup_client.InvalidArgumentError, match="3 streams open, the server's max_streams_per_client"
+        ):
+            next(src.batch_iterator(batch_size=100))
+        its.pop().close()
+        assert len(next(src.batch_iterator(batch_size=100))[0]) == 100  # room again
+        with pytest.raises(batchup_client.TooLargeError, match="gather of 100000 rows makes"):
+            src.samples_by_indices(np.zeros(100000, np.int64))
+        peer = RawPeer(srv.endpoint)
+        try:
+            assert isinstance(peer.hello(), proto.Welcome)
+            plan = {"kind": "standard", "length": 12000, "repeats": -1}
+            peer.send(proto.OpenStream(1, 1, {"name": "demo"}, plan, 1000, False, 256, 2**62, shm=True))
+            opened = peer.recv()
+            assert isinstance(opened, proto.StreamOpened), opened
+            assert opened.slots * opened.slot_bytes <= max(4 * opened.slot_bytes, 4 << 20)
+        finally:
+            peer.close()
+        one.close()
+
+
+def _connects(endpoint):
+    try:
+        batchup_client.connect(endpoint, timeout=2).close()
+        return True
+    except batchup_client.ConnectionLost:
+        return False
