@@ -683,6 +683,8 @@ class Client:
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         """Wait for item ``seq`` of a stream (a Batch, an EndOfStream or an Error)."""
         self._check_process()  # batches that came stay readable after a loss (fanned out)
+        if self._closed:  # but not after close(): its pools are unmapped
+            raise ClientClosed("this client was closed")
         inbox = self._inboxes.get(stream_id)
         if inbox is None:
             raise ClientClosed(f"stream {stream_id} is closed")

@@ -87,6 +87,20 @@ def test_dead_server_gives_a_clear_error_not_a_hang():
         client.source("demo")
 
 
+def test_an_iterator_of_a_closed_client_hands_out_nothing_more(server):
+    """Batches that had come in were still handed out after close() (one, sometimes)."""
+    for shm in (True, False):
+        with batchup_client.connect(server.endpoint) as client:
+            client.shared_memory_batches = shm
+            it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+            next(it)
+            (inbox,) = client._inboxes.values()
+            # batches come in while the reader waits (filed here by hand); then the close
+            wait_until(lambda: client._recv_data(0) and len(inbox) > 2, what="batches waiting")  # noqa: B023
+        with pytest.raises(batchup_client.ClientClosed):
+            next(it)
+
+
 def test_connect_to_nothing_fails_clearly(tmp_path):
     refused = r"nothing accepted a connection at {} \(\d+ attempts within 0.5s were refused or failed\)"
     with pytest.raises(batchup_client.ConnectionLost, match=refused.format("tcp://127.0.0.1:9")):
