@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,6 +89,18 @@ def _remove_live_dirs() -> None:
         if pid == me:
             shutil.rmtree(path, ignore_errors=True)
             del _live_dirs[path]
+
+
+#: clients not closed yet: at exit each says goodbye, so its server frees its streams and
+#: pools at once instead of after client_timeout (registered after _remove_live_dirs: runs first)
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_clients() -> None:
+    for client in list(_live_clients):
+        with contextlib.suppress(Exception):
+            client.close()  # a forked child's copy closes nothing of its parent's
 
 
 _HANDSHAKE_EVENTS = (
@@ -263,6 +276,7 @@ class Client:
         self.transforms: list[str] = list(welcome.transforms)  #: named transforms of its plugins
         self._code_keys: dict[int, tuple[Any, str]] = {}
         self.welcome = welcome
+        _live_clients.add(self)
         #: the most batches the server lets a stream have in flight; a server before protocol
         #: 1.5 does not say (its limit is an option, 64 by default): ask for what clients did
         self.max_credit_batches = (

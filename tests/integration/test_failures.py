@@ -362,3 +362,17 @@ def test_a_client_still_connecting_when_the_program_ends_leaves_no_folder(tmp_pa
         assert not list(tmp.glob("batchup-client-*")), list(tmp.iterdir())
     finally:
         silent.close()
+
+
+def test_a_client_left_open_says_goodbye_when_its_program_ends():
+    """A script that never closed its client left its streams and pools on the server until
+    client_timeout; at exit the client says goodbye."""
+    with RunningServer("--workers", "1", "--log-level", "info") as srv:
+        script = (
+            "import batchup_client\n"
+            f"c = batchup_client.connect({srv.endpoint!r})\n"
+            "next(c.source('demo', repeats=-1).batch_iterator(batch_size=64))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        srv.wait_for_log(r"client \w+ said goodbye", timeout=5)  # not silent until client_timeout
