@@ -92,13 +92,15 @@ def _remove_live_dirs() -> None:
 
 
 #: clients not closed yet: at exit each says goodbye, so its server frees its streams and
-#: pools at once instead of after client_timeout (registered after _remove_live_dirs: runs first)
-_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+#: pools at once instead of after client_timeout (registered after _remove_live_dirs: runs
+#: first). Clients of several servers first: closed, they stop reconnecting their servers
+_live_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+_live_fanouts: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @atexit.register
 def _close_live_clients() -> None:
-    for client in list(_live_clients):
+    for client in [*_live_fanouts, *_live_clients]:
         with contextlib.suppress(Exception):
             client.close()  # a forked child's copy closes nothing of its parent's
 
@@ -854,8 +856,8 @@ class Client:
 
     def close_stream(self, stream_id: int) -> None:
         """Release a stream's credits and buffers at once. Idempotent; quiet after close."""
-        if self._inboxes.pop(stream_id, None) is None or self._closed:
-            return
+        if self._inboxes.pop(stream_id, None) is None or self._closed or self.forked():
+            return  # (a forked child's generator finalized: the socket is the parent's)
         try:
             self._control.send_multipart(proto.encode(proto.CloseStream(stream_id)), zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -39,7 +39,7 @@ from typing import Any
 
 from .ahead import Ahead
 from .connection import Client as _Conn
-from .connection import wait_any
+from .connection import _live_fanouts, wait_any
 from .errors import BatchupError, ClientClosed, ConnectionLost
 from .keys import CurveClientKeys
 from .remote import SourceMethods
@@ -125,6 +125,12 @@ class FanoutClient(SourceMethods):
             target=self._reconnect_loop, name="batchup-reconnect", daemon=True
         )
         self._reconnector.start()
+        _live_fanouts.add(self)
+
+    @property
+    def max_credit_batches(self) -> int:
+        """The largest credit every live server accepts (a stream's prefetch is cut to it)."""
+        return min((c.max_credit_batches for _, c in self._alive()), default=1)
 
     # ------------------------------------------------------------------ servers
     def _alive(self) -> list[tuple[str, _Conn]]:

@@ -505,7 +505,7 @@ def admit_batch(msg: Any, inbox: Inbox | None, pool: SlotPool | None, closed: bo
     * A slot batch whose stream is closed, or that the reader passed, frees its slot.
     Raises :class:`proto.ProtocolError` for a slot batch of a stream with no pool."""
     if msg.supersedes >= 0:
-        if inbox is None or inbox.duplicate(msg):
+        if inbox is None or inbox.duplicate(msg) or msg.generation != inbox.generation:
             return False  # a closed stream, or a replanned generation, cannot tell: slot kept
         if inbox.drop_passed(msg):
             if pool is not None and not inbox.first_making_passed(msg.seq):

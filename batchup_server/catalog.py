@@ -127,10 +127,11 @@ class SourceCatalog:
                 )
         pos = plan.get("weights")
         if plan.get("kind") == "weighted" and isinstance(pos, int) and 0 <= pos < len(arrays):
-            if len(arrays[pos]) != length:
+            if len(arrays[pos]) > length:  # fewer: batchup draws from the first rows
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"plan weights should have one weight per row of the source ({length}), got {len(arrays[pos])}",
+                    f"plan weights should have at most one weight per row of the source ({length}), "
+                    f"got {len(arrays[pos])}",
                 )
         if plan.get("kind") == "standard" and plan.get("length") != length:
             raise RequestError(

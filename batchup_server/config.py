@@ -67,8 +67,9 @@ class ServerConfig:
     max_upload_bytes: int = 16 << 30  #: largest client array accepted
     max_clients: int = 256  #: clients served at once (each has sockets in every process)
     max_streams_per_client: int = 256  #: streams a client may have open at once
-    #: a stream's byte budget (OpenStream.credit_bytes) is cut to this: what one stream may
-    #: have in flight, or in its shared-memory pool (at least 4 batches, and one always)
+    #: a stream's shared-memory slot pool is sized from its byte budget
+    #: (OpenStream.credit_bytes) cut to this (and has at least 4 slots); batches as frames
+    #: are bounded by the stream's credit_batches
     max_credit_bytes: int = 1 << 30
     token: str = ""  #: when set, a Hello must carry this token
     trust_client_code: bool = False  #: run functions clients ship for ``map`` (cloudpickle)

@@ -543,8 +543,7 @@ class Router:
         try:
             plan = build_plan(msg.plan, batch_size, rng, arrays)
             start = msg.credit_batches if msg.start_credit == -1 else msg.start_credit
-            credit_bytes = min(msg.credit_bytes, self.config.max_credit_bytes)  # no more, whatever asked
-            window = CreditWindow(start, credit_bytes)  # the rest comes with Credit
+            window = CreditWindow(start, msg.credit_bytes)  # the rest comes with Credit
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"invalid plan: {exc}") from exc
         for child, entry in zip(children, entries):

@@ -225,7 +225,11 @@ def test_plans_with_bad_fields_or_arrays_are_refused_when_opened(server, peer):
         (sub, [np.array([1.5, 1e12])], "1-D array of integers"),
         (sub, [np.array([True, False])], "1-D array of integers"),
         (sub, [np.zeros((1, 100000), np.int32)], "1-D array of integers"),
-        ({"kind": "weighted", "weights": 0}, [np.full(20000, 1 / 20000)], "one weight per row of the source"),
+        (
+            {"kind": "weighted", "weights": 0},
+            [np.full(20000, 1 / 20000)],
+            "at most one weight per row of the source",
+        ),
         (
             {"kind": "weighted_subset", "weights": 0, "indices": 1},
             [np.full(3, 1 / 3), np.array([1, 2])],
