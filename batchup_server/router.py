@@ -29,6 +29,8 @@ import collections
 import errno
 import logging
 import os
+import queue
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -95,6 +97,8 @@ class Router:
         self.host = host
         self.shm_dir = shm_dir
         self.ctx = zmq.Context()
+        #: registered files hashed by threads: (routing id, request id, key, path, Error or None)
+        self._verifications: queue.SimpleQueue[tuple[bytes, int, str, str, Any]] = queue.SimpleQueue()
         self.ctx.set(zmq.MAX_SOCKETS, ZMQ_MAX_SOCKETS)  # a socket per client (1023 by default)
         registry = load_plugins(config.plugins)  # before plugin sources are described
         self.functions = FunctionTable(registry, config.trust_client_code, config.bind, curve is not None)
@@ -182,6 +186,7 @@ class Router:
                 self._on_monitor()
             if self.health is not None and self.health in events:
                 self._drain(self.health, self._on_health)
+            self._verified()
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + min(0.5, self.config.heartbeat_interval)
@@ -291,6 +296,31 @@ class Router:
                 ),
             )
 
+    def _verify_file(self, routing_id: bytes, request_id: int, key: str, real: str) -> None:
+        """A verification thread: hash a registered file; the loop answers (:meth:`_verified`)."""
+        error: Any = None
+        try:
+            self.uploads.verify_file(key, real)
+        except RequestError as exc:
+            error = proto.Error(exc.code, str(exc), request_id)
+        except Exception as exc:  # a disk error, say
+            error = proto.Error(ErrorCode.INTERNAL, f"cannot read {real}: {exc!r}", request_id)
+        self._verifications.put((routing_id, request_id, key, real, error))
+
+    def _verified(self) -> None:
+        """Answer the registrations whose files were hashed since the last round."""
+        while True:
+            try:
+                routing_id, request_id, key, real, error = self._verifications.get_nowait()
+            except queue.Empty:
+                return
+            if error is not None:
+                log.warning("request register_array from %s failed: %s", routing_id.hex()[:8], error.message)
+                self._reply(routing_id, error)
+            elif routing_id in self.clients:
+                self.uploads.adopt(key, real)
+                self._reply(routing_id, proto.Ack(request_id))
+
     def _reply(self, routing_id: bytes, msg: Any, arrays: list[Any] | tuple[Any, ...] = ()) -> None:
         try:
             self.control.send_multipart([routing_id, *proto.encode(msg, arrays)], copy=False)
@@ -361,8 +391,14 @@ class Router:
             self._reply(routing_id, proto.ArraysPresent(msg.request_id, present))
         elif isinstance(msg, proto.RegisterArray):
             self._client(routing_id)
-            self.uploads.register_file(msg.key, msg.path)
-            self._reply(routing_id, proto.Ack(msg.request_id))
+            real = self.uploads.prepare_file(msg.key, msg.path)
+            if real is None:
+                self._reply(routing_id, proto.Ack(msg.request_id))
+            else:  # hashed in a thread (hashlib lets go of the GIL): the loop serves on
+                threading.Thread(
+                    target=self._verify_file, args=(routing_id, msg.request_id, msg.key, real),
+                    name="batchup-verify", daemon=True,
+                ).start()  # fmt: skip
         elif isinstance(msg, proto.RegisterCode):
             self._client(routing_id)
             self.functions.register(msg, arrays)

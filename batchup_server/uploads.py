@@ -51,31 +51,55 @@ class Uploads:
         self.paths: dict[str, str] = {}
         self._partial: dict[tuple[bytes, str], _Partial] = {}
 
-    def register_file(self, key: str, path: str) -> None:
-        """Adopt an ``.npy`` file a same-host client wrote into the (0700) shared folder,
-        once its content is checked against ``key`` (hashed as an upload is): any client
-        could otherwise make another's key name its own bytes. A key already held stays."""
+    def prepare_file(self, key: str, path: str) -> str | None:
+        """The checks of a same-host client's ``.npy`` file in the (0700) shared folder that
+        take no time: its real path, to hash with :meth:`verify_file` before :meth:`adopt`;
+        ``None`` when the key is held already (it stays as it is)."""
         check_key(key)
         if not isinstance(path, str):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"path should be a string, got {path!r:.80}")
         if key in self.paths:
-            return
+            return None
         real = os.path.realpath(path)
         if os.path.dirname(real) != os.path.realpath(self.folder):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not inside {self.folder}")
-        try:
-            arr = np.load(real, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}") from exc
+        arr = self._open(real, path)
         try:
             proto.check_dtype(arr.dtype)
-            if content_key(arr) != key:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"the bytes of {path} do not match key {key}")
         except proto.UnsupportedDtype as exc:
             raise RequestError(ErrorCode.UNSUPPORTED_DTYPE, str(exc)) from exc
         finally:
             del arr
-        self.paths[key] = real
+        return real
+
+    @staticmethod
+    def _open(real: str, path: str) -> np.ndarray[Any, Any]:
+        try:
+            return np.load(real, mmap_mode="r", allow_pickle=False)  # type: ignore[no-any-return]
+        except (OSError, ValueError) as exc:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"{path} is not a readable .npy: {exc}") from exc
+
+    def verify_file(self, key: str, real: str) -> None:
+        """Hash the file (about 1.5 GB/s: run it off the router's loop) and raise unless its
+        content key is ``key``: another client of the same server could otherwise make a
+        key it knows name bytes of its own."""
+        arr = self._open(real, real)
+        try:
+            if content_key(arr) != key:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, f"the bytes of {real} do not match key {key}")
+        finally:
+            del arr
+
+    def adopt(self, key: str, real: str) -> None:
+        """Serve a verified file under ``key``."""
+        self.paths.setdefault(key, real)
+
+    def register_file(self, key: str, path: str) -> None:
+        """:meth:`prepare_file`, :meth:`verify_file` and :meth:`adopt` in one (tests, tools)."""
+        real = self.prepare_file(key, path)
+        if real is not None:
+            self.verify_file(key, real)
+            self.adopt(key, real)
 
     def _begin(self, owner: bytes, msg: proto.UploadChunk) -> _Partial:
         check_key(msg.key)  # it names the file: never a path
