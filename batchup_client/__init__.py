@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 from collections.abc import Sequence
@@ -209,6 +208,5 @@ def default_client() -> Client:
         if _default is None or _default.closed or _default_pid != os.getpid():
             address = os.environ.get("BATCHUP_SERVER") or None
             _default = connect(address)
-            _default_pid = os.getpid()
-            atexit.register(_default.close)
+            _default_pid = os.getpid()  # closed at exit with every client left open
         return _default

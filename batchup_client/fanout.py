@@ -52,6 +52,11 @@ WAIT_SLICE_S = 0.05
 STUCK_S = 1.0  #: waited this long in vain: copy waiting batches out of slots a server may lack
 
 
+def _credit_limit(live: list[tuple[str, _Conn]]) -> int:
+    """The largest credit every one of these servers accepts."""
+    return min((conn.max_credit_batches for _, conn in live), default=1)
+
+
 @dataclasses.dataclass
 class _Fan:
     """One stream, fanned out over the servers."""
@@ -130,7 +135,7 @@ class FanoutClient(SourceMethods):
     @property
     def max_credit_batches(self) -> int:
         """The largest credit every live server accepts (a stream's prefetch is cut to it)."""
-        return min((c.max_credit_batches for _, c in self._alive()), default=1)
+        return _credit_limit(self._alive())
 
     # ------------------------------------------------------------------ servers
     def _alive(self) -> list[tuple[str, _Conn]]:
@@ -243,7 +248,7 @@ class FanoutClient(SourceMethods):
         """``start_credit``: of ``credit_batches``, the batches asked of the servers before
         the first :meth:`send_credit` (-1: all; a stream opened ahead)."""
         live = self._alive()
-        limit = min(conn.max_credit_batches for _, conn in live)  # what every server accepts
+        limit = _credit_limit(live)  # what every server accepts
         cap = max(1, min(max(2, -(-credit_batches // (2 * len(live)))), limit // 2))
         args = (
             source,

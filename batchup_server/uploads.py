@@ -53,8 +53,8 @@ class Uploads:
 
     def prepare_file(self, key: str, path: str) -> str | None:
         """The checks of a same-host client's ``.npy`` file in the (0700) shared folder that
-        take no time: its real path, to hash with :meth:`verify_file` before :meth:`adopt`;
-        ``None`` when the key is held already (it stays as it is)."""
+        take no time: its real path, to hash with :meth:`verify_file` (the router does, in
+        a thread) before :meth:`adopt`; ``None`` when the key is held already (it stays)."""
         check_key(key)
         if not isinstance(path, str):
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"path should be a string, got {path!r:.80}")
@@ -94,15 +94,7 @@ class Uploads:
         """Serve a verified file under ``key``."""
         self.paths.setdefault(key, real)
 
-    def register_file(self, key: str, path: str) -> None:
-        """:meth:`prepare_file`, :meth:`verify_file` and :meth:`adopt` in one (tests, tools)."""
-        real = self.prepare_file(key, path)
-        if real is not None:
-            self.verify_file(key, real)
-            self.adopt(key, real)
-
     def _begin(self, owner: bytes, msg: proto.UploadChunk) -> _Partial:
-        check_key(msg.key)  # it names the file: never a path
         if not isinstance(msg.shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in msg.shape
         ):
@@ -146,7 +138,7 @@ class Uploads:
 
     def chunk(self, owner: bytes, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
         """Add one chunk of ``owner``'s upload; the last one verifies and publishes it."""
-        if check_key(msg.key) in self.paths:
+        if check_key(msg.key) in self.paths:  # the key names the file: never a path
             return
         part = self._partial.get((owner, msg.key))
         if part is None:
