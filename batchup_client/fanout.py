@@ -20,8 +20,9 @@ in :mod:`batchup_client.connection`.
 
 Servers on the trainer's host fill shared-memory slots of a pool per stream and server
 (protocol 1.4). Credit stays per batch (``Credit.assign``): a server is asked again once
-half its share came in, and freed slots go back with that request (or alone, a quarter of
-the pool at a time, or before a wait when the server may be short). A batch that waits
+half its share came in, and freed slots go back with that request (or, half the pool at a
+time, topping its share up with them; or before a wait when the server may be short, or
+after a wait in vain of :data:`WAIT_SLICE_S`). A batch that waits
 for another server's earlier batch holds its slot; before a wait, a server with batches
 to make and too few free slots has its waiting batches copied out of their slots, so it
 can go on.
@@ -34,6 +35,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -307,7 +309,7 @@ class FanoutClient(SourceMethods):
             fan.outstanding[address] = set()
             log.warning("server %s is back: it makes batches of an open stream again", address)
 
-    def _pump(self, fan: _Fan, waiting: bool = False, waits: int = 0) -> None:
+    def _pump(self, fan: _Fan, waiting: bool = False, waited: float = 0.0) -> None:
         """Drop dead servers (their batches not yet received go back in the queue), take
         back returned ones, and ask the live ones for more batches, each up to its cap of
         outstanding batches, handing back freed slots with the request (``waiting``: the
@@ -356,7 +358,15 @@ class FanoutClient(SourceMethods):
                 room.discard(address)
                 continue
             asks[address].append(fan.requeue.popleft())
-        room = {a for a in room if len(fan.outstanding[a]) <= fan.cap // 2}
+        # a server is due once half its share came in; one that is sent freed slots anyway
+        # is topped up with them (one message, not two: the slots, then the request soon after)
+        more = fan.next_seq < limit
+        due = {a for a in room if len(fan.outstanding[a]) <= fan.cap // 2}
+        freed = {
+            a: self._slots_back(fan, a, bool(asks[a]) or (more and a in due), waiting, waited)
+            for a in fan.outstanding
+        }
+        room = due | {a for a in room if freed[a]}
         while room and fan.next_seq < limit:
             address = min(room, key=load)
             if load(address) >= fan.cap:
@@ -366,13 +376,12 @@ class FanoutClient(SourceMethods):
             fan.next_seq += 1
         for address in fan.outstanding:  # the live servers: one Credit each, when needed
             seqs = asks.get(address, [])
-            freed = self._slots_back(fan, address, bool(seqs), waiting, waits)
-            if not seqs and not freed:
+            if not seqs and not freed[address]:
                 continue
             fan.outstanding[address].update(seqs)
             conn, sid = fan.streams[address]
             try:
-                conn.assign(sid, seqs, fan.consumed, freed)
+                conn.assign(sid, seqs, fan.consumed, freed[address])
             except ConnectionLost:
                 pass  # noticed on the next round
 
@@ -383,9 +392,10 @@ class FanoutClient(SourceMethods):
     def next_item(self, stream_id: int, seq: int) -> tuple[Any, list[Any]]:
         fan = self._fan(stream_id)
         fan.read = max(fan.read, seq)
-        waits = 0  # wait slices gone by without batch seq
+        started = time.monotonic()
+        waited = 0.0  # seconds waited in vain for batch seq (a wake-up for another batch is not one)
         while True:
-            self._pump(fan, waiting=fan.has(seq) is None, waits=waits)
+            self._pump(fan, waiting=fan.has(seq) is None, waited=waited)
             found = fan.has(seq)  # a lost server's received batches count too
             if found is not None:
                 conn, sid = found
@@ -395,13 +405,13 @@ class FanoutClient(SourceMethods):
                     arrays = list(pool.hand_out(arrays))
                 return msg, arrays
             wait_any([fan.streams[a][0] for a in fan.outstanding], WAIT_SLICE_S)
-            waits += 1
+            waited = time.monotonic() - started
 
     @staticmethod
-    def _slots_back(fan: _Fan, address: str, asking: bool, waiting: bool, waits: int = 0) -> list[int]:
+    def _slots_back(fan: _Fan, address: str, asking: bool, waiting: bool, waited: float = 0.0) -> list[int]:
         """The shared-memory slots to hand back to a server with this round's request: those
-        freed here since it last heard, when it is asked for batches anyway, when a quarter
-        of its pool is free, when the reader is about to wait and the server may be short
+        freed here since it last heard, when it is asked for batches anyway, when half of
+        its pool is free, when the reader is about to wait and the server may be short
         of slots, or after a wait in vain (a miscount costs a wait slice, not a hang). When
         it may be short, or the reader waited in vain for :data:`STUCK_S`, and it has
         batches to make, the batches it made that wait here for their turn (another
@@ -411,11 +421,12 @@ class FanoutClient(SourceMethods):
         pool = conn.pool(sid)
         if pool is None:
             return []
-        short = waiting and (conn.short_of_slots(sid) or waits * WAIT_SLICE_S >= STUCK_S)
+        short = waiting and (conn.short_of_slots(sid) or waited >= STUCK_S)
         if short and (asking or fan.outstanding.get(address)):
             conn.copy_out_waiting(sid)
         freed = pool.freed_count()
-        if freed and (asking or short or waits or freed >= max(1, pool.slots // 4)):
+        late = waited >= WAIT_SLICE_S
+        if freed and (asking or short or late or freed >= max(1, pool.slots // 2)):
             return pool.take_freed()
         return []
 

@@ -169,6 +169,37 @@ def test_a_server_lost_while_the_others_slots_all_wait_for_its_batch(data: Any) 
         slow.kill()
 
 
+def test_two_servers_are_sent_one_credit_every_few_batches(data: Any) -> None:
+    """Shared memory, a reader that waits for two servers: each server hears once every few
+    batches (the request carries the slots freed since), not once per batch. A wake-up for
+    the other server's batch is not a wait in vain, and freed slots top a server's share up
+    rather than go alone (0.66 messages a batch at CIFAR size before; 0.25 after)."""
+    a, b = _server(data, delay=0.005), _server(data, delay=0.005)
+    try:
+        with batchup_client.connect([a.endpoint, b.endpoint]) as client:
+            sent: list[tuple[int, int]] = []
+            for conn in client._conns.values():
+                assign = conn.assign
+
+                def counted(
+                    sid: int, seqs: list[int], consumed: int, freed: Any = (), _f: Any = assign
+                ) -> None:
+                    sent.append((len(seqs), len(freed)))
+                    _f(sid, seqs, consumed, freed)
+
+                conn.assign = counted  # type: ignore[method-assign]
+            src = client.source("train", include_indices=True, repeats=2).map("tag")
+            it = src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(4))
+            got = [tuple(a.copy() for a in g[:3]) for g in it]  # (slots free again)
+            assert set(client.info()["batch_transport"].values()) == {"shared memory"}
+        _same(got, _reference(10, 4, repeats=2))
+        assert sum(n for n, _ in sent) > len(got)  # every batch, the end and a few past it
+        assert len(sent) <= 0.35 * len(got), repr(sent)
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_faster_server_makes_more_batches(data: Any) -> None:
     slow, fast = _server(data, delay=0.03), _server(data, delay=0.0)
     try:
