@@ -51,6 +51,7 @@ from .errors import (
     InvalidArgumentError,
     ProtocolViolation,
     RemoteError,
+    UnknownSourceError,
     UnsupportedDtypeError,
     VersionMismatchError,
     remote_error,
@@ -231,6 +232,7 @@ class Client:
         #: content keys of arrays this server holds (it keeps them while it runs): a later
         #: batch_iterator() over the same arrays opens its stream without asking again
         self._held_keys: set[str] = set()
+        self._sent_arrays: dict[str, weakref.ref[Any]] = {}  #: the arrays behind keys sent (weakly)
         self._stats = {
             "arrays_shared": 0,
             "arrays_uploaded": 0,
@@ -640,6 +642,26 @@ class Client:
         ``assigned``: the server makes only the batches :meth:`assign` names;
         ``start_credit``: of ``credit_batches``, the batches it may make before the first
         :meth:`send_credit` (-1: all; a stream opened ahead)."""
+        args = (source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes)
+        return self._arrays_again(
+            source, lambda: self._open_stream(*args, transforms, transform_seed, assigned, start_credit)
+        )
+
+    def _open_stream(
+        self,
+        source: dict[str, Any],
+        plan: dict[str, Any],
+        plan_arrays: Any,
+        batch_size: int,
+        include_indices: bool,
+        fields: list[str] | None,
+        credit_batches: int,
+        credit_bytes: int,
+        transforms: list[dict[str, Any]] | None,
+        transform_seed: int,
+        assigned: bool,
+        start_credit: int,
+    ) -> int:
         self._next_stream += 1
         sid = self._next_stream
         self._inboxes[sid] = Inbox()
@@ -889,6 +911,9 @@ class Client:
     def describe(self, source: dict[str, Any], wait: float | None = None) -> proto.SourceInfo:
         """Length, fields and metadata of a source. A standard dataset the server is still
         fetching is waited for (up to ``wait`` seconds; ``None``: as long as it takes)."""
+        return self._arrays_again(source, lambda: self._describe(source, wait))  # type: ignore[no-any-return]
+
+    def _describe(self, source: dict[str, Any], wait: float | None) -> proto.SourceInfo:
         deadline = None if wait is None else time.monotonic() + wait
         told = 0.0
         while True:
@@ -908,6 +933,11 @@ class Client:
         self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None
     ) -> list[Any]:
         """Rows ``indices`` (absolute) of each field of a source."""
+        return self._arrays_again(source, lambda: self._gather(source, indices, fields))  # type: ignore[no-any-return]
+
+    def _gather(
+        self, source: dict[str, Any], indices: np.ndarray[Any, Any], fields: list[str] | None
+    ) -> list[Any]:
         self._check()
         self._request_id += 1
         rid = self._request_id
@@ -944,6 +974,11 @@ class Client:
             wire = _wire_arrays(arrays)
             keys = [content_key(a) for a in wire]
         keys = list(keys)
+        if len(self._sent_arrays) > 256:
+            self._sent_arrays = {k: r for k, r in self._sent_arrays.items() if r() is not None}
+        for arr, key in zip(arrays, keys):  # to send again if the server deletes it unused
+            with contextlib.suppress(TypeError):  # (an array-like without weak references)
+                self._sent_arrays[key] = weakref.ref(arr)
         if self._held_keys.issuperset(keys):
             # a server keeps what it was given, checked then (a key names dtype and shape):
             # no request, and no contiguous copy of an array that is not
@@ -961,6 +996,31 @@ class Client:
                 self._upload(arr, key)
             self._held_keys.add(key)
         return keys
+
+    def _arrays_again(self, source: dict[str, Any], call: Callable[[], Any]) -> Any:
+        """``call()``; once more after sending the source's arrays again when the server
+        answers that it does not have them (it deletes arrays no stream uses beyond its
+        ``idle_array_bytes``)."""
+        try:
+            return call()
+        except UnknownSourceError:
+            keys = _array_keys(source)
+            if not keys:
+                raise
+            arrays = [self._sent_arrays[k]() if k in self._sent_arrays else None for k in keys]
+            lost = [k for k, a in zip(keys, arrays) if a is None]
+            if lost:
+                raise
+            for i, (arr, key) in enumerate(zip(arrays, keys)):
+                if content_key(np.ascontiguousarray(arr)) != key:
+                    raise ValueError(
+                        f"array {i} changed since it was handed to {self.address}, which has since "
+                        "deleted it (unused): a source of arrays sends them once; make the source anew"
+                    ) from None
+            log.info("%s deleted %d unused array(s) of ours: sending them again", self.address, len(keys))
+            self._held_keys.difference_update(keys)
+            self.ensure_arrays(arrays, keys)  # type: ignore[arg-type]
+        return call()
 
     def _share(self, arr: np.ndarray[Any, Any], key: str) -> None:
         name = key.replace(":", "-") + ".npy"
@@ -996,6 +1056,14 @@ class Client:
                 self._stats["arrays_uploaded"] += 1
                 self._stats["bytes_uploaded"] += total
                 return
+
+
+def _array_keys(source: dict[str, Any]) -> list[str]:
+    """The content keys of client arrays a source reference names (composites: its children's)."""
+    keys = list(source.get("arrays") or [])
+    for child in source.get("composite") or []:
+        keys += _array_keys(child.get("source") or {})
+    return list(dict.fromkeys(keys))
 
 
 def _wire_arrays(arrays: Sequence[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:

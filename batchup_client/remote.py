@@ -39,6 +39,7 @@ class RemoteDataSource(RandomAccessDataSource):
         info = client.describe(source, wait)
         self.client = client
         self.source_ref = source
+        self.arrays: list[Any] = []  #: the client arrays it streams, if any (``array_source``)
         self.length = info.length
         self.metadata = dict(info.metadata)
         available = [f["name"] for f in info.fields]
@@ -124,6 +125,7 @@ class RemoteArray:
     def __init__(self, client: Any, source: dict[str, Any], field: str, length: int, info: dict[str, Any]):
         self.client = client
         self.source_ref = source
+        self.arrays: list[Any] = []  #: the client arrays it streams, if any (``array_source``)
         self.field = field
         self.dtype = np.dtype(info["dtype"])
         self.shape = (int(length), *(int(d) for d in info["shape"]))
@@ -234,4 +236,6 @@ class SourceMethods:
         """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
         check_array_list(data)
         keys = self.ensure_arrays(data)  # type: ignore[attr-defined]
-        return RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
+        source = RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
+        source.arrays = list(data)  # kept: sent again should the server delete them unused
+        return source

@@ -67,8 +67,9 @@ class SourceCatalog:
             if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
                 raise RequestError(ErrorCode.MALFORMED, "source.arrays should be a non-empty list of keys")
             missing = [k for k in keys if k not in self.uploads.paths]
-            if missing:
+            if missing:  # (never given, or unused and deleted: the client sends it again)
                 raise RequestError(ErrorCode.UNKNOWN_SOURCE, f"no array uploaded with key(s) {missing}")
+            self.uploads.touch(keys)
             spec = SourceSpec(
                 "arrays", tuple(FieldSpec(str(i), "npy", self.uploads.paths[k]) for i, k in enumerate(keys))
             )

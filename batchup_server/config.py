@@ -65,6 +65,9 @@ class ServerConfig:
     max_message_bytes: int = 1 << 30  #: largest batch or upload chunk accepted/sent
     max_credit_batches: int = 256  #: a client may not grant more batches in flight (told in Welcome)
     max_upload_bytes: int = 16 << 30  #: largest client array accepted
+    #: client arrays no open stream uses are kept for reuse up to this many bytes (least
+    #: recently used deleted first; a client re-sends one it needs again)
+    idle_array_bytes: int = 4 << 30
     max_clients: int = 256  #: clients served at once (each has sockets in every process)
     max_streams_per_client: int = 256  #: streams a client may have open at once
     #: a stream's shared-memory slot pool is sized from its byte budget
@@ -120,6 +123,10 @@ class ServerConfig:
         ):
             if not 1 <= getattr(self, name) <= most:
                 raise ConfigError(f"{name} should be in [1, {most}], but got {name}={getattr(self, name)}")
+        if self.idle_array_bytes < 0:
+            raise ConfigError(
+                f"idle_array_bytes should be >= 0, but got idle_array_bytes={self.idle_array_bytes}"
+            )
         if self.heartbeat_interval <= 0 or self.client_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 "client_timeout should exceed heartbeat_interval > 0, but got "

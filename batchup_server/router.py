@@ -193,6 +193,7 @@ class Router:
                 self._check_workers()
                 self._refresh_keys()
                 self._reap_clients(now)
+                self._evict_idle()
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.info("parent process %d is gone; shutting down", self.config.parent_pid)
                     self.stopping = True
@@ -388,6 +389,7 @@ class Router:
         elif isinstance(msg, proto.HaveArrays):
             self._client(routing_id)
             present = [check_key(k) in self.uploads.paths for k in msg.keys]
+            self.uploads.touch(msg.keys)  # asked for: kept for the stream that follows
             self._reply(routing_id, proto.ArraysPresent(msg.request_id, present))
         elif isinstance(msg, proto.RegisterArray):
             self._client(routing_id)
@@ -925,6 +927,31 @@ class Router:
         client.data.close(linger=0)
         self._tell_workers({"op": "forget", "endpoint": client.data_endpoint})
 
+    def _arrays_in_use(self) -> set[str]:
+        """The files of client arrays that open streams, queued gathers or tasks read."""
+        specs = []
+        for client in self.clients.values():
+            for entry in client.streams.values():
+                specs += [entry.source, *(p[0] for p in entry.parts)]
+        specs += [g[2] for g in self._gathers]
+        jobs = [job for job, _ in self._retry]
+        jobs += [job for worker in self.workers for job, _ in worker.outstanding.values()]
+        for job in jobs:
+            specs += [job.source, *(p[0] for p in job.parts)]
+        return {f.path for spec in specs for f in spec.fields}
+
+    def _evict_idle(self) -> None:
+        """Delete client arrays no one uses beyond the ``idle_array_bytes`` kept for reuse
+        (not one asked for in the last ``client_timeout``: its stream may be on the way)."""
+        if self.uploads.held_bytes <= self.config.idle_array_bytes:
+            return
+        gone = self.uploads.evict(
+            self._arrays_in_use(), self.config.idle_array_bytes, self.config.client_timeout
+        )
+        for path in gone:
+            log.info("client array %s is unused and over idle_array_bytes: deleted", os.path.basename(path))
+            self._tell_workers({"op": "forget_source", "path": path})
+
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
         """Stop workers (with a timeout, then kill) and close every socket. Idempotent."""
@@ -1058,6 +1085,9 @@ def worker_main(
                 continue
             if op == "forget_pool":
                 runner.forget_pool(header["path"])
+                continue
+            if op == "forget_source":
+                runner.forget_source(header["path"])
                 continue
             if op == "code":  # a trusted client's function, ahead of the tasks that use it
                 try:

@@ -3,6 +3,10 @@
 Pure file handling, no sockets. An upload is written into a ``.part`` file as its chunks
 arrive in order, hashed on the way, and renamed to its final name only when the bytes
 match the announced content key; a rejected or abandoned upload leaves nothing behind.
+
+Arrays no open stream uses are kept for reuse (the next epoch, a restarted script) up to
+a byte budget, least recently used out first (:meth:`Uploads.evict`); a client re-sends
+an array the server no longer has when its request is answered ``UNKNOWN_SOURCE``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import glob
 import os
 import re
 import secrets
+import time
 from typing import Any
 
 import numpy as np
@@ -50,6 +55,52 @@ class Uploads:
         self.max_bytes = max_bytes
         self.paths: dict[str, str] = {}
         self._partial: dict[tuple[bytes, str], _Partial] = {}
+        self._sizes: dict[str, int] = {}  #: bytes of each held array's file
+        self._used: dict[str, float] = {}  #: when each was last asked for (time.monotonic)
+        self.held_bytes = 0  #: of every held array
+
+    def _hold(self, key: str, path: str) -> None:
+        self.paths[key] = path
+        try:
+            self._sizes[key] = os.path.getsize(path)
+        except OSError:
+            self._sizes[key] = 0
+        self.held_bytes += self._sizes[key]
+        self.touch([key])
+
+    def touch(self, keys: list[str]) -> None:
+        """These held arrays were just asked for: the last to go."""
+        now = time.monotonic()
+        for key in keys:
+            if key in self.paths:
+                self._used[key] = now
+
+    def evict(self, in_use: set[str], budget: int, grace: float) -> list[str]:
+        """Delete the least recently used arrays whose files are not in ``in_use`` (paths an
+        open stream or a queued task reads) and that were not asked for in the last
+        ``grace`` seconds (one just sent waits for the request that names it), until those
+        left unused take at most ``budget`` bytes; returns the paths deleted (processes that
+        mapped them should let go: a deleted file's pages stay until its last mapping goes)."""
+        if self.held_bytes <= budget:
+            return []
+        unused = [k for k, p in self.paths.items() if p not in in_use]
+        spare = sum(self._sizes[k] for k in unused)
+        old = time.monotonic() - grace
+        gone = []
+        for key in sorted(unused, key=self._used.__getitem__):
+            if spare <= budget or self._used[key] > old:
+                break
+            path = self.paths.pop(key)
+            size = self._sizes.pop(key)
+            spare -= size
+            self.held_bytes -= size
+            del self._used[key]
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            gone.append(path)
+        return gone
 
     def prepare_file(self, key: str, path: str) -> str | None:
         """The checks of a same-host client's ``.npy`` file in the (0700) shared folder that
@@ -92,7 +143,8 @@ class Uploads:
 
     def adopt(self, key: str, real: str) -> None:
         """Serve a verified file under ``key``."""
-        self.paths.setdefault(key, real)
+        if key not in self.paths:
+            self._hold(key, real)
 
     def _begin(self, owner: bytes, msg: proto.UploadChunk) -> _Partial:
         if not isinstance(msg.shape, list) or not all(
@@ -139,6 +191,7 @@ class Uploads:
     def chunk(self, owner: bytes, msg: proto.UploadChunk, data: np.ndarray[Any, Any]) -> None:
         """Add one chunk of ``owner``'s upload; the last one verifies and publishes it."""
         if check_key(msg.key) in self.paths:  # the key names the file: never a path
+            self.touch([msg.key])
             return
         part = self._partial.get((owner, msg.key))
         if part is None:
@@ -168,7 +221,7 @@ class Uploads:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, f"uploaded bytes do not match key {msg.key}")
         final = os.path.join(self.folder, msg.key.replace(":", "-") + ".npy")
         os.replace(part.path, final)
-        self.paths[msg.key] = final
+        self._hold(msg.key, final)
 
     def forget_shares_of(self, pid: int) -> None:
         """A same-host client process went away: remove the temporary files it was writing

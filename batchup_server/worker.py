@@ -64,6 +64,13 @@ class TaskRunner:
     def forget_pool(self, path: str) -> None:
         self._pools.pop(path, None)
 
+    def forget_source(self, path: str) -> None:
+        """The server deleted a client array's file: let go of every source that maps it
+        (its pages are freed only when the last mapping goes)."""
+        for key in [k for k, src in self._sources.items() if any(f.path == path for f in src.spec.fields)]:
+            self._sources.pop(key).close()
+        self._last = (None, None)
+
     def run(self, header: dict[str, Any], indices: np.ndarray[Any, Any]) -> tuple[Any, list[Any], str]:
         """The reply to a task: ``(message, arrays, error text or "")``."""
         try:

@@ -3,6 +3,7 @@ error that names what was wrong. Pure logic over real files in a temporary folde
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from batchup_protocol import ErrorCode
+from batchup_protocol.host import content_key
 from batchup_server.catalog import SourceCatalog, in_range
 from batchup_server.datasets.service import DatasetService
 from batchup_server.datasets.store import DatasetSettings, DatasetStore
@@ -119,3 +121,28 @@ def test_in_range_counts_negatives_from_the_end() -> None:
     assert in_range(np.array([-3, 0, 2]), 3)
     assert not in_range(np.array([3]), 3)
     assert not in_range(np.array([-4]), 3)
+
+
+def _held(uploads: Uploads, folder: pathlib.Path, value: int, rows: int = 1000) -> tuple[str, str]:
+    arr = np.full(rows, value, dtype=np.int64)  # 8 kB and a 128-byte header
+    key = content_key(arr)
+    path = str(folder / (key.replace(":", "-") + ".npy"))
+    np.save(path, arr)
+    uploads.adopt(key, path)
+    return key, path
+
+
+def test_unused_arrays_go_least_recently_used_first_down_to_the_budget(tmp_path: pathlib.Path) -> None:
+    uploads = Uploads(str(tmp_path), 1 << 30)
+    (a, pa), (b, pb), (c, pc) = (_held(uploads, tmp_path, v) for v in range(3))
+    assert uploads.held_bytes == 3 * 8128
+    uploads.touch([a])  # a is now the most recently used: b goes first, then c
+    assert uploads.evict(set(), 2 * 8128, grace=0.0) == [pb]
+    assert not os.path.exists(pb) and b not in uploads.paths
+    assert uploads.evict(set(), 2 * 8128, grace=0.0) == []  # within the budget
+    assert uploads.evict({pc}, 0, grace=0.0) == [pa]  # c is in use: never deleted
+    assert list(uploads.paths) == [c] and uploads.held_bytes == 8128
+    assert uploads.evict(set(), 0, grace=60.0) == []  # c was asked for within the grace
+    assert uploads.evict(set(), 0, grace=0.0) == [pc] and uploads.held_bytes == 0
+    _held(uploads, tmp_path, 1)  # deleted, then sent again: held as before
+    assert uploads.held_bytes == 8128

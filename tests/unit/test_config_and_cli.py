@@ -50,6 +50,7 @@ def test_sources_and_options_from_toml(tmp_path):
             "client_timeout should be a number, but got client_timeout=True",
         ),
         ("[server]\ntoken = 5\n", "token should be a string"),
+        ("[server]\nidle_array_bytes = -1\n", "idle_array_bytes should be >= 0"),
         ('[server]\ntrust_client_code = "yes"\n', "trust_client_code should be true or false"),
         ('[server]\nbind = "localhost"\n', "bind should be an endpoint"),
         ('[source.x]\nnpy = { X = "a" }\n', r"unknown section\(s\) \['source'\].*\[sources.NAME\]"),
