@@ -67,6 +67,7 @@ log = logging.getLogger("batchup_client")
 UPLOAD_CHUNK_BYTES = 8 << 20
 GOODBYE_LINGER_MS = 250
 POLL_SLICE_MS = 100
+STOP_DRAIN_MS = 50  #: after a "shutting down" notice, how long to wait for batches still on the way
 NOT_READY_POLL_S = 0.5  #: how often to ask again for a dataset the server is fetching
 NOT_READY_REPORT_S = 15.0  #: how often to say so in the log
 #: handshakes that fail without detail (libzmq's view of a wrong server key, or of CURVE on
@@ -727,6 +728,7 @@ class Client:
         if inbox is None:
             raise ClientClosed(f"stream {stream_id} is closed")
         waited = False  # a wait of a whole poll slice went by without a message
+        drained = False  # a stopping server's last batches were waited for
         while True:
             item = inbox.take(seq)
             if item is not None:
@@ -736,6 +738,11 @@ class Client:
                     if pool is not None:  # its first making has not come: that slot is free
                         pool.free_superseded(stream_id, msg.seq, msg.supersedes)
                 return item
+            if self._stopping and not drained:  # its notice may overtake batches its workers sent
+                drained = True
+                while self._recv_data(STOP_DRAIN_MS):
+                    pass
+                continue
             self._check()
             if not self._recv_data(0):  # nothing waiting: look for stream errors, then wait
                 self._drain_control()
@@ -831,6 +838,8 @@ class Client:
         return 0 if inbox is None else len(inbox)
 
     def send_credit(self, stream_id: int, batches: int, consumed: int, freed: Sequence[int] = ()) -> None:
+        if self._stopping and not self._closed and os.getpid() == self._pid:
+            return  # the server is going: batches that came stay readable, then next_item says so
         self._check()
         self._send(proto.Credit(stream_id, batches, consumed, list(freed)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -283,6 +284,34 @@ def test_stopping_server_ends_open_streams_with_shutting_down():
         with pytest.raises(batchup_client.ConnectionLost, match="shutting down"):
             client.source("demo")  # told already: at once, not after a heartbeat timeout
         assert time.monotonic() - start < 1
+
+
+def test_batches_received_before_a_server_stops_are_read_first():
+    """A stopped server's batches that reached the client are handed out before the loss is
+    raised (the credit the reader returns meanwhile goes nowhere, and is no error)."""
+    srv = RunningServer("--workers", "1")
+    with batchup_client.connect(srv.endpoint, server_timeout=60) as client:
+        it = client.source("demo", repeats=-1).batch_iterator(batch_size=64)
+        next(it)
+        (sid,) = client._inboxes
+
+        def buffered() -> int:
+            while client.poll_data(0):  # file what came, as a reader would
+                pass
+            return client.buffered(sid)
+
+        wait_until(lambda: buffered() >= 100, what="100 batches to arrive")
+        assert srv.stop() == 0
+        with contextlib.suppress(batchup_client.ConnectionLost):
+            buffered()  # files what came, and the server's notice that it is shutting down
+        held = client.buffered(sid)
+        assert client._stopping
+        got = 0
+        with pytest.raises(batchup_client.ConnectionLost, match="shutting down"):
+            for _ in range(100000):
+                next(it)
+                got += 1
+        assert got >= held  # not cut at the next credit (32 batches) as before
 
 
 def test_refused_credit_fails_the_stream_instead_of_hanging(server):
