@@ -983,8 +983,9 @@ class Client:
             wire = _wire_arrays(arrays)
             keys = [content_key(a) for a in wire]
         keys = list(keys)
-        if len(self._sent_arrays) > 256:
-            self._sent_arrays = {k: r for k, r in self._sent_arrays.items() if r() is not None}
+        if len(self._sent_arrays) > 256:  # (in place: a fanned-out client's are shared)
+            for k in [k for k, r in self._sent_arrays.items() if r() is None]:
+                del self._sent_arrays[k]
         for arr, key in zip(arrays, keys):  # to send again if the server deletes it unused
             with contextlib.suppress(TypeError):  # (an array-like without weak references)
                 self._sent_arrays[key] = weakref.ref(arr)
@@ -1016,19 +1017,21 @@ class Client:
             keys = _array_keys(source)
             if not keys:
                 raise
-            arrays = [self._sent_arrays[k]() if k in self._sent_arrays else None for k in keys]
-            lost = [k for k, a in zip(keys, arrays) if a is None]
-            if lost:
-                raise
-            for i, (arr, key) in enumerate(zip(arrays, keys)):
+            reply, _ = self.request(lambda rid: proto.HaveArrays(rid, keys))
+            missing = [k for k, present in zip(keys, reply.present) if not present]
+            arrays = [self._sent_arrays[k]() if k in self._sent_arrays else None for k in missing]
+            if not missing or any(a is None for a in arrays):
+                raise  # not for want of arrays, or of arrays this process no longer has
+            for arr, key in zip(arrays, missing):
                 if content_key(np.ascontiguousarray(arr)) != key:
                     raise ValueError(
-                        f"array {i} changed since it was handed to {self.address}, which has since "
-                        "deleted it (unused): a source of arrays sends them once; make the source anew"
+                        f"array {keys.index(key)} changed since it was handed to {self.address}, which "
+                        "has since deleted it (unused): a source of arrays sends them once; make the "
+                        "source anew"
                     ) from None
-            log.info("%s deleted %d unused array(s) of ours: sending them again", self.address, len(keys))
-            self._held_keys.difference_update(keys)
-            self.ensure_arrays(arrays, keys)  # type: ignore[arg-type]
+            log.info("%s deleted %d unused array(s) of ours: sending them again", self.address, len(missing))
+            self._held_keys.difference_update(missing)
+            self.ensure_arrays(arrays, missing)  # type: ignore[arg-type]
         return call()
 
     def _share(self, arr: np.ndarray[Any, Any], key: str) -> None:

@@ -106,10 +106,14 @@ class FanoutClient(SourceMethods):
         self._kwargs = connect_kwargs
         self._curves = {a: (curves or {}).get(a, default) for a in self.addresses}
         self._conns: dict[str, _Conn] = {}
+        #: the arrays behind keys sent to any server (weakly), shared by every connection: a
+        #: server that comes back, or that deleted one unused, is sent it again
+        self._sent_arrays: dict[str, Any] = {}
         errors = []
         for address in self.addresses:
             try:
                 self._conns[address] = _Conn(address, curve=self._curves.get(address), **connect_kwargs)
+                self._conns[address]._sent_arrays = self._sent_arrays
             except BatchupError as exc:
                 errors.append(f"{address}: {exc}")
         if not self._conns:
@@ -184,6 +188,7 @@ class FanoutClient(SourceMethods):
                 self._retired.append(old)  # its streams' received batches stay readable
             if self._shm is not None:
                 conn.shared_memory_batches = self._shm
+            conn._sent_arrays = self._sent_arrays
             self._conns[address] = conn
 
     @property
@@ -268,13 +273,20 @@ class FanoutClient(SourceMethods):
             transform_seed,
         )
         streams: dict[str, tuple[_Conn, int]] = {}
+        refused: list[tuple[str, BatchupError]] = []
         for address, conn in live:
             try:
                 streams[address] = (conn, conn.open_stream(*args, assigned=True))
             except ConnectionLost:
                 continue
+            except BatchupError as exc:  # the others may make the stream alone
+                refused.append((address, exc))
         if not streams:
+            if refused:
+                raise refused[0][1]
             raise ConnectionLost(f"no server could open the stream ({self.addresses})")
+        for address, why in refused:
+            log.warning("server %s cannot open the stream, the others make it: %s", address, why)
         self._next_sid += 1
         allowed = credit_batches if start_credit < 0 else min(start_credit, credit_batches)
         fan = self._fans[self._next_sid] = _Fan(args, streams, {a: set() for a in streams}, allowed, cap)

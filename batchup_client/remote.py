@@ -235,7 +235,9 @@ class SourceMethods:
     ) -> RemoteDataSource:
         """Hand ``data`` (a list of equally long arrays) to the server once; stream from it."""
         check_array_list(data)
-        keys = self.ensure_arrays(data)  # type: ignore[attr-defined]
+        # kept as arrays: sent again should the server delete them unused
+        arrays = [a if isinstance(a, np.ndarray) else np.asarray(a) for a in data]
+        keys = self.ensure_arrays(arrays)  # type: ignore[attr-defined]
         source = RemoteDataSource(self, {"arrays": keys}, indices, repeats, sampler, include_indices)
-        source.arrays = list(data)  # kept: sent again should the server delete them unused
+        source.arrays = arrays
         return source

@@ -116,6 +116,9 @@ class Router:
         self._gathers: collections.deque[tuple[Any, ...]] = collections.deque()
         self._retry: collections.deque[tuple[Job, Task]] = collections.deque()
         self._pools_made = 0
+        self._verifying: collections.Counter[str] = collections.Counter()  #: files being hashed
+        #: worker messages that found a worker's queue full, sent again on the next round
+        self._unsent: list[tuple[WorkerHandle, bytes]] = []
         self._limits = proto.Limits(max_array_bytes=config.max_message_bytes)
         self.auth: Authenticator | None = None
         try:
@@ -194,6 +197,7 @@ class Router:
                 self._refresh_keys()
                 self._reap_clients(now)
                 self._evict_idle()
+                self._send_unsent()
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.info("parent process %d is gone; shutting down", self.config.parent_pid)
                     self.stopping = True
@@ -315,6 +319,9 @@ class Router:
                 routing_id, request_id, key, real, error = self._verifications.get_nowait()
             except queue.Empty:
                 return
+            self._verifying[real] -= 1
+            if not self._verifying[real]:
+                del self._verifying[real]
             if error is not None:
                 log.warning("request register_array from %s failed: %s", routing_id.hex()[:8], error.message)
                 self._reply(routing_id, error)
@@ -397,6 +404,7 @@ class Router:
             if real is None:
                 self._reply(routing_id, proto.Ack(msg.request_id))
             else:  # hashed in a thread (hashlib lets go of the GIL): the loop serves on
+                self._verifying[real] += 1  # in use: a held copy of that name is not deleted now
                 threading.Thread(
                     target=self._verify_file, args=(routing_id, msg.request_id, msg.key, real),
                     name="batchup-verify", daemon=True,
@@ -662,7 +670,9 @@ class Router:
         return slots
 
     def _discard(self, stream: StreamEntry) -> None:
-        """A stream is gone: its pool waits for the client's next stream (a few per client)."""
+        """A stream is gone: its pool waits for the client's next stream (a few per client);
+        the client arrays it read were used until now (the last to be deleted unused)."""
+        self.uploads.touch_paths(_spec_paths([stream.source, *(p[0] for p in stream.parts)]))
         pool = stream.slot_pool
         if pool is None:
             return
@@ -677,10 +687,11 @@ class Router:
             os.unlink(pool.path)
         except OSError:
             pass
-        self._tell_workers({"op": "forget_pool", "path": pool.path})
+        self._tell_workers({"op": "forget_pool", "path": pool.path}, again=True)
 
-    def _tell_workers(self, message: dict[str, Any]) -> list[WorkerHandle]:
-        """Send a control message to every worker; returns those that could not take it."""
+    def _tell_workers(self, message: dict[str, Any], again: bool = False) -> list[WorkerHandle]:
+        """Send a control message to every worker; returns those that could not take it
+        (``again``: those get it on a later round, as :meth:`_send_unsent` can)."""
         packed = msgpack.packb(message)
         missed = []
         for worker in getattr(self, "workers", []):
@@ -688,7 +699,21 @@ class Router:
                 worker.socket.send(packed, zmq.NOBLOCK)
             except zmq.ZMQError:
                 missed.append(worker)
+                if again:
+                    self._unsent.append((worker, packed))
         return missed
+
+    def _send_unsent(self) -> None:
+        """Worker messages that found a full queue: try again (a worker that restarted
+        holds nothing to let go of: its message is dropped)."""
+        unsent, self._unsent = self._unsent, []
+        for worker, packed in unsent:
+            if not any(w is worker for w in self.workers):
+                continue
+            try:
+                worker.socket.send(packed, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self._unsent.append((worker, packed))
 
     def _on_gather(self, client: ClientState, msg: proto.Gather, arrays: list[Any]) -> None:
         entry = self.catalog.resolve(msg.source)
@@ -928,7 +953,8 @@ class Router:
         self._tell_workers({"op": "forget", "endpoint": client.data_endpoint})
 
     def _arrays_in_use(self) -> set[str]:
-        """The files of client arrays that open streams, queued gathers or tasks read."""
+        """The files of client arrays that open streams, queued gathers or tasks read, or
+        that are being hashed (a client's copy of a held array, registered again)."""
         specs = []
         for client in self.clients.values():
             for entry in client.streams.values():
@@ -938,19 +964,19 @@ class Router:
         jobs += [job for worker in self.workers for job, _ in worker.outstanding.values()]
         for job in jobs:
             specs += [job.source, *(p[0] for p in job.parts)]
-        return {f.path for spec in specs for f in spec.fields}
+        return _spec_paths(specs) | set(self._verifying)
 
     def _evict_idle(self) -> None:
         """Delete client arrays no one uses beyond the ``idle_array_bytes`` kept for reuse
         (not one asked for in the last ``client_timeout``: its stream may be on the way)."""
         if self.uploads.held_bytes <= self.config.idle_array_bytes:
             return
-        gone = self.uploads.evict(
-            self._arrays_in_use(), self.config.idle_array_bytes, self.config.client_timeout
-        )
+        in_use = self._arrays_in_use()
+        self.uploads.touch_paths(in_use)  # used now: least recently used goes by last use
+        gone = self.uploads.evict(in_use, self.config.idle_array_bytes, self.config.client_timeout)
         for path in gone:
             log.info("client array %s is unused and over idle_array_bytes: deleted", os.path.basename(path))
-            self._tell_workers({"op": "forget_source", "path": path})
+            self._tell_workers({"op": "forget_source", "path": path}, again=True)
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
@@ -973,6 +999,11 @@ class Router:
             self.auth.stop()
             self.auth = None
         self.ctx.destroy(linger=0)
+
+
+def _spec_paths(specs: Any) -> set[str]:
+    """The files sources' fields read."""
+    return {f.path for spec in specs for f in spec.fields}
 
 
 def make_curve_server(sock: zmq.Socket[Any], keys: CurveKeys) -> None:

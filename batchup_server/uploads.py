@@ -75,6 +75,11 @@ class Uploads:
             if key in self.paths:
                 self._used[key] = now
 
+    def touch_paths(self, paths: set[str]) -> None:
+        """The held arrays in these files were just used."""
+        if paths:
+            self.touch([k for k, p in self.paths.items() if p in paths])
+
     def evict(self, in_use: set[str], budget: int, grace: float) -> list[str]:
         """Delete the least recently used arrays whose files are not in ``in_use`` (paths an
         open stream or a queued task reads) and that were not asked for in the last

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from typing import Any
 
 import batchup.data_source as bds
@@ -169,4 +170,40 @@ def test_a_drop_in_source_rewritten_every_epoch_does_not_fill_the_server(
                 )
     finally:
         batchup_client.default_client().close()
+        server.stop()
+
+
+def test_an_array_read_for_longer_than_client_timeout_counts_as_used_until_its_stream_closed(
+    tmp_path: Any,
+) -> None:
+    """A stream open longer than client_timeout: its arrays were used until it closed, so
+    they are not deleted the moment it does (an epoch, then a validation pass, would
+    otherwise send the training set again every epoch)."""
+    server = _server(tmp_path, 1 << 20)
+    try:
+        with batchup_client.connect(server.endpoint) as client:
+            data = list(_arrays(1))
+            src = client.array_source(data)
+            key = src.source_ref["arrays"][0]
+            it = src.batch_iterator(4096)
+            next(it)
+            time.sleep(2.0)  # noqa: sleep-ok (a stream read for longer than client_timeout, 1.5 s)
+            list(it)  # closed now
+            time.sleep(0.75)  # noqa: sleep-ok (three eviction rounds of 0.25 s go by)
+            assert _key_files(client, key)  # used 0.75 s ago: kept
+            wait_until(lambda: not _key_files(client, key), what="X unused for client_timeout to go")
+    finally:
+        server.stop()
+
+
+def test_arrays_given_as_lists_are_sent_again_too(tmp_path: Any) -> None:
+    server = _server(tmp_path, 0)
+    try:
+        with batchup_client.connect(server.endpoint) as client:
+            X, y = _arrays(1)
+            src = client.array_source([X, y.tolist()])  # labels as a Python list
+            _epoch(src, [X, y], 5)
+            wait_until(lambda: not _key_files(client, src.source_ref["arrays"][1]), what="y to be deleted")
+            _epoch(src, [X, y], 6)
+    finally:
         server.stop()

@@ -265,6 +265,32 @@ def test_a_server_that_comes_back_is_used_again(data: Any) -> None:
         b.stop()
 
 
+def test_a_server_that_comes_back_is_sent_the_clients_arrays_again(data: Any) -> None:
+    """Client arrays on several servers: one restarted (its arrays gone with it) gets them
+    again from the connection that replaced the lost one, and the epoch is whole."""
+    a, b = _server(data), _server(data)
+    bind = b.endpoint
+    try:
+        with batchup_client.connect([a.endpoint, bind], server_timeout=2.0) as client:
+            src = client.array_source([X, Y], include_indices=True)
+            assert len(list(src.batch_iterator(batch_size=100))) == 9
+            old = client._conns[bind]
+            b.stop()
+            b = _server(data, bind=bind)
+
+            def back() -> bool:
+                return bool(client.info()["servers"][bind]) and client._conns[bind] is not old
+
+            wait_until(back, 15, what="the server to be back")
+            assert len(client._conns[bind]._held_keys) == 0  # a new connection, a new server
+            got = list(src.batch_iterator(batch_size=10, shuffle=np.random.RandomState(2)))
+            _same(got, _reference(10, 2))
+            assert client._conns[bind]._held_keys  # sent there again
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_fanned_out_streams_shard_by_rank(data: Any) -> None:
     a, b = _server(data), _server(data)
     try:
