@@ -8,8 +8,30 @@ from typing import Any
 import numpy as np
 
 from .data_source import RandomAccessDataSource, check_array_list, plan_for, stream_from
+from .errors import TooLargeError
 
 __all__ = ["RemoteArray", "RemoteDataSource", "SourceMethods", "common_remote_source"]
+
+
+def gather_rows(
+    client: Any, source: dict[str, Any], idx: np.ndarray[Any, Any], fields: list[str]
+) -> list[Any]:
+    """Rows ``idx`` of each field, in as many gathers as the server needs: one it finds
+    larger than its ``max_message_bytes`` is asked again in halves (batchup indexes any
+    number of rows at once)."""
+    pieces, todo = [], [idx]
+    while todo:
+        part = todo.pop()
+        try:
+            pieces.append(client.gather(source, part, fields))
+        except TooLargeError:
+            if len(part) < 2:
+                raise  # one row is too large: nothing to split
+            half = len(part) // 2
+            todo += [part[half:], part[:half]]  # (a stack: the first half is asked first)
+    if len(pieces) == 1:
+        return list(pieces[0])
+    return [np.concatenate(columns) for columns in zip(*pieces)]
 
 
 class RemoteDataSource(RandomAccessDataSource):
@@ -79,7 +101,7 @@ class RemoteDataSource(RandomAccessDataSource):
         if idx.size and (idx.min() < -self.length or idx.max() >= self.length):
             bad = idx[(idx < -self.length) | (idx >= self.length)][0]
             raise IndexError(f"index {bad} is out of bounds for axis 0 with size {self.length}")
-        batch = tuple(self.client.gather(self.source_ref, idx, self.fields))
+        batch = tuple(gather_rows(self.client, self.source_ref, idx, self.fields))
         if self.include_indices:
             return (indices,) + batch
         return batch
@@ -125,7 +147,6 @@ class RemoteArray:
     def __init__(self, client: Any, source: dict[str, Any], field: str, length: int, info: dict[str, Any]):
         self.client = client
         self.source_ref = source
-        self.arrays: list[Any] = []  #: the client arrays it streams, if any (``array_source``)
         self.field = field
         self.dtype = np.dtype(info["dtype"])
         self.shape = (int(length), *(int(d) for d in info["shape"]))
@@ -143,7 +164,7 @@ class RemoteArray:
     def _rows(self, idx: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if not len(idx):
             return np.zeros((0, *self.shape[1:]), self.dtype)
-        (rows,) = self.client.gather(self.source_ref, idx, [self.field])
+        (rows,) = gather_rows(self.client, self.source_ref, idx, [self.field])
         return np.asarray(rows)
 
     def __getitem__(self, key: Any) -> Any:
