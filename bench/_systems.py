@@ -515,6 +515,79 @@ def embedded_start(settings: Settings) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- concurrency
+class ClientProcesses:
+    """One client process (``_client_proc.py``) per server, released together: a system
+    whose epoch is one epoch of each. Two pinned servers, each feeding its own trainer,
+    is what fan-in could reach at best on this machine: the same servers and cores, the
+    same work per batch on the trainers' side, and nothing merged. ``close_ahead`` (as a
+    client's, for :class:`Settle`) closes the streams they opened ahead for a next epoch."""
+
+    def __init__(
+        self,
+        children: Children,
+        endpoints: list[str],
+        workload: Workload,
+        batch_size: int,
+        flags: tuple[str, ...] = (),
+    ):
+        script = os.path.join(BENCH_DIR, "_client_proc.py")
+        self.closed = False
+        self.procs = [
+            children.popen(
+                [
+                    sys.executable,
+                    script,
+                    endpoint,
+                    workload.name,
+                    str(batch_size),
+                    "1",
+                    str(SEED + 7000 * (i + 1)),
+                ]
+                + list(flags),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i, endpoint in enumerate(endpoints)
+        ]
+        try:
+            self._expect("ready", 120.0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _say(self, line: str) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+
+    def _expect(self, word: str, timeout: float) -> None:
+        for i, p in enumerate(self.procs):
+            line = read_line(p, timeout, f"client process {i}")
+            if line != word:
+                raise RuntimeError(f"client process {i} said {line!r} instead of {word}")
+
+    def epoch(self, rng: np.random.RandomState) -> tuple[int, int]:
+        """One epoch of each (each draws from its own RandomState, seeded apart)."""
+        self._say("go")
+        rows = [json.loads(read_line(p, 600.0, f"client process {i}")) for i, p in enumerate(self.procs)]
+        return sum(r["samples"] for r in rows), sum(r["batches"] for r in rows)
+
+    def close_ahead(self) -> None:
+        self._say("settle")
+        self._expect("settled", 60.0)
+
+    def close(self) -> None:
+        self.closed = True
+        with shielded():
+            for p in self.procs:
+                if p.stdin is not None and not p.stdin.closed:
+                    p.stdin.close()  # EOF: the client closes its connection and exits
+            for p in self.procs:
+                Children.stop(p)
+
+
 def concurrency(
     settings: Settings,
     children: Children,

@@ -82,6 +82,8 @@ FANIN_ONE = "service, 1 server (pinned to core 0), .map(augment), shared memory"
 FANIN_TWO = "service, 2 servers (pinned to cores 0 and 1), .map(augment), shared memory"
 FANIN_ONE_TCP = "service, 1 server (pinned to core 0), .map(augment), tcp socket"
 FANIN_TWO_TCP = "service, 2 servers (pinned to cores 0 and 1), .map(augment), tcp socket"
+FANIN_PAIR = "bound: 2 servers (pinned to cores 0 and 1), each feeding its own client process, shared memory"
+FANIN_PAIR_TCP = "bound: 2 servers (pinned to cores 0 and 1), each feeding its own client process, tcp socket"
 
 
 def aug_timing(settings: Settings) -> Settings:
@@ -112,9 +114,9 @@ def fanin_section(
             stack.callback(stop_server, server)
             servers.append(server)
         systems = []
-        for shm, (one_name, two_name) in (
-            (True, (FANIN_ONE, FANIN_TWO)),
-            (False, (FANIN_ONE_TCP, FANIN_TWO_TCP)),
+        for shm, (one_name, two_name, pair_name) in (
+            (True, (FANIN_ONE, FANIN_TWO, FANIN_PAIR)),
+            (False, (FANIN_ONE_TCP, FANIN_TWO_TCP, FANIN_PAIR_TCP)),
         ):
             one = settle.add(batchup_client.connect(servers[0].endpoint))
             stack.callback(_close, one)
@@ -122,9 +124,15 @@ def fanin_section(
             two = settle.add(batchup_client.connect([s.endpoint for s in servers]))
             stack.callback(_close, two)
             two.shared_memory_batches = shm
+            flags = ("augment",) if shm else ("augment", "socket")
+            pair = settle.add(
+                S.ClientProcesses(children, [s.endpoint for s in servers], key, AUG_BATCH, flags)
+            )
+            stack.callback(pair.close)
             systems += [
                 (one_name, S.iterator_epoch(one.source(key.name).map(augment), AUG_BATCH)),
                 (two_name, S.iterator_epoch(two.source(key.name).map(augment), AUG_BATCH)),
+                (pair_name, pair.epoch),
             ]
         results = measure_cell(aug_timing(settings), key, AUG_BATCH, systems, log, settle)
         log("stopping the fan-in servers")

@@ -71,6 +71,9 @@ def test_quick_benchmark_run_writes_results(tmp_path: Path) -> None:
         # the raw peer that gathers each batch ran (the service's socket-path work, bare)
         assert "| raw pyzmq PUSH/PULL tcp, gathering each batch (np.take) |" in results
         assert "service tcp vs raw pyzmq tcp that also gathers each batch" in results
+        # fan-in against its bound: the same two servers, each feeding its own client process
+        assert "| bound: 2 servers (pinned to cores 0 and 1), each feeding its own client process" in results
+        assert "fan-in ÷ bound" in results
         assert (out / "results.png").stat().st_size > 1000
         left = os.listdir(tmp)
         assert not left, f"bench/run.py left {left} in its temp folder"
