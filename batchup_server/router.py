@@ -747,17 +747,18 @@ class Router:
             if worker is None:
                 return
             job, task = self._retry.popleft()
-            if job.client.client_id in self.clients:
-                self._send_task(worker, job, [task])
+            if job.client.client_id in self.clients and not self._send_task(worker, job, [task]):
+                return  # its queue refused it (a dead worker not yet noticed): next round
         while self._gathers:
             worker = self._free_worker()
             if worker is None:
                 return
             client, request_id, spec, fields, idx = self._gathers.popleft()
-            if client.client_id in self.clients:
-                self._send_task(
-                    worker, Job(client, 0, spec, fields, False, True), [Task(request_id, 0, idx, None)]
-                )
+            job = Job(client, 0, spec, fields, False, True)
+            if client.client_id in self.clients and not self._send_task(
+                worker, job, [Task(request_id, 0, idx, None)]
+            ):
+                return
         idle = 0
         while self._rr and idle < len(self._rr):
             entry = self._rr[0]
@@ -773,8 +774,8 @@ class Router:
                 return
             idle = 0
             tasks = self._produce(entry, group_size(entry.batch_s))
-            if tasks:
-                self._send_task(worker, self._job(entry), tasks)
+            if tasks and not self._send_task(worker, self._job(entry), tasks):
+                return
 
     def _produce(self, entry: StreamEntry, most: int) -> list[Task]:
         """Up to ``most`` of the stream's next batches (its caller checked that it can make
@@ -811,8 +812,11 @@ class Router:
             )  # fmt: skip
         return entry.job
 
-    def _send_task(self, worker: WorkerHandle, job: Job, tasks: list[Task]) -> None:
-        """One task message: ``tasks`` (batches of one job), one index frame each."""
+    def _send_task(self, worker: WorkerHandle, job: Job, tasks: list[Task]) -> bool:
+        """One task message: ``tasks`` (batches of one job), one index frame each; ``False``
+        when the worker's queue refused it (the tasks then wait in the retry queue, for a
+        later round: retrying at once spun the loop for ever on a worker that had died,
+        whose death only a later round notices)."""
         self._tasks += 1
         header = {
             **job.wire,
@@ -837,8 +841,9 @@ class Router:
         except zmq.ZMQError as exc:  # never block the router: try again on the next round
             log.warning("cannot send a task to worker %d (%s); will retry", worker.index, exc)
             self._retry.extend((job, t) for t in tasks)
-            return
+            return False
         worker.outstanding[self._tasks] = (job, tasks)
+        return True
 
     def _send_code(self, worker: WorkerHandle, job: Job) -> None:
         """Hand the worker the client functions the job needs, ahead of the task (the

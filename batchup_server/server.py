@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import logging
@@ -149,6 +150,8 @@ def serve(config: ServerConfig, ready_file: Any = sys.stdout) -> int:
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+        # `kill -USR1 PID` prints every thread's stack to stderr (a server that does not stop)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         log.info(
             "serving %d source(s) %s on %s with %d worker(s)",
             len(sources),

@@ -139,8 +139,16 @@ class RunningServer:
         try:
             code = self.process.wait(JOIN_TIMEOUT)
         except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)  # the server prints its threads' stacks
+            try:
+                self.process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
             self.kill()
-            raise AssertionError("server did not stop within the timeout") from None
+            tail = "".join(self.lines[-80:])
+            raise AssertionError(
+                f"server did not stop within the timeout; its stderr ends:\n{tail}"
+            ) from None
         self._close_pipes()
         return code
 
