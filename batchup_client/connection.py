@@ -230,8 +230,9 @@ class Client:
         self._pool_maps: dict[str, SlotPool] = {}  #: pool file → mapping, reused by later streams
         self._closed_streams: set[int] = set()  #: closed streams whose pool was unmapped
         self._copied_gone = 0  #: batches copied out of pools unmapped since
-        #: content keys of arrays this server holds (it keeps them while it runs): a later
-        #: batch_iterator() over the same arrays opens its stream without asking again
+        #: content keys of arrays this server was given: a later batch_iterator() over the
+        #: same arrays opens its stream without asking again (should the server have deleted
+        #: one unused since, the request is answered UNKNOWN_SOURCE: see _arrays_again)
         self._held_keys: set[str] = set()
         self._sent_arrays: dict[str, weakref.ref[Any]] = {}  #: the arrays behind keys sent (weakly)
         self._stats = {
@@ -990,8 +991,8 @@ class Client:
             with contextlib.suppress(TypeError):  # (an array-like without weak references)
                 self._sent_arrays[key] = weakref.ref(arr)
         if self._held_keys.issuperset(keys):
-            # a server keeps what it was given, checked then (a key names dtype and shape):
-            # no request, and no contiguous copy of an array that is not
+            # given already, checked then (a key names dtype and shape): no request, and no
+            # contiguous copy of an array that is not (one deleted since is sent again)
             self._stats["arrays_reused"] += len(keys)
             return keys
         if wire is None:

@@ -704,8 +704,8 @@ class Router:
         return missed
 
     def _send_unsent(self) -> None:
-        """Worker messages that found a full queue: try again (a worker that restarted
-        holds nothing to let go of: its message is dropped)."""
+        """Worker messages that found a full queue: try again (to the worker's process of
+        now, if it restarted: letting go of what it never held costs nothing)."""
         unsent, self._unsent = self._unsent, []
         for worker, packed in unsent:
             if not any(w is worker for w in self.workers):
