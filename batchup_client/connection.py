@@ -644,63 +644,47 @@ class Client:
         ``assigned``: the server makes only the batches :meth:`assign` names;
         ``start_credit``: of ``credit_batches``, the batches it may make before the first
         :meth:`send_credit` (-1: all; a stream opened ahead)."""
-        args = (source, plan, plan_arrays, batch_size, include_indices, fields, credit_batches, credit_bytes)
-        return self._arrays_again(
-            source, lambda: self._open_stream(*args, transforms, transform_seed, assigned, start_credit)
-        )
 
-    def _open_stream(
-        self,
-        source: dict[str, Any],
-        plan: dict[str, Any],
-        plan_arrays: Any,
-        batch_size: int,
-        include_indices: bool,
-        fields: list[str] | None,
-        credit_batches: int,
-        credit_bytes: int,
-        transforms: list[dict[str, Any]] | None,
-        transform_seed: int,
-        assigned: bool,
-        start_credit: int,
-    ) -> int:
-        self._next_stream += 1
-        sid = self._next_stream
-        self._inboxes[sid] = Inbox()
-        shm = self.same_host and self.shared_memory_batches
-        try:
-            reply, _ = self.request(
-                lambda rid: proto.OpenStream(
-                    rid,
-                    sid,
-                    source,
-                    plan,
-                    batch_size,
-                    include_indices,
-                    credit_batches,
-                    credit_bytes,
-                    fields,
-                    shm,
-                    list(transforms or []),
-                    transform_seed,
-                    assigned,
-                    start_credit,
-                ),
-                plan_arrays,
-            )
-            if reply.pool_path:
-                self._forget_removed_pools()
-                pool = self._pool_maps.get(reply.pool_path)
-                if pool is None or (pool.slots, pool.slot_bytes) != (reply.slots, reply.slot_bytes):
-                    pool = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
-                    self._pool_maps[reply.pool_path] = pool
-                self._pools[sid] = pool
-        except BaseException:
-            self.close_stream(sid)
-            raise
-        self._stats["streams_opened"] += 1
-        self._stats["streams_shared_memory" if sid in self._pools else "streams_socket"] += 1
-        return sid
+        def once() -> int:  # (again, should the server have deleted the source's arrays)
+            self._next_stream += 1
+            sid = self._next_stream
+            self._inboxes[sid] = Inbox()
+            shm = self.same_host and self.shared_memory_batches
+            try:
+                reply, _ = self.request(
+                    lambda rid: proto.OpenStream(
+                        rid,
+                        sid,
+                        source,
+                        plan,
+                        batch_size,
+                        include_indices,
+                        credit_batches,
+                        credit_bytes,
+                        fields,
+                        shm,
+                        list(transforms or []),
+                        transform_seed,
+                        assigned,
+                        start_credit,
+                    ),
+                    plan_arrays,
+                )
+                if reply.pool_path:
+                    self._forget_removed_pools()
+                    pool = self._pool_maps.get(reply.pool_path)
+                    if pool is None or (pool.slots, pool.slot_bytes) != (reply.slots, reply.slot_bytes):
+                        pool = SlotPool(reply.pool_path, reply.slots, reply.slot_bytes)
+                        self._pool_maps[reply.pool_path] = pool
+                    self._pools[sid] = pool
+            except BaseException:
+                self.close_stream(sid)
+                raise
+            self._stats["streams_opened"] += 1
+            self._stats["streams_shared_memory" if sid in self._pools else "streams_socket"] += 1
+            return sid
+
+        return self._arrays_again(source, once)  # type: ignore[no-any-return]
 
     def _forget_removed_pools(self) -> None:
         """Unmap the pools the server removed (it keeps a few idle ones per client and

@@ -516,11 +516,14 @@ def embedded_start(settings: Settings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- concurrency
 class ClientProcesses:
-    """One client process (``_client_proc.py``) per server, released together: a system
-    whose epoch is one epoch of each. Two pinned servers, each feeding its own trainer,
-    is what fan-in could reach at best on this machine: the same servers and cores, the
-    same work per batch on the trainers' side, and nothing merged. ``close_ahead`` (as a
-    client's, for :class:`Settle`) closes the streams they opened ahead for a next epoch."""
+    """Client processes (``_client_proc.py``), one per endpoint, released together.
+
+    The concurrency section runs several on one server (:meth:`go`). The fan-in section
+    runs one per pinned server as a system (:meth:`epoch`): two servers each feeding its
+    own trainer is what fan-in could reach at best on this machine, with the same servers
+    and cores, the same work per batch on the trainers' side, and nothing merged.
+    ``close_ahead`` (as a client's, for :class:`Settle`) closes the streams they opened
+    ahead for a next epoch."""
 
     def __init__(
         self,
@@ -529,28 +532,31 @@ class ClientProcesses:
         workload: Workload,
         batch_size: int,
         flags: tuple[str, ...] = (),
+        epochs: int = 1,
+        seed_step: int = 7000,
     ):
         script = os.path.join(BENCH_DIR, "_client_proc.py")
         self.closed = False
-        self.procs = [
-            children.popen(
-                [
-                    sys.executable,
-                    script,
-                    endpoint,
-                    workload.name,
-                    str(batch_size),
-                    "1",
-                    str(SEED + 7000 * (i + 1)),
-                ]
-                + list(flags),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for i, endpoint in enumerate(endpoints)
-        ]
+        self.procs: list[subprocess.Popen[str]] = []
         try:
+            for i, endpoint in enumerate(endpoints):
+                self.procs.append(
+                    children.popen(
+                        [
+                            sys.executable,
+                            script,
+                            endpoint,
+                            workload.name,
+                            str(batch_size),
+                            str(epochs),
+                            str(SEED + seed_step * (i + 1)),
+                            *flags,
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
             self._expect("ready", 120.0)
         except BaseException:
             self.close()
@@ -568,10 +574,14 @@ class ClientProcesses:
             if line != word:
                 raise RuntimeError(f"client process {i} said {line!r} instead of {word}")
 
-    def epoch(self, rng: np.random.RandomState) -> tuple[int, int]:
-        """One epoch of each (each draws from its own RandomState, seeded apart)."""
+    def go(self) -> list[dict[str, Any]]:
+        """One run of each: its ``{"samples", "batches", "t0", "t1"}``."""
         self._say("go")
-        rows = [json.loads(read_line(p, 600.0, f"client process {i}")) for i, p in enumerate(self.procs)]
+        return [json.loads(read_line(p, 600.0, f"client process {i}")) for i, p in enumerate(self.procs)]
+
+    def epoch(self, rng: np.random.RandomState) -> tuple[int, int]:
+        """One run of each (each draws from its own RandomState, seeded apart)."""
+        rows = self.go()
         return sum(r["samples"] for r in rows), sum(r["batches"] for r in rows)
 
     def close_ahead(self) -> None:
@@ -579,12 +589,17 @@ class ClientProcesses:
         self._expect("settled", 60.0)
 
     def close(self) -> None:
+        """EOF to each (its client closes its connection and it exits), then stop any left."""
         self.closed = True
         with shielded():
             for p in self.procs:
                 if p.stdin is not None and not p.stdin.closed:
-                    p.stdin.close()  # EOF: the client closes its connection and exits
+                    p.stdin.close()
             for p in self.procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    pass
                 Children.stop(p)
 
 
@@ -598,51 +613,20 @@ def concurrency(
     log: Log,
 ) -> list[dict[str, Any]]:
     """N client processes on one server, released together; aggregate samples/s."""
-    script = os.path.join(BENCH_DIR, "_client_proc.py")
     out = []
     for n in counts:
-        procs = []
+        procs = ClientProcesses(
+            children, [endpoint] * n, workload, batch_size, epochs=settings.concurrency_epochs, seed_step=1000
+        )
         try:
-            for i in range(n):
-                procs.append(
-                    children.popen(
-                        [
-                            sys.executable,
-                            script,
-                            endpoint,
-                            workload.name,
-                            str(batch_size),
-                            str(settings.concurrency_epochs),
-                            str(SEED + 1000 * (i + 1)),
-                        ],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        text=True,
-                    )
-                )
-            for i, p in enumerate(procs):
-                line = read_line(p, 120.0, f"client process {i}")
-                if line != "ready":
-                    raise RuntimeError(f"client process {i} said {line!r} instead of ready")
             aggregates, per_client = [], []
             for _ in range(settings.concurrency_runs):
-                for p in procs:
-                    assert p.stdin is not None
-                    p.stdin.write("go\n")
-                    p.stdin.flush()
-                rows = [json.loads(read_line(p, 600.0, f"client process {i}")) for i, p in enumerate(procs)]
+                rows = procs.go()
                 span = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
                 aggregates.append(sum(r["samples"] for r in rows) / span)
                 per_client += [r["samples"] / (r["t1"] - r["t0"]) for r in rows]
-            for p in procs:
-                assert p.stdin is not None
-                p.stdin.close()  # EOF: the client closes its connection and exits
-            for p in procs:
-                p.wait(30)
         finally:
-            with shielded():
-                for p in procs:
-                    Children.stop(p)
+            procs.close()
         row = {
             "clients": n,
             "aggregate": statistics.median(aggregates),

@@ -63,8 +63,7 @@ def _mapped_deleted(server: RunningServer, folder: str) -> list[str]:
 
 @pytest.mark.parametrize("share", [True, False], ids=["shared-file", "uploaded"])
 def test_an_unused_array_over_the_budget_is_deleted_and_sent_again(tmp_path: Any, share: bool) -> None:
-    server = _server(tmp_path, 1 << 20)
-    try:
+    with _server(tmp_path, 1 << 20) as server:
         with batchup_client.connect(server.endpoint, share_memory=share) as client:
             data = list(_arrays(1))
             src = client.array_source(data)
@@ -77,14 +76,11 @@ def test_an_unused_array_over_the_budget_is_deleted_and_sent_again(tmp_path: Any
             _epoch(src, data, 6)  # the client sends X again, unasked by the user
             assert client.info()["arrays_shared" if share else "arrays_uploaded"] == sent + 1
             assert not _mapped_deleted(server, client.welcome.shm_dir)  # workers let go of it
-    finally:
-        server.stop()
     assert "deleted" in "".join(server.lines)
 
 
 def test_arrays_within_the_budget_stay_and_least_recently_used_go_first(tmp_path: Any) -> None:
-    server = _server(tmp_path, 4_500_000)  # two unused X + y pairs (2 MB each), not three
-    try:
+    with _server(tmp_path, 4_500_000) as server:  # two unused X + y pairs (2 MB each), not three
         with batchup_client.connect(server.endpoint) as client:
             pairs = [list(_arrays(seed)) for seed in (1, 2, 3)]
             sources = [client.array_source(d) for d in pairs]
@@ -98,13 +94,10 @@ def test_arrays_within_the_budget_stay_and_least_recently_used_go_first(tmp_path
             assert [bool(_key_files(client, k)) for k in x_keys] == [True, False, True]
             assert _key_files(client, sources[1].source_ref["arrays"][1])  # then within the budget
             assert client.info()["arrays_reused"] == reused  # nothing was asked or sent again
-    finally:
-        server.stop()
 
 
 def test_an_array_changed_after_it_was_deleted_is_a_clear_error(tmp_path: Any) -> None:
-    server = _server(tmp_path, 0)  # nothing unused is kept
-    try:
+    with _server(tmp_path, 0) as server:  # nothing unused is kept
         with batchup_client.connect(server.endpoint) as client:
             data = list(_arrays(1))
             src = client.array_source(data)
@@ -115,14 +108,11 @@ def test_an_array_changed_after_it_was_deleted_is_a_clear_error(tmp_path: Any) -
                 next(iter(src.batch_iterator(64)))
             fresh = client.array_source(data)  # what the message says to do
             _epoch(fresh, data, 6)
-    finally:
-        server.stop()
 
 
 def test_an_array_in_use_is_never_deleted(tmp_path: Any) -> None:
     """A stream being read keeps its arrays while other arrays come and go around it."""
-    server = _server(tmp_path, 0)
-    try:
+    with _server(tmp_path, 0) as server:
         with batchup_client.connect(server.endpoint) as client:
             data = list(_arrays(1))
             src = client.array_source(data)
@@ -140,8 +130,6 @@ def test_an_array_in_use_is_never_deleted(tmp_path: Any) -> None:
         for g, w in zip([first, *rest], want, strict=True):
             for a, b in zip(g, w, strict=True):
                 np.testing.assert_array_equal(a, b)
-    finally:
-        server.stop()
 
 
 def test_a_drop_in_source_rewritten_every_epoch_does_not_fill_the_server(
@@ -179,8 +167,7 @@ def test_an_array_read_for_longer_than_client_timeout_counts_as_used_until_its_s
     """A stream open longer than client_timeout: its arrays were used until it closed, so
     they are not deleted the moment it does (an epoch, then a validation pass, would
     otherwise send the training set again every epoch)."""
-    server = _server(tmp_path, 1 << 20)
-    try:
+    with _server(tmp_path, 1 << 20) as server:
         with batchup_client.connect(server.endpoint) as client:
             data = list(_arrays(1))
             src = client.array_source(data)
@@ -192,18 +179,13 @@ def test_an_array_read_for_longer_than_client_timeout_counts_as_used_until_its_s
             time.sleep(0.75)  # noqa: sleep-ok (three eviction rounds of 0.25 s go by)
             assert _key_files(client, key)  # used 0.75 s ago: kept
             wait_until(lambda: not _key_files(client, key), what="X unused for client_timeout to go")
-    finally:
-        server.stop()
 
 
 def test_arrays_given_as_lists_are_sent_again_too(tmp_path: Any) -> None:
-    server = _server(tmp_path, 0)
-    try:
+    with _server(tmp_path, 0) as server:
         with batchup_client.connect(server.endpoint) as client:
             X, y = _arrays(1)
             src = client.array_source([X, y.tolist()])  # labels as a Python list
             _epoch(src, [X, y], 5)
             wait_until(lambda: not _key_files(client, src.source_ref["arrays"][1]), what="y to be deleted")
             _epoch(src, [X, y], 6)
-    finally:
-        server.stop()
